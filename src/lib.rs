@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod store;
+
+pub use error::{Error, InvalidInput, Result};
+pub use store::{
+    AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Event, EventStream, Limits,
+    ParseCursorError, Position, Query, QueryItem, ReadOptions, ReadResult, SequencedEvent,
+    Snapshot, Store, StoreBuilder, TransactionId, pool_from_url,
+};
+
+pub use deadpool_postgres;
+pub use tokio_postgres;

@@ -1,0 +1,156 @@
+//! Conditional append.
+
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{AppendCondition, Event, Position, Store, TransactionId, locks, validate};
+use crate::error::{Error, Result};
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendResult {
+    /// Positions of the appended events, in the order they were given.
+    pub positions: Vec<Position>,
+    /// The transaction that wrote them.
+    pub transaction_id: TransactionId,
+    /// `true` if the events' ids were already stored: nothing was written, and
+    /// `positions` and `transaction_id` are those of the original append.
+    pub replayed: bool,
+}
+
+impl AppendResult {
+    /// Position of the last appended event.
+    pub fn last_position(&self) -> Position {
+        *self.positions.last().expect("an append writes at least one event")
+    }
+}
+
+impl Store {
+    /// Appends `events` atomically, if `condition` (when given) does not match any
+    /// event its cursor did not see.
+    ///
+    /// One round trip and one statement: either all events are written or none, also
+    /// when this future is dropped or the connection is lost midway. Events carrying
+    /// ids make the append idempotent: re-sending it after a lost response returns the
+    /// original positions with [`AppendResult::replayed`] set.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
+    /// use dcbflow::{AppendCondition, Event, Query, ReadOptions};
+    /// use futures::TryStreamExt;
+    /// use serde_json::json;
+    ///
+    /// let query = Query::items_of(["SeatBooked"], ["seat:A1"]);
+    /// let mut stream = store.read(&query, ReadOptions::default()).await?;
+    /// let booked = stream.try_next().await?.is_some();
+    /// let cursor = stream.drain_cursor().await?;
+    /// if !booked {
+    ///     let booking = Event::new("SeatBooked", ["seat:A1"], json!({"by": "ada"}));
+    ///     store.append(vec![booking], Some(AppendCondition::new(query).after(cursor))).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// - [`Error::Conflict`] if the condition matched; nothing was written.
+    /// - [`Error::InvalidInput`] for a refused request; nothing was written.
+    /// - [`Error::Overloaded`] when too many operations are in flight.
+    /// - [`Error::Database`] / [`Error::Pool`] for infrastructure failures.
+    pub async fn append(
+        &self,
+        events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
+        let _permit = self.permit()?;
+        let client = self.inner.pool.get().await?;
+        self.append_with(&client, events, condition).await
+    }
+
+    /// Like [`append`](Self::append), inside the caller's transaction: the events
+    /// become visible when, and only if, the caller commits. The scope locks are held
+    /// until then, so keep the transaction short.
+    ///
+    /// The transaction must be READ COMMITTED (PostgreSQL's default).
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), plus [`InvalidInput::IsolationLevel`](crate::InvalidInput::IsolationLevel).
+    /// After an error, the caller's transaction is aborted unless the error is a
+    /// [`Conflict`](Error::Conflict) or was found before reaching the database.
+    pub async fn append_in_tx(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
+        let _permit = self.permit()?;
+        self.append_with(tx, events, condition).await
+    }
+
+    #[tracing::instrument(name = "dcbflow.append", level = "debug", skip_all, fields(events = events.len(), conditional = condition.is_some()))]
+    async fn append_with<C: GenericClient>(
+        &self,
+        client: &C,
+        mut events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
+        let limits = &self.inner.limits;
+        let cols = validate::columns(&mut events, limits)?;
+        if let Some(c) = &condition {
+            validate::query(&c.fail_if_events_match, limits)?;
+        }
+        let (lock_keys, lock_modes) =
+            locks::plan(&self.inner.schema, &events, condition.as_ref(), limits.max_lock_keys);
+        let (cond_json, after, snapshot) = match &condition {
+            // A query with no items matches nothing: no condition to check.
+            Some(c) if !c.fail_if_events_match.is_empty() => {
+                let items: Vec<_> = c
+                    .fail_if_events_match
+                    .items()
+                    .iter()
+                    .map(|i| json!({"types": i.types, "tags": i.tags}))
+                    .collect();
+                let cursor = c.after.as_ref();
+                (
+                    Some(serde_json::Value::Array(items)),
+                    cursor.and_then(|c| c.position).map(|p| p.0),
+                    cursor.and_then(|c| c.snapshot.as_ref()).map(|s| s.to_string()),
+                )
+            }
+            _ => (None, None, None),
+        };
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &lock_keys,
+            &lock_modes,
+            &cols.types,
+            &cols.tags,
+            &cols.tag_starts,
+            &cols.tag_counts,
+            &cols.data,
+            &cols.metadata,
+            &cols.ids,
+            &cond_json,
+            &after,
+            &snapshot,
+        ];
+        let stmt = client.prepare_cached(&self.inner.sql.append).await?;
+        let row = client.query_one(&stmt, &params).await?;
+        decode(&row)
+    }
+}
+
+fn decode(row: &Row) -> Result<AppendResult> {
+    if let Some(position) = row.get::<_, Option<i64>>(2) {
+        return Err(Error::Conflict {
+            position: Position(position),
+        });
+    }
+    let positions: Vec<i64> = row.get(0);
+    Ok(AppendResult {
+        positions: positions.into_iter().map(Position).collect(),
+        transaction_id: row.get(1),
+        replayed: row.get(3),
+    })
+}

@@ -1,0 +1,307 @@
+//! The event store: conditional append, streaming read, schema migrations.
+
+mod append;
+mod event;
+mod locks;
+mod migrate;
+mod query;
+mod read;
+mod validate;
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use append::AppendResult;
+pub use event::{Event, Position, SequencedEvent, TransactionId};
+pub use query::{AppendCondition, Cursor, ParseCursorError, Query, QueryItem, Snapshot};
+pub use read::{EventStream, ReadOptions, ReadResult};
+
+use crate::error::{Error, Result};
+
+/// Default schema a store is installed into.
+pub const DEFAULT_SCHEMA: &str = "dcbflow";
+
+/// Input limits, checked before anything is sent to the database.
+///
+/// | limit | default |
+/// |---|---|
+/// | `max_events_per_append` | 10,000 |
+/// | `max_payload_bytes` (serialized data + metadata of one event) | 1 MiB |
+/// | `max_type_len` (bytes) | 256 |
+/// | `max_tag_len` (bytes) | 512 |
+/// | `max_tags_per_event` | 64 |
+/// | `max_lock_keys` (scope locks one append takes before falling back to one store-wide exclusive lock) | 128 |
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Most events one append may carry.
+    pub max_events_per_append: usize,
+    /// Largest serialized data plus metadata of one event, in bytes.
+    pub max_payload_bytes: usize,
+    /// Longest event type, in bytes.
+    pub max_type_len: usize,
+    /// Longest tag, in bytes.
+    pub max_tag_len: usize,
+    /// Most tags on one event.
+    pub max_tags_per_event: usize,
+    /// Most scope locks one append takes; above this it takes one store-wide
+    /// exclusive lock instead, so a large import cannot exhaust PostgreSQL's lock table.
+    pub max_lock_keys: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_events_per_append: 10_000,
+            max_payload_bytes: 1 << 20,
+            max_type_len: 256,
+            max_tag_len: 512,
+            max_tags_per_event: 64,
+            max_lock_keys: 128,
+        }
+    }
+}
+
+/// A handle to one event store: a schema in a PostgreSQL database, reached through a
+/// connection pool. Cheap to clone; clones share the pool and the in-flight limit.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    schema: String,
+    limits: Limits,
+    max_in_flight: usize,
+    in_flight: Arc<Semaphore>,
+    sql: Sql,
+}
+
+/// SQL texts with the schema name filled in, built once per store.
+struct Sql {
+    append: String,
+    head: String,
+    events: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("schema", &self.inner.schema)
+            .field("limits", &self.inner.limits)
+            .field("max_in_flight", &self.inner.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to `url` (a `postgres://` URL or key=value string) with a pool of
+    /// default size, installs or upgrades the schema [`DEFAULT_SCHEMA`], and returns the store.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> dcbflow::Result<()> {
+    /// let store = dcbflow::Store::connect("postgres://postgres@localhost/postgres").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// A malformed URL ([`Error::Config`]), an unreachable server, or a failed migration.
+    pub async fn connect(url: &str) -> Result<Store> {
+        Store::builder(pool_from_url(url, None)?).build().await
+    }
+
+    /// A builder for a store on an existing pool.
+    pub fn builder(pool: Pool) -> StoreBuilder {
+        StoreBuilder {
+            pool,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            limits: Limits::default(),
+            max_in_flight: None,
+            migrate: true,
+        }
+    }
+
+    /// The schema this store lives in.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The input limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Installs or upgrades this store's schema. [`StoreBuilder::build`] does this
+    /// unless told not to; it is safe to run from several processes at once.
+    ///
+    /// # Errors
+    /// Database errors, or a migration applied earlier whose file has changed.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut client = self.inner.pool.get().await?;
+        migrate::run(&mut client, &self.inner.schema).await
+    }
+
+    /// The position of the last event in the log, if any.
+    ///
+    /// # Errors
+    /// Database, pool or overload errors.
+    pub async fn head(&self) -> Result<Option<Position>> {
+        let _permit = self.permit()?;
+        let client = self.inner.pool.get().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.head).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(row.get::<_, Option<i64>>(0).map(Position))
+    }
+
+    /// Takes an in-flight permit, or fails at once with [`Error::Overloaded`].
+    fn permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.inner
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded {
+                limit: self.inner.max_in_flight,
+            })
+    }
+
+}
+
+/// Builds a [`Store`]: schema, limits, in-flight cap, migration on start.
+#[must_use]
+pub struct StoreBuilder {
+    pool: Pool,
+    schema: String,
+    limits: Limits,
+    max_in_flight: Option<usize>,
+    migrate: bool,
+}
+
+impl StoreBuilder {
+    /// The schema to install into (default [`DEFAULT_SCHEMA`]). Lower-case letters,
+    /// digits and `_`, at most 63 bytes, not starting with a digit.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Input limits (default [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Most store operations in flight at once (default: 4 × the pool's max size).
+    /// Beyond it, operations fail at once with [`Error::Overloaded`] instead of queueing.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
+
+    /// Whether [`build`](Self::build) installs or upgrades the schema (default `true`).
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Builds the store, migrating the schema unless disabled.
+    ///
+    /// # Errors
+    /// An invalid schema name or limit ([`Error::Config`]), or a failed migration.
+    pub async fn build(self) -> Result<Store> {
+        validate_schema_name(&self.schema)?;
+        if self.limits.max_events_per_append == 0 || self.limits.max_lock_keys == 0 {
+            return Err(Error::Config(
+                "max_events_per_append and max_lock_keys must be at least 1".into(),
+            ));
+        }
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or_else(|| self.pool.status().max_size.saturating_mul(4).max(1));
+        if max_in_flight == 0 {
+            return Err(Error::Config("max_in_flight must be at least 1".into()));
+        }
+        let s = &self.schema;
+        let sql = Sql {
+            append: format!(
+                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot)"
+            ),
+            head: format!("SELECT max(position) FROM \"{s}\".events"),
+            events: format!("\"{s}\".events"),
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                schema: self.schema,
+                limits: self.limits,
+                max_in_flight,
+                in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                sql,
+            }),
+        };
+        if self.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+}
+
+fn validate_schema_name(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "schema name {s:?} must be 1-63 bytes of a-z, 0-9 and _, not starting with a digit"
+        )))
+    }
+}
+
+/// A connection pool for `url` with `max_size` connections (default: deadpool's,
+/// 4 × the number of CPUs). Connections are plain TCP or Unix sockets (no TLS).
+///
+/// # Errors
+/// [`Error::Config`] for a malformed URL.
+pub fn pool_from_url(url: &str, max_size: Option<usize>) -> Result<Pool> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Config(format!("bad database URL: {e}")))?;
+    let manager = Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let mut builder = Pool::builder(manager);
+    if let Some(n) = max_size {
+        builder = builder.max_size(n);
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build pool: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schema_names() {
+        for ok in ["dcbflow", "t_1", "_x"] {
+            assert!(super::validate_schema_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1a", "A", "a\"b", "a;drop", &"x".repeat(64)] {
+            assert!(super::validate_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Streaming reads.
+
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures::{Stream, TryStreamExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, RowStream};
+
+use super::{Cursor, Event, Position, Query, SequencedEvent, Snapshot, Store, validate};
+use crate::error::{Error, InvalidInput, Result};
+
+/// Options of a [`read`](Store::read).
+///
+/// ```
+/// use dcbflow::{Position, ReadOptions};
+/// let latest_ten = ReadOptions::default().backwards().limit(10);
+/// let after_100 = ReadOptions::default().after(Position(100));
+/// # let _ = (latest_ten, after_100);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadOptions {
+    /// Only events with a greater position (exclusive).
+    pub after: Option<Position>,
+    /// At most this many events.
+    pub limit: Option<u64>,
+    /// Newest first.
+    pub backwards: bool,
+}
+
+impl ReadOptions {
+    /// Only events after `position` (exclusive).
+    #[must_use]
+    pub fn after(mut self, position: Position) -> Self {
+        self.after = Some(position);
+        self
+    }
+
+    /// At most `n` events.
+    #[must_use]
+    pub fn limit(mut self, n: u64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Newest first.
+    #[must_use]
+    pub fn backwards(mut self) -> Self {
+        self.backwards = true;
+        self
+    }
+}
+
+/// The events of a [`read_all`](Store::read_all) and the cursor to append after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadResult {
+    /// The events, in read order.
+    pub events: Vec<SequencedEvent>,
+    /// What the read saw; use it as [`AppendCondition::after`](crate::AppendCondition::after).
+    pub cursor: Cursor,
+}
+
+/// A stream of events read from the store, row by row (constant memory).
+///
+/// It holds a pooled connection and an in-flight permit until dropped. Once it has
+/// started, [`cursor`](Self::cursor) tells what the caller has seen so far: the last
+/// position it was handed plus the snapshot the read ran in. That cursor is what an
+/// append condition protecting a decision based on these events needs.
+#[must_use = "streams do nothing unless polled"]
+pub struct EventStream {
+    rows: Pin<Box<RowStream>>,
+    _client: deadpool_postgres::Object,
+    _permit: OwnedSemaphorePermit,
+    snapshot: Option<Snapshot>,
+    position: Option<Position>,
+    backwards: bool,
+    finished: bool,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("position", &self.position)
+            .field("snapshot", &self.snapshot)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStream {
+    /// The cursor covering what this stream has yielded so far, or `None` before the
+    /// read's snapshot has arrived (it comes ahead of the first event, and at the
+    /// latest when the stream ends).
+    ///
+    /// For a forward read this is the last yielded position; for a backwards read the
+    /// first (newest) one. With nothing yielded it is the read's `after` option.
+    pub fn cursor(&self) -> Option<Cursor> {
+        self.snapshot.as_ref().map(|s| Cursor {
+            position: self.position,
+            snapshot: Some(s.clone()),
+        })
+    }
+
+    /// `true` once the stream has returned its last event.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Reads the remaining events into a `Vec` and returns them with the final cursor.
+    ///
+    /// # Errors
+    /// Database errors while reading.
+    pub async fn collect_all(mut self) -> Result<ReadResult> {
+        let mut events = Vec::new();
+        while let Some(e) = self.try_next().await? {
+            events.push(e);
+        }
+        let cursor = self.final_cursor();
+        Ok(ReadResult { events, cursor })
+    }
+
+    /// Consumes the rest of the stream, **counting it as seen**, and returns the
+    /// final cursor. Use it when the remaining events cannot change the decision
+    /// (for example "does any such event exist?" after the first one).
+    ///
+    /// # Errors
+    /// Database errors while reading.
+    pub async fn drain_cursor(&mut self) -> Result<Cursor> {
+        while self.try_next().await?.is_some() {}
+        Ok(self.final_cursor())
+    }
+
+    fn final_cursor(&self) -> Cursor {
+        self.cursor()
+            .expect("the snapshot row arrives before the end of the stream")
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<SequencedEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            let row = match ready!(self.rows.as_mut().poll_next(cx)) {
+                None => {
+                    self.finished = true;
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => {
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(Error::from_db(e))));
+                }
+                Some(Ok(row)) => row,
+            };
+            match decode(&row) {
+                Ok(Decoded::Snapshot(s)) => self.snapshot = Some(s),
+                Ok(Decoded::Event(e)) => {
+                    if !self.backwards || self.position.is_none_or(|p| e.position > p) {
+                        self.position = Some(e.position);
+                    }
+                    return Poll::Ready(Some(Ok(e)));
+                }
+                Err(e) => {
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+}
+
+enum Decoded {
+    Snapshot(Snapshot),
+    Event(SequencedEvent),
+}
+
+fn decode(row: &Row) -> Result<Decoded> {
+    let position: Option<i64> = row.try_get(0)?;
+    let Some(position) = position else {
+        let text: String = row.try_get(2)?;
+        let snapshot = text.parse().map_err(|e: super::ParseCursorError| {
+            Error::Config(format!("unexpected snapshot from the server: {e}"))
+        })?;
+        return Ok(Decoded::Snapshot(snapshot));
+    };
+    Ok(Decoded::Event(SequencedEvent {
+        position: Position(position),
+        transaction_id: row.try_get(1)?,
+        recorded_at: row.try_get(7)?,
+        event: Event {
+            event_type: row.try_get(2)?,
+            tags: row.try_get(3)?,
+            data: row.try_get(4)?,
+            metadata: row.try_get(5)?,
+            id: row.try_get(6)?,
+        },
+    }))
+}
+
+impl Store {
+    /// Streams the events matching `query`, in position order (or newest first).
+    ///
+    /// The rows come from the server as the stream is polled: memory stays constant
+    /// however many events match. One statement, one snapshot: the events and the
+    /// cursor are consistent with each other.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
+    /// use dcbflow::{Query, ReadOptions};
+    /// use futures::TryStreamExt;
+    ///
+    /// let mut stream = store.read(&Query::all(), ReadOptions::default()).await?;
+    /// while let Some(event) = stream.try_next().await? {
+    ///     println!("{} {}", event.position, event.event_type());
+    /// }
+    /// let cursor = stream.cursor();
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for empty types or tags in the query or a zero limit;
+    /// [`Error::Overloaded`]; database and pool errors. Errors while streaming come
+    /// as stream items.
+    pub async fn read(&self, query: &Query, options: ReadOptions) -> Result<EventStream> {
+        validate::query(query, &self.inner.limits)?;
+        if options.limit == Some(0) {
+            return Err(InvalidInput::Option("a read limit must be at least 1").into());
+        }
+        let permit = self.permit()?;
+        let client = self.inner.pool.get().await?;
+        let (sql, params) = self.read_sql(query, &options);
+        let stmt = client.prepare_cached(&sql).await?;
+        let rows = client.query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync))).await?;
+        Ok(EventStream {
+            rows: Box::pin(rows),
+            _client: client,
+            _permit: permit,
+            snapshot: None,
+            position: options.after,
+            backwards: options.backwards,
+            finished: false,
+        })
+    }
+
+    /// Reads all matching events into memory. Prefer [`read`](Self::read) for large results.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub async fn read_all(&self, query: &Query, options: ReadOptions) -> Result<ReadResult> {
+        self.read(query, options).await?.collect_all().await
+    }
+
+    /// The newest event matching `query`, if any.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub async fn read_last(&self, query: &Query) -> Result<Option<SequencedEvent>> {
+        let mut stream = self
+            .read(query, ReadOptions::default().backwards().limit(1))
+            .await?;
+        stream.try_next().await
+    }
+
+    fn read_sql(
+        &self,
+        query: &Query,
+        options: &ReadOptions,
+    ) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut filter = String::new();
+        if let Some(after) = options.after {
+            params.push(Box::new(after.0));
+            filter.push_str("position > $1 AND ");
+        }
+        if query.is_empty() {
+            filter.push_str("false");
+        } else if query.is_all() {
+            filter.push_str("true");
+        } else {
+            filter.push('(');
+            for (i, item) in query.items().iter().enumerate() {
+                if i > 0 {
+                    filter.push_str(" OR ");
+                }
+                filter.push('(');
+                if !item.types.is_empty() {
+                    params.push(Box::new(item.types.clone()));
+                    let _ = write!(filter, "type = ANY(${})", params.len());
+                }
+                if !item.tags.is_empty() {
+                    if !item.types.is_empty() {
+                        filter.push_str(" AND ");
+                    }
+                    params.push(Box::new(item.tags.clone()));
+                    let _ = write!(filter, "tags @> ${}::text[]", params.len());
+                }
+                filter.push(')');
+            }
+            filter.push(')');
+        }
+        let order = if options.backwards { "DESC" } else { "ASC" };
+        let limit = match options.limit {
+            Some(n) => format!(" LIMIT {n}"),
+            None => String::new(),
+        };
+        let sql = format!(
+            "(SELECT NULL::bigint, NULL::xid8, pg_current_snapshot()::text, NULL::text[], NULL::jsonb, NULL::jsonb, NULL::uuid, NULL::timestamptz) \
+             UNION ALL \
+             (SELECT position, transaction_id, type, tags, data, metadata, id, recorded_at FROM {} \
+              WHERE {filter} ORDER BY position {order}{limit})",
+            self.inner.sql.events
+        );
+        (sql, params)
+    }
+}

@@ -1,0 +1,204 @@
+//! Input checks and the conversion of events into the parameters of one append.
+
+use std::collections::HashSet;
+
+use bytes::BufMut;
+use serde_json::Value;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use uuid::Uuid;
+
+use super::{Event, Limits, Query};
+use crate::error::{InvalidInput, Result};
+
+/// JSON serialized once, sent as `jsonb` without another round of serialization.
+#[derive(Debug)]
+pub(crate) struct RawJson(Vec<u8>);
+
+impl ToSql for RawJson {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1);
+        }
+        out.put_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+/// The column arrays of one append.
+#[derive(Debug, Default)]
+pub(crate) struct Columns {
+    pub types: Vec<String>,
+    pub tags: Vec<String>,
+    pub tag_starts: Vec<i32>,
+    pub tag_counts: Vec<i32>,
+    pub data: Vec<RawJson>,
+    pub metadata: Vec<Option<RawJson>>,
+    pub ids: Vec<Option<Uuid>>,
+}
+
+/// Checks `events` against `limits`, normalizes tags to sorted sets, and serializes payloads.
+pub(crate) fn columns(events: &mut [Event], limits: &Limits) -> Result<Columns, InvalidInput> {
+    if events.is_empty() {
+        return Err(InvalidInput::NoEvents);
+    }
+    if events.len() > limits.max_events_per_append {
+        return Err(InvalidInput::TooManyEvents {
+            count: events.len(),
+            max: limits.max_events_per_append,
+        });
+    }
+    let with_ids = events.iter().filter(|e| e.id.is_some()).count();
+    if with_ids != 0 && with_ids != events.len() {
+        return Err(InvalidInput::MixedIds);
+    }
+    let mut seen_ids = HashSet::with_capacity(with_ids);
+    let mut cols = Columns {
+        types: Vec::with_capacity(events.len()),
+        tag_starts: Vec::with_capacity(events.len()),
+        tag_counts: Vec::with_capacity(events.len()),
+        data: Vec::with_capacity(events.len()),
+        metadata: Vec::with_capacity(events.len()),
+        ids: Vec::with_capacity(events.len()),
+        tags: Vec::new(),
+    };
+    for (index, e) in events.iter_mut().enumerate() {
+        check_name(&e.event_type, index, limits, true)?;
+        e.tags.sort_unstable();
+        e.tags.dedup();
+        if e.tags.len() > limits.max_tags_per_event {
+            return Err(InvalidInput::TooManyTags {
+                index,
+                count: e.tags.len(),
+                max: limits.max_tags_per_event,
+            });
+        }
+        for t in &e.tags {
+            check_name(t, index, limits, false)?;
+        }
+        if has_nul(&e.data) {
+            return Err(InvalidInput::NulByte {
+                index,
+                field: "data",
+            });
+        }
+        if e.metadata.as_ref().is_some_and(has_nul) {
+            return Err(InvalidInput::NulByte {
+                index,
+                field: "metadata",
+            });
+        }
+        let data = serde_json::to_vec(&e.data).expect("a JSON value always serializes");
+        let metadata = e
+            .metadata
+            .as_ref()
+            .map(|m| serde_json::to_vec(m).expect("a JSON value always serializes"));
+        let size = data.len() + metadata.as_ref().map_or(0, Vec::len);
+        if size > limits.max_payload_bytes {
+            return Err(InvalidInput::PayloadTooLarge {
+                index,
+                size,
+                max: limits.max_payload_bytes,
+            });
+        }
+        if let Some(id) = e.id
+            && !seen_ids.insert(id)
+        {
+            return Err(InvalidInput::DuplicateId { index });
+        }
+        // 1-based start of this event's slice of the flattened tag array.
+        cols.tag_starts.push(cols.tags.len() as i32 + 1);
+        cols.tag_counts.push(e.tags.len() as i32);
+        cols.tags.extend(e.tags.iter().cloned());
+        cols.types.push(e.event_type.clone());
+        cols.data.push(RawJson(data));
+        cols.metadata.push(metadata.map(RawJson));
+        cols.ids.push(e.id);
+    }
+    Ok(cols)
+}
+
+/// Checks the types and tags of a query (used by reads and conditions).
+pub(crate) fn query(q: &Query, limits: &Limits) -> Result<(), InvalidInput> {
+    for (index, item) in q.items().iter().enumerate() {
+        for t in &item.types {
+            check_name(t, index, limits, true)?;
+        }
+        for t in &item.tags {
+            check_name(t, index, limits, false)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_name(s: &str, index: usize, limits: &Limits, is_type: bool) -> Result<(), InvalidInput> {
+    let (max, field) = if is_type {
+        (limits.max_type_len, "type")
+    } else {
+        (limits.max_tag_len, "tag")
+    };
+    if s.is_empty() {
+        return Err(if is_type {
+            InvalidInput::EmptyType { index }
+        } else {
+            InvalidInput::EmptyTag { index }
+        });
+    }
+    if s.len() > max {
+        let len = s.len();
+        return Err(if is_type {
+            InvalidInput::TypeTooLong { index, len, max }
+        } else {
+            InvalidInput::TagTooLong { index, len, max }
+        });
+    }
+    if s.contains('\0') {
+        return Err(InvalidInput::NulByte { index, field });
+    }
+    Ok(())
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn flattens_tags_as_sorted_sets() {
+        let mut events = vec![
+            Event::new("A", ["b", "a", "b"], json!(1)),
+            Event::new("B", Vec::<String>::new(), json!(2)),
+            Event::new("C", ["c"], json!(3)),
+        ];
+        let c = columns(&mut events, &Limits::default()).unwrap();
+        assert_eq!(c.tags, ["a", "b", "c"]);
+        assert_eq!(c.tag_starts, [1, 3, 3]);
+        assert_eq!(c.tag_counts, [2, 0, 1]);
+        assert_eq!(events[0].tags, ["a", "b"]);
+    }
+
+    #[test]
+    fn finds_nul_anywhere() {
+        assert!(has_nul(&json!({"a": [1, {"b": "x\u{0}"}]})));
+        assert!(has_nul(&json!({"k\u{0}": 1})));
+        assert!(!has_nul(&json!({"a": "\\u0000"})));
+    }
+}
