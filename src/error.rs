@@ -91,6 +91,22 @@ impl Error {
         }
     }
 
+    /// `true` when the connection that produced this error must not be reused
+    /// (closed, terminated by the server, or a protocol-level failure).
+    pub(crate) fn breaks_connection(&self) -> bool {
+        match self {
+            Error::Database(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57P")
+                    })
+                    || e.code().is_none() && e.as_db_error().is_none()
+            }
+            _ => false,
+        }
+    }
+
     /// Maps a driver error, turning the store's own SQLSTATEs into typed errors.
     pub(crate) fn from_db(e: tokio_postgres::Error) -> Self {
         match e.code().map(|c| c.code()) {

@@ -66,7 +66,8 @@ impl Store {
     ) -> Result<AppendResult> {
         let _permit = self.permit()?;
         let client = self.inner.pool.get().await?;
-        self.append_with(&client, events, condition).await
+        let result = self.append_with(&client, events, condition).await;
+        super::release(client, result)
     }
 
     /// Like [`append`](Self::append), inside the caller's transaction: the events

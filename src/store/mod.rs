@@ -156,9 +156,12 @@ impl Store {
     pub async fn head(&self) -> Result<Option<Position>> {
         let _permit = self.permit()?;
         let client = self.inner.pool.get().await?;
-        let stmt = client.prepare_cached(&self.inner.sql.head).await?;
-        let row = client.query_one(&stmt, &[]).await?;
-        Ok(row.get::<_, Option<i64>>(0).map(Position))
+        let result = async {
+            let stmt = client.prepare_cached(&self.inner.sql.head).await?;
+            Ok(client.query_one(&stmt, &[]).await?.get::<_, Option<i64>>(0).map(Position))
+        }
+        .await;
+        release(client, result)
     }
 
     /// Takes an in-flight permit, or fails at once with [`Error::Overloaded`].
@@ -251,6 +254,17 @@ impl StoreBuilder {
         }
         Ok(store)
     }
+}
+
+/// Hands a pooled connection back, or drops it for good if `result` says the
+/// connection is broken (so the next caller does not get a dead connection).
+pub(crate) fn release<T>(client: deadpool_postgres::Object, result: Result<T>) -> Result<T> {
+    if let Err(e) = &result
+        && e.breaks_connection()
+    {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    result
 }
 
 fn validate_schema_name(s: &str) -> Result<()> {

@@ -72,7 +72,7 @@ pub struct ReadResult {
 #[must_use = "streams do nothing unless polled"]
 pub struct EventStream {
     rows: Pin<Box<RowStream>>,
-    _client: deadpool_postgres::Object,
+    client: Option<deadpool_postgres::Object>,
     _permit: OwnedSemaphorePermit,
     snapshot: Option<Snapshot>,
     position: Option<Position>,
@@ -154,7 +154,13 @@ impl Stream for EventStream {
                 }
                 Some(Err(e)) => {
                     self.finished = true;
-                    return Poll::Ready(Some(Err(Error::from_db(e))));
+                    let e = Error::from_db(e);
+                    if e.breaks_connection()
+                        && let Some(client) = self.client.take()
+                    {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Some(Ok(row)) => row,
             };
@@ -235,11 +241,20 @@ impl Store {
         let permit = self.permit()?;
         let client = self.inner.pool.get().await?;
         let (sql, params) = self.read_sql(query, &options);
-        let stmt = client.prepare_cached(&sql).await?;
-        let rows = client.query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync))).await?;
+        let started = async {
+            let stmt = client.prepare_cached(&sql).await?;
+            Ok(client
+                .query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+                .await?)
+        }
+        .await;
+        let rows = match started {
+            Ok(rows) => rows,
+            Err(e) => return super::release(client, Err(e)),
+        };
         Ok(EventStream {
             rows: Box::pin(rows),
-            _client: client,
+            client: Some(client),
             _permit: permit,
             snapshot: None,
             position: options.after,

@@ -1,0 +1,10 @@
+//! Integration tests against a real PostgreSQL (see `tests/it/support`).
+
+mod support;
+
+mod append;
+mod conditions;
+mod input;
+mod migrate;
+mod read;
+mod resilience;

@@ -1,0 +1,110 @@
+//! Test database: one server per test process, one schema per test, dropped afterwards.
+
+#[path = "../../../examples/support/mod.rs"]
+pub mod db;
+
+use dcbflow::{Event, Limits, Store, pool_from_url};
+use serde_json::json;
+
+/// A store in a fresh schema of its own; the schema is dropped when this is dropped.
+pub struct TestStore {
+    pub store: Store,
+    pub schema: String,
+    pub url: String,
+}
+
+impl TestStore {
+    pub async fn new() -> Self {
+        Self::with_limits(Limits::default(), None).await
+    }
+
+    pub async fn with_limits(limits: Limits, max_in_flight: Option<usize>) -> Self {
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let url = with_app_name(db::Database::shared_url(), &schema);
+        let mut builder = Store::builder(pool_from_url(&url, Some(24)).unwrap())
+            .schema(&schema)
+            .limits(limits);
+        if let Some(n) = max_in_flight {
+            builder = builder.max_in_flight(n);
+        }
+        let store = builder.build().await.expect("store");
+        TestStore { store, schema, url }
+    }
+
+    /// A plain connection outside the pool, tagged with this test's application name.
+    pub async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Number of events in the store.
+    pub async fn count(&self) -> i64 {
+        let c = self.store.pool().get().await.unwrap();
+        c.query_one(&format!("SELECT count(*) FROM \"{}\".events", self.schema), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Sessions of this test that sit inside an open transaction.
+    pub async fn open_transactions(&self) -> i64 {
+        let c = self.raw().await;
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()",
+            &[&self.schema],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        let url = db::Database::shared_url().to_string();
+        let schema = self.schema.clone();
+        let app = schema.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let _ = client
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        &[&app],
+                    )
+                    .await;
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .await;
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+fn with_app_name(url: &str, name: &str) -> String {
+    if !url.starts_with("postgres") {
+        return format!("{url} application_name={name}");
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={name}")
+}
+
+/// An event of type `ty` with `tags` and a small payload.
+pub fn ev(ty: &str, tags: &[&str]) -> Event {
+    Event::new(ty, tags.iter().copied(), json!({"n": 1}))
+}
