@@ -1,1 +1,197 @@
-fn main() {}
+//! Append throughput beside a raw-PostgreSQL baseline doing the same minimal work
+//! over the same driver in the same run.
+//!
+//! `cargo bench --bench append` (set `DCBFLOW_BENCH_QUICK=1` for a short run).
+//! Uses `DATABASE_URL` when set, otherwise a throwaway PostgreSQL.
+//!
+//! | bench | dcbflow | baseline |
+//! |---|---|---|
+//! | single | `append` of 1 event, no condition | one `INSERT` of one row (same columns and indexes), autocommit |
+//! | batch_100 | `append` of 100 events | one `INSERT ... SELECT FROM unnest(...)` of 100 rows |
+//! | conditional | `append` of 1 event with a condition on its own tag, after the position of that tag's previous append | one `INSERT` of one row |
+//!
+//! After criterion's own report, a table of dcbflow/baseline ratios is printed
+//! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
+
+#[path = "../examples/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use dcbflow::{AppendCondition, Cursor, Event, Query, Store, pool_from_url};
+use serde_json::json;
+
+const STORE_SCHEMA: &str = "bench_append";
+const RAW_SCHEMA: &str = "bench_append_raw";
+
+fn payload(i: u64) -> serde_json::Value {
+    json!({"account": i % 1000, "amount": 42, "currency": "EUR", "note": "bench"})
+}
+
+fn raw_schema_sql() -> String {
+    format!(
+        "DROP SCHEMA IF EXISTS {RAW_SCHEMA} CASCADE; CREATE SCHEMA {RAW_SCHEMA};
+         CREATE TABLE {RAW_SCHEMA}.events (
+             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
+             type text NOT NULL, tags text[] NOT NULL, data jsonb NOT NULL, metadata jsonb,
+             id uuid UNIQUE, recorded_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX ON {RAW_SCHEMA}.events USING gin (tags) WITH (fastupdate = off);
+         CREATE INDEX ON {RAW_SCHEMA}.events (type, position);
+         CREATE INDEX ON {RAW_SCHEMA}.events (transaction_id);"
+    )
+}
+
+fn main() {
+    let quick = std::env::var_os("DCBFLOW_BENCH_QUICK").is_some();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let db = rt
+        .block_on(support::Database::start())
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("database: {}", db.origin);
+    let pool = pool_from_url(&db.url, Some(4)).expect("pool");
+    let store = rt.block_on(async {
+        let c = pool.get().await.expect("connection");
+        c.batch_execute(&format!("DROP SCHEMA IF EXISTS {STORE_SCHEMA} CASCADE"))
+            .await
+            .expect("drop");
+        c.batch_execute(&raw_schema_sql())
+            .await
+            .expect("raw schema");
+        Store::builder(pool.clone())
+            .schema(STORE_SCHEMA)
+            .build()
+            .await
+            .expect("store")
+    });
+
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .warm_up_time(Duration::from_secs(if quick { 1 } else { 3 }))
+        .measurement_time(Duration::from_secs(if quick { 2 } else { 8 }));
+    let counter = AtomicU64::new(0);
+    let next = || counter.fetch_add(1, Ordering::Relaxed);
+
+    let mut group = c.benchmark_group("append");
+    for (name, n) in [("single", 1u64), ("batch_100", 100)] {
+        group.throughput(Throughput::Elements(n));
+        group.bench_function(BenchmarkId::new("dcbflow", name), |b| {
+            b.to_async(&rt).iter(|| async {
+                let events = (0..n)
+                    .map(|_| {
+                        let i = next();
+                        Event::new("Deposited", [format!("account:{}", i % 1000)], payload(i))
+                    })
+                    .collect();
+                store.append(events, None).await.expect("append")
+            })
+        });
+        group.bench_function(BenchmarkId::new("raw_insert", name), |b| {
+            b.to_async(&rt).iter(|| async {
+                let client = pool.get().await.expect("connection");
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "INSERT INTO {RAW_SCHEMA}.events (type, tags, data) \
+                         SELECT 'Deposited', ARRAY[t], d FROM unnest($1::text[], $2::jsonb[]) AS u(t, d)"
+                    ))
+                    .await
+                    .expect("prepare");
+                let (mut tags, mut data) = (Vec::new(), Vec::new());
+                for _ in 0..n {
+                    let i = next();
+                    tags.push(format!("account:{}", i % 1000));
+                    data.push(payload(i));
+                }
+                client.execute(&stmt, &[&tags, &data]).await.expect("insert")
+            })
+        });
+    }
+
+    // Conditional: each iteration decides on its own account (disjoint scopes), with
+    // the cursor of that account's previous append, as a command handler would.
+    group.throughput(Throughput::Elements(1));
+    let cursors: std::sync::Mutex<std::collections::HashMap<u64, Cursor>> = Default::default();
+    group.bench_function(BenchmarkId::new("dcbflow", "conditional"), |b| {
+        b.to_async(&rt).iter(|| async {
+            let i = next();
+            let account = i % 1000;
+            let tag = format!("cond:{account}");
+            let query = Query::items_of(["Deposited"], [tag.clone()]);
+            let cursor = cursors.lock().unwrap().get(&account).cloned();
+            let mut condition = AppendCondition::new(query);
+            if let Some(c) = cursor {
+                condition = condition.after(c);
+            }
+            let r = store
+                .append(
+                    vec![Event::new("Deposited", [tag], payload(i))],
+                    Some(condition),
+                )
+                .await
+                .expect("no conflicts on disjoint scopes");
+            cursors
+                .lock()
+                .unwrap()
+                .insert(account, Cursor::at(r.last_position()));
+        })
+    });
+    group.bench_function(BenchmarkId::new("raw_insert", "conditional"), |b| {
+        b.to_async(&rt).iter(|| async {
+            let client = pool.get().await.expect("connection");
+            let stmt = client
+                .prepare_cached(&format!(
+                    "INSERT INTO {RAW_SCHEMA}.events (type, tags, data) VALUES ('Deposited', ARRAY[$1::text], $2)"
+                ))
+                .await
+                .expect("prepare");
+            let i = next();
+            client
+                .execute(&stmt, &[&format!("cond:{}", i % 1000), &payload(i)])
+                .await
+                .expect("insert")
+        })
+    });
+    group.finish();
+    c.final_summary();
+
+    print_ratios(&["single", "batch_100", "conditional"]);
+    rt.block_on(async {
+        let c = pool.get().await.expect("connection");
+        let _ = c
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {STORE_SCHEMA} CASCADE; DROP SCHEMA IF EXISTS {RAW_SCHEMA} CASCADE"
+            ))
+            .await;
+    });
+    drop(store);
+    drop(pool);
+    rt.block_on(db.close());
+}
+
+/// Reads criterion's estimates and prints dcbflow's throughput relative to the baseline.
+fn print_ratios(names: &[&str]) {
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let mean = |id: &str, name: &str| -> Option<f64> {
+        let path = format!("{dir}/criterion/append/{id}/{name}/new/estimates.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        v["mean"]["point_estimate"].as_f64()
+    };
+    println!(
+        "\n{:<12} {:>14} {:>14} {:>8}",
+        "bench", "dcbflow µs", "raw µs", "ratio"
+    );
+    for name in names {
+        if let (Some(d), Some(r)) = (mean("dcbflow", name), mean("raw_insert", name)) {
+            println!(
+                "{:<12} {:>14.1} {:>14.1} {:>7.2}x",
+                name,
+                d / 1e3,
+                r / 1e3,
+                r / d
+            );
+        }
+    }
+}

@@ -30,7 +30,11 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     // 1. Append: a course with a capacity of one, unconditionally.
     let r = store
         .append(
-            vec![Event::new("CourseDefined", ["course:c1"], json!({"capacity": 1}))],
+            vec![Event::new(
+                "CourseDefined",
+                ["course:c1"],
+                json!({"capacity": 1}),
+            )],
             None,
         )
         .await?;
@@ -41,7 +45,13 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let mut stream = store.read(&course, ReadOptions::default()).await?;
     let (mut capacity, mut enrolled) = (0, 0);
     while let Some(e) = stream.try_next().await? {
-        println!("  read #{} {} {:?} {}", e.position, e.event_type(), e.tags(), e.data());
+        println!(
+            "  read #{} {} {:?} {}",
+            e.position,
+            e.event_type(),
+            e.tags(),
+            e.data()
+        );
         match e.event_type() {
             "CourseDefined" => capacity = e.data()["capacity"].as_i64().unwrap_or(0),
             "StudentEnrolled" => enrolled += 1,
@@ -60,8 +70,13 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
             json!({"student": student}),
         )
     };
-    let r = store.append(vec![enrol("s1")], Some(condition.clone())).await?;
-    println!("s1 enrolled at position {} (condition held)", r.positions[0]);
+    let r = store
+        .append(vec![enrol("s1")], Some(condition.clone()))
+        .await?;
+    println!(
+        "s1 enrolled at position {} (condition held)",
+        r.positions[0]
+    );
 
     // 4. The same decision again, from the same stale cursor: it conflicts, because
     //    the enrolment of s1 matches the query and was not seen by that read.
@@ -72,8 +87,14 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("expected a conflict, got {other:?}").into()),
     }
 
-    let all = store.read_all(&Query::all(), ReadOptions::default()).await?;
-    println!("the log holds {} events; head {:?}", all.events.len(), store.head().await?);
+    let all = store
+        .read_all(&Query::all(), ReadOptions::default())
+        .await?;
+    println!(
+        "the log holds {} events; head {:?}",
+        all.events.len(),
+        store.head().await?
+    );
     assert_eq!(all.events.len(), 2);
 
     store

@@ -43,7 +43,9 @@ pub enum Error {
         name: String,
     },
     /// The database holds migrations this build does not know (it is older than the schema).
-    #[error("schema {schema:?} has migration {version}, which this version of dcbflow does not know")]
+    #[error(
+        "schema {schema:?} has migration {version}, which this version of dcbflow does not know"
+    )]
     MigrationUnknown {
         /// The schema the store lives in.
         schema: String,

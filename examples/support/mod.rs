@@ -56,7 +56,9 @@ impl Database {
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|_| format!("starting a throwaway PostgreSQL server failed; {INSTALL_HINT}"))?;
+            .map_err(|_| {
+                format!("starting a throwaway PostgreSQL server failed; {INSTALL_HINT}")
+            })?;
             return Ok(Database {
                 url: temp.connection_uri(),
                 origin: format!("throwaway server in {}", temp.data_dir().display()),
@@ -113,7 +115,11 @@ impl Database {
     /// Drops a throwaway database and stops a throwaway server.
     pub async fn close(mut self) {
         if let Some(name) = self.throwaway_db.take() {
-            let _ = admin(LOCAL_SERVER, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            let _ = admin(
+                LOCAL_SERVER,
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            )
+            .await;
         }
         if let Some(temp) = self.temp.take() {
             let _ = tokio::task::spawn_blocking(move || drop(temp)).await;
@@ -157,7 +163,8 @@ fn is_root() -> bool {
 }
 
 fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
 fn has_server(dir: &Path) -> bool {

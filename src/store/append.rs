@@ -24,7 +24,10 @@ pub struct AppendResult {
 impl AppendResult {
     /// Position of the last appended event.
     pub fn last_position(&self) -> Position {
-        *self.positions.last().expect("an append writes at least one event")
+        *self
+            .positions
+            .last()
+            .expect("an append writes at least one event")
     }
 }
 
@@ -102,8 +105,12 @@ impl Store {
         if let Some(c) = &condition {
             validate::query(&c.fail_if_events_match, limits)?;
         }
-        let (lock_keys, lock_modes) =
-            locks::plan(&self.inner.schema, &events, condition.as_ref(), limits.max_lock_keys);
+        let (lock_keys, lock_modes) = locks::plan(
+            &self.inner.schema,
+            &events,
+            condition.as_ref(),
+            limits.max_lock_keys,
+        );
         let (cond_json, after, snapshot) = match &condition {
             // A query with no items matches nothing: no condition to check.
             Some(c) if !c.fail_if_events_match.is_empty() => {
@@ -117,7 +124,9 @@ impl Store {
                 (
                     Some(serde_json::Value::Array(items)),
                     cursor.and_then(|c| c.position).map(|p| p.0),
-                    cursor.and_then(|c| c.snapshot.as_ref()).map(|s| s.to_string()),
+                    cursor
+                        .and_then(|c| c.snapshot.as_ref())
+                        .map(|s| s.to_string()),
                 )
             }
             _ => (None, None, None),

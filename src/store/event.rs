@@ -45,10 +45,7 @@ impl fmt::Display for TransactionId {
 }
 
 impl<'a> FromSql<'a> for TransactionId {
-    fn from_sql(
-        _: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         let bytes: [u8; 8] = raw.try_into().map_err(|_| "xid8 must be 8 bytes")?;
         Ok(TransactionId(u64::from_be_bytes(bytes)))
     }

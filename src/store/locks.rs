@@ -95,7 +95,10 @@ mod tests {
         let (keys, modes) = plan("s", &events, Some(&cond), 100);
         assert_eq!(keys.len(), 4);
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
-        let i = keys.iter().position(|k| *k == key("s", Kind::Tag, "t:2")).unwrap();
+        let i = keys
+            .iter()
+            .position(|k| *k == key("s", Kind::Tag, "t:2"))
+            .unwrap();
         assert!(modes[i]);
         assert_eq!(modes.iter().filter(|m| **m).count(), 1);
     }
@@ -104,10 +107,18 @@ mod tests {
     fn match_all_locks_store_exclusively_and_large_appends_fall_back() {
         let events = [Event::new("A", ["t:1"], json!({}))];
         let (keys, modes) = plan("s", &events, Some(&AppendCondition::new(Query::all())), 100);
-        let i = keys.iter().position(|k| *k == key("s", Kind::Store, "")).unwrap();
+        let i = keys
+            .iter()
+            .position(|k| *k == key("s", Kind::Store, ""))
+            .unwrap();
         assert!(modes[i]);
-        let many: Vec<_> = (0..200).map(|i| Event::new("A", [format!("t:{i}")], json!({}))).collect();
-        assert_eq!(plan("s", &many, None, 128), (vec![key("s", Kind::Store, "")], vec![true]));
+        let many: Vec<_> = (0..200)
+            .map(|i| Event::new("A", [format!("t:{i}")], json!({})))
+            .collect();
+        assert_eq!(
+            plan("s", &many, None, 128),
+            (vec![key("s", Kind::Store, "")], vec![true])
+        );
         assert_ne!(key("s", Kind::Tag, "x"), key("other", Kind::Tag, "x"));
     }
 }

@@ -28,7 +28,8 @@ pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) ->
     for m in MIGRATIONS {
         let checksum = Sha256::digest(m.sql.as_bytes()).to_vec();
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+            .await?;
         tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
              CREATE TABLE IF NOT EXISTS \"{schema}\".migrations (
@@ -41,7 +42,10 @@ pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) ->
         ))
         .await?;
         let applied = tx
-            .query("SELECT version, checksum FROM migrations ORDER BY version", &[])
+            .query(
+                "SELECT version, checksum FROM migrations ORDER BY version",
+                &[],
+            )
             .await?;
         if let Some(row) = applied.last() {
             let newest: i32 = row.get(0);
@@ -63,7 +67,12 @@ pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) ->
                 }
             }
             None => {
-                tracing::info!(schema, version = m.version, name = m.name, "applying migration");
+                tracing::info!(
+                    schema,
+                    version = m.version,
+                    name = m.name,
+                    "applying migration"
+                );
                 tx.batch_execute(m.sql).await?;
                 tx.execute(
                     "INSERT INTO migrations (version, name, checksum) VALUES ($1, $2, $3)",

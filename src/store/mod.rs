@@ -158,7 +158,11 @@ impl Store {
         let client = self.inner.pool.get().await?;
         let result = async {
             let stmt = client.prepare_cached(&self.inner.sql.head).await?;
-            Ok(client.query_one(&stmt, &[]).await?.get::<_, Option<i64>>(0).map(Position))
+            Ok(client
+                .query_one(&stmt, &[])
+                .await?
+                .get::<_, Option<i64>>(0)
+                .map(Position))
         }
         .await;
         release(client, result)
@@ -174,7 +178,6 @@ impl Store {
                 limit: self.inner.max_in_flight,
             })
     }
-
 }
 
 /// Builds a [`Store`]: schema, limits, in-flight cap, migration on start.

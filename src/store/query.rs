@@ -336,7 +336,10 @@ mod tests {
         assert!(!QueryItem::new().tags(["x:1", "z:3"]).matches(&e));
         assert!(Query::all().matches(&e));
         assert!(!Query::default().matches(&e));
-        let q = Query::from_items([QueryItem::new().tags(["z:3"]), QueryItem::new().types(["A"])]);
+        let q = Query::from_items([
+            QueryItem::new().tags(["z:3"]),
+            QueryItem::new().types(["A"]),
+        ]);
         assert!(q.matches(&e), "items are OR'd");
     }
 

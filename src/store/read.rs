@@ -304,16 +304,19 @@ impl Store {
                     filter.push_str(" OR ");
                 }
                 filter.push('(');
-                if !item.types.is_empty() {
-                    params.push(Box::new(item.types.clone()));
-                    let _ = write!(filter, "type = ANY(${})", params.len());
-                }
+                // With tags, the tag index leads and the type is a filter
+                // (`type || ''` is not indexable): see sql/0001_events.sql.
                 if !item.tags.is_empty() {
-                    if !item.types.is_empty() {
-                        filter.push_str(" AND ");
-                    }
                     params.push(Box::new(item.tags.clone()));
                     let _ = write!(filter, "tags @> ${}::text[]", params.len());
+                }
+                if !item.types.is_empty() {
+                    params.push(Box::new(item.types.clone()));
+                    if item.tags.is_empty() {
+                        let _ = write!(filter, "type = ANY(${})", params.len());
+                    } else {
+                        let _ = write!(filter, " AND type || '' = ANY(${})", params.len());
+                    }
                 }
                 filter.push(')');
             }

@@ -24,13 +24,20 @@ async fn append_returns_positions_and_one_transaction_id() {
     assert_eq!(r.positions.len(), 3);
     assert!(r.positions.windows(2).all(|w| w[0] < w[1]));
     assert!(!r.replayed);
-    let all = t.store.read_all(&Query::all(), ReadOptions::default()).await.unwrap();
+    let all = t
+        .store
+        .read_all(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
     assert_eq!(all.events.len(), 3);
     for (e, p) in all.events.iter().zip(&r.positions) {
         assert_eq!(e.position, *p);
         assert_eq!(e.transaction_id, r.transaction_id);
     }
-    assert_eq!(all.events[0].event.metadata, Some(json!({"correlation": "c1"})));
+    assert_eq!(
+        all.events[0].event.metadata,
+        Some(json!({"correlation": "c1"}))
+    );
     assert_eq!(all.events[1].tags(), ["x:1", "y:2"]);
     assert!(all.events[2].tags().is_empty());
     let r2 = t.store.append(vec![ev("A", &[])], None).await.unwrap();
@@ -41,7 +48,11 @@ async fn append_returns_positions_and_one_transaction_id() {
 async fn idempotent_append_stores_once_and_returns_original_positions() {
     let t = TestStore::new().await;
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
-    let events = || -> Vec<Event> { ids.iter().map(|id| ev("Paid", &["order:1"]).with_id(*id)).collect() };
+    let events = || -> Vec<Event> {
+        ids.iter()
+            .map(|id| ev("Paid", &["order:1"]).with_id(*id))
+            .collect()
+    };
     let first = t.store.append(events(), None).await.unwrap();
     assert!(!first.replayed);
     // The response was "lost": the client sends the same append again.
@@ -53,11 +64,27 @@ async fn idempotent_append_stores_once_and_returns_original_positions() {
 
     // A retried conditional append is a replay, not a conflict with itself.
     let q = Query::items_of(["Shipped"], ["order:2"]);
-    let cursor = t.store.read_all(&q, ReadOptions::default()).await.unwrap().cursor;
+    let cursor = t
+        .store
+        .read_all(&q, ReadOptions::default())
+        .await
+        .unwrap()
+        .cursor;
     let id = Uuid::new_v4();
     let cond = AppendCondition::new(q).after(cursor);
-    let a = t.store.append(vec![ev("Shipped", &["order:2"]).with_id(id)], Some(cond.clone())).await.unwrap();
-    let b = t.store.append(vec![ev("Shipped", &["order:2"]).with_id(id)], Some(cond)).await.unwrap();
+    let a = t
+        .store
+        .append(
+            vec![ev("Shipped", &["order:2"]).with_id(id)],
+            Some(cond.clone()),
+        )
+        .await
+        .unwrap();
+    let b = t
+        .store
+        .append(vec![ev("Shipped", &["order:2"]).with_id(id)], Some(cond))
+        .await
+        .unwrap();
     assert!(b.replayed);
     assert_eq!(a.positions, b.positions);
     assert_eq!(t.count().await, 4);
@@ -65,10 +92,22 @@ async fn idempotent_append_stores_once_and_returns_original_positions() {
     // Overlapping, but different, appends are refused and write nothing.
     let err = t
         .store
-        .append(vec![ev("Paid", &[]).with_id(ids[0]), ev("Paid", &[]).with_id(Uuid::new_v4())], None)
+        .append(
+            vec![
+                ev("Paid", &[]).with_id(ids[0]),
+                ev("Paid", &[]).with_id(Uuid::new_v4()),
+            ],
+            None,
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, dcbflow::Error::InvalidInput(InvalidInput::IdsAlreadyStored)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            dcbflow::Error::InvalidInput(InvalidInput::IdsAlreadyStored)
+        ),
+        "{err:?}"
+    );
     assert_eq!(t.count().await, 4);
 }
 
@@ -80,7 +119,10 @@ async fn concurrent_duplicates_are_stored_once() {
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let store = t.store.clone();
-                let events: Vec<Event> = ids.iter().map(|id| ev("E", &["k:1"]).with_id(*id)).collect();
+                let events: Vec<Event> = ids
+                    .iter()
+                    .map(|id| ev("E", &["k:1"]).with_id(*id))
+                    .collect();
                 tokio::spawn(async move { store.append(events, None).await })
             })
             .collect();
@@ -88,8 +130,15 @@ async fn concurrent_duplicates_are_stored_once() {
         for task in tasks {
             results.push(task.await.unwrap().unwrap());
         }
-        assert!(results.iter().all(|r| r.positions == results[0].positions), "round {round}");
-        assert_eq!(results.iter().filter(|r| !r.replayed).count(), 1, "round {round}");
+        assert!(
+            results.iter().all(|r| r.positions == results[0].positions),
+            "round {round}"
+        );
+        assert_eq!(
+            results.iter().filter(|r| !r.replayed).count(),
+            1,
+            "round {round}"
+        );
         assert_eq!(t.count().await, 2 * (round + 1));
     }
 }
@@ -99,12 +148,19 @@ async fn append_in_tx_commits_or_rolls_back_with_the_caller() {
     let t = TestStore::new().await;
     let mut client = t.store.pool().get().await.unwrap();
     let tx = client.transaction().await.unwrap();
-    t.store.append_in_tx(&tx, vec![ev("A", &["t:1"])], None).await.unwrap();
+    t.store
+        .append_in_tx(&tx, vec![ev("A", &["t:1"])], None)
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(t.count().await, 0);
 
     let tx = client.transaction().await.unwrap();
-    let r = t.store.append_in_tx(&tx, vec![ev("A", &["t:1"])], None).await.unwrap();
+    let r = t
+        .store
+        .append_in_tx(&tx, vec![ev("A", &["t:1"])], None)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(t.count().await, 1);
     assert_eq!(t.store.head().await.unwrap(), Some(r.positions[0]));
@@ -116,8 +172,18 @@ async fn append_in_tx_commits_or_rolls_back_with_the_caller() {
         .start()
         .await
         .unwrap();
-    let err = t.store.append_in_tx(&tx, vec![ev("A", &[])], None).await.unwrap_err();
-    assert!(matches!(err, dcbflow::Error::InvalidInput(InvalidInput::IsolationLevel)), "{err:?}");
+    let err = t
+        .store
+        .append_in_tx(&tx, vec![ev("A", &[])], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dcbflow::Error::InvalidInput(InvalidInput::IsolationLevel)
+        ),
+        "{err:?}"
+    );
     drop(tx);
     assert_eq!(t.count().await, 1);
 }
@@ -128,7 +194,13 @@ async fn large_import_with_distinct_tags_does_not_exhaust_the_lock_table() {
     // than PostgreSQL's default lock table holds; the append falls back to one lock.
     let t = TestStore::new().await;
     let events: Vec<Event> = (0..10_000)
-        .map(|i| Event::new("Imported", [format!("item:{i}"), format!("batch:{}", i % 7)], json!({"i": i})))
+        .map(|i| {
+            Event::new(
+                "Imported",
+                [format!("item:{i}"), format!("batch:{}", i % 7)],
+                json!({"i": i}),
+            )
+        })
         .collect();
     let r = t.store.append(events, None).await.unwrap();
     assert_eq!(r.positions.len(), 10_000);
@@ -159,7 +231,10 @@ async fn metacharacters_in_tags_and_types_round_trip_and_stay_inert() {
     ];
     for (i, s) in nasty.iter().enumerate() {
         t.store
-            .append(vec![Event::new(*s, [*s, "shared"], json!({"i": i, "s": s}))], None)
+            .append(
+                vec![Event::new(*s, [*s, "shared"], json!({"i": i, "s": s}))],
+                None,
+            )
             .await
             .unwrap();
     }
@@ -167,7 +242,10 @@ async fn metacharacters_in_tags_and_types_round_trip_and_stay_inert() {
     for (i, s) in nasty.iter().enumerate() {
         let by_tag = t
             .store
-            .read_all(&Query::from_items([QueryItem::new().tags([*s])]), ReadOptions::default())
+            .read_all(
+                &Query::from_items([QueryItem::new().tags([*s])]),
+                ReadOptions::default(),
+            )
             .await
             .unwrap();
         assert_eq!(by_tag.events.len(), 1, "tag {s:?}");
@@ -179,14 +257,21 @@ async fn metacharacters_in_tags_and_types_round_trip_and_stay_inert() {
         assert_eq!(e.data()["i"], i);
         let by_type = t
             .store
-            .read_all(&Query::from_items([QueryItem::new().types([*s])]), ReadOptions::default())
+            .read_all(
+                &Query::from_items([QueryItem::new().types([*s])]),
+                ReadOptions::default(),
+            )
             .await
             .unwrap();
         assert_eq!(by_type.events.len(), 1, "type {s:?}");
     }
     // Conditions with such tags work too, and the table is intact.
     let q = Query::from_items([QueryItem::new().tags(["x' OR '1'='1"])]);
-    let err = t.store.append(vec![ev("Z", &["z"])], Some(AppendCondition::new(q))).await.unwrap_err();
+    let err = t
+        .store
+        .append(vec![ev("Z", &["z"])], Some(AppendCondition::new(q)))
+        .await
+        .unwrap_err();
     assert!(err.is_conflict());
     assert_eq!(t.count().await, nasty.len() as i64);
 }

@@ -14,7 +14,10 @@ async fn concurrent_starts_migrate_once() {
         .map(|_| {
             let (schema, url) = (schema.clone(), url.to_string());
             tokio::spawn(async move {
-                Store::builder(pool_from_url(&url, Some(2)).unwrap()).schema(schema).build().await
+                Store::builder(pool_from_url(&url, Some(2)).unwrap())
+                    .schema(schema)
+                    .build()
+                    .await
             })
         })
         .collect();
@@ -25,28 +28,48 @@ async fn concurrent_starts_migrate_once() {
     stores[0].append(vec![ev("A", &[])], None).await.unwrap();
     let c = stores[0].pool().get().await.unwrap();
     let n: i64 = c
-        .query_one(&format!("SELECT count(*) FROM \"{schema}\".migrations"), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".migrations"),
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    c.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.unwrap();
+    c.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn changed_migration_is_refused() {
     let t = TestStore::new().await;
     let c = t.store.pool().get().await.unwrap();
-    c.execute(&format!("UPDATE \"{}\".migrations SET checksum = '\\x00'", t.schema), &[])
-        .await
-        .unwrap();
+    c.execute(
+        &format!("UPDATE \"{}\".migrations SET checksum = '\\x00'", t.schema),
+        &[],
+    )
+    .await
+    .unwrap();
     let err = t.store.migrate().await.unwrap_err();
-    assert!(matches!(err, Error::MigrationChanged { version: 1, .. }), "{err:?}");
-    c.execute(&format!("INSERT INTO \"{}\".migrations VALUES (999, 'future.sql', '\\x00')", t.schema), &[])
-        .await
-        .unwrap();
+    assert!(
+        matches!(err, Error::MigrationChanged { version: 1, .. }),
+        "{err:?}"
+    );
+    c.execute(
+        &format!(
+            "INSERT INTO \"{}\".migrations VALUES (999, 'future.sql', '\\x00')",
+            t.schema
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
     let err = t.store.migrate().await.unwrap_err();
-    assert!(matches!(err, Error::MigrationUnknown { version: 999, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::MigrationUnknown { version: 999, .. }),
+        "{err:?}"
+    );
 }
 
 /// Two stores in one database share nothing: not events, not locks.
@@ -61,12 +84,23 @@ async fn stores_in_different_schemas_are_independent() {
     // same tag does not wait for it.
     let mut client = a.store.pool().get().await.unwrap();
     let tx = client.transaction().await.unwrap();
-    a.store.append_in_tx(&tx, vec![ev("A", &["k:1"])], None).await.unwrap();
+    a.store
+        .append_in_tx(&tx, vec![ev("A", &["k:1"])], None)
+        .await
+        .unwrap();
     let q = Query::items_of(["A"], ["k:1"]);
-    let cursor = b.store.read_all(&q, ReadOptions::default()).await.unwrap().cursor;
+    let cursor = b
+        .store
+        .read_all(&q, ReadOptions::default())
+        .await
+        .unwrap()
+        .cursor;
     tokio::time::timeout(
         Duration::from_secs(5),
-        b.store.append(vec![ev("A", &["k:1"])], Some(AppendCondition::new(q).after(cursor))),
+        b.store.append(
+            vec![ev("A", &["k:1"])],
+            Some(AppendCondition::new(q).after(cursor)),
+        ),
     )
     .await
     .expect("no cross-schema blocking")

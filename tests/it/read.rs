@@ -18,11 +18,11 @@ async fn query_semantics_follow_the_dcb_specification() {
         .store
         .append(
             vec![
-                ev("A", &["x:1"]),         // 1
-                ev("B", &["x:1", "y:1"]),  // 2
-                ev("C", &["y:1"]),         // 3
-                ev("A", &["x:2", "y:1"]),  // 4
-                ev("D", &[]),              // 5
+                ev("A", &["x:1"]),        // 1
+                ev("B", &["x:1", "y:1"]), // 2
+                ev("C", &["y:1"]),        // 3
+                ev("A", &["x:2", "y:1"]), // 4
+                ev("D", &[]),             // 5
             ],
             None,
         )
@@ -37,17 +37,39 @@ async fn query_semantics_follow_the_dcb_specification() {
         (Query::from_items([item().types(["A", "C"])]), vec![0, 2, 3]),
         (Query::from_items([item().tags(["x:1"])]), vec![0, 1]),
         (Query::from_items([item().tags(["x:1", "y:1"])]), vec![1]),
-        (Query::from_items([item().types(["A"]).tags(["y:1"])]), vec![3]),
-        (Query::from_items([item().types(["A"]), item().tags(["y:1"])]), vec![0, 1, 2, 3]),
-        (Query::from_items([item().tags(["nope"]), item()]), vec![0, 1, 2, 3, 4]),
+        (
+            Query::from_items([item().types(["A"]).tags(["y:1"])]),
+            vec![3],
+        ),
+        (
+            Query::from_items([item().types(["A"]), item().tags(["y:1"])]),
+            vec![0, 1, 2, 3],
+        ),
+        (
+            Query::from_items([item().tags(["nope"]), item()]),
+            vec![0, 1, 2, 3, 4],
+        ),
         (Query::from_items([item().tags(["x:1", "x:2"])]), vec![]),
     ];
     for (q, idx) in cases {
         let expected: Vec<i64> = idx.iter().map(|i| p[*i]).collect();
-        assert_eq!(positions(&t, &q, ReadOptions::default()).await, expected, "{q:?}");
+        assert_eq!(
+            positions(&t, &q, ReadOptions::default()).await,
+            expected,
+            "{q:?}"
+        );
         // The in-memory matcher agrees with the database.
-        let all = t.store.read_all(&Query::all(), ReadOptions::default()).await.unwrap();
-        let mem: Vec<i64> = all.events.iter().filter(|e| q.matches_sequenced(e)).map(|e| e.position.0).collect();
+        let all = t
+            .store
+            .read_all(&Query::all(), ReadOptions::default())
+            .await
+            .unwrap();
+        let mem: Vec<i64> = all
+            .events
+            .iter()
+            .filter(|e| q.matches_sequenced(e))
+            .map(|e| e.position.0)
+            .collect();
         assert_eq!(mem, expected, "in memory: {q:?}");
     }
 }
@@ -55,27 +77,58 @@ async fn query_semantics_follow_the_dcb_specification() {
 #[tokio::test]
 async fn options_after_limit_backwards_and_cursors() {
     let t = TestStore::new().await;
-    let events = (0..10).map(|i| dcbflow::Event::new("E", ["k"], json!({"i": i}))).collect();
+    let events = (0..10)
+        .map(|i| dcbflow::Event::new("E", ["k"], json!({"i": i})))
+        .collect();
     let r = t.store.append(events, None).await.unwrap();
     let p: Vec<i64> = r.positions.iter().map(|p| p.0).collect();
     let q = Query::all();
-    assert_eq!(positions(&t, &q, ReadOptions::default().after(Position(p[6]))).await, p[7..]);
-    assert_eq!(positions(&t, &q, ReadOptions::default().limit(3)).await, p[..3]);
-    let back: Vec<i64> = p.iter().rev().copied().collect();
-    assert_eq!(positions(&t, &q, ReadOptions::default().backwards()).await, back);
-    assert_eq!(positions(&t, &q, ReadOptions::default().backwards().limit(2)).await, back[..2]);
     assert_eq!(
-        positions(&t, &q, ReadOptions::default().backwards().after(Position(p[7]))).await,
+        positions(&t, &q, ReadOptions::default().after(Position(p[6]))).await,
+        p[7..]
+    );
+    assert_eq!(
+        positions(&t, &q, ReadOptions::default().limit(3)).await,
+        p[..3]
+    );
+    let back: Vec<i64> = p.iter().rev().copied().collect();
+    assert_eq!(
+        positions(&t, &q, ReadOptions::default().backwards()).await,
+        back
+    );
+    assert_eq!(
+        positions(&t, &q, ReadOptions::default().backwards().limit(2)).await,
+        back[..2]
+    );
+    assert_eq!(
+        positions(
+            &t,
+            &q,
+            ReadOptions::default().backwards().after(Position(p[7]))
+        )
+        .await,
         vec![p[9], p[8]]
     );
 
     // Cursors: forward = last yielded, backwards = newest yielded, empty = `after`.
-    let fwd = t.store.read_all(&q, ReadOptions::default().limit(4)).await.unwrap();
+    let fwd = t
+        .store
+        .read_all(&q, ReadOptions::default().limit(4))
+        .await
+        .unwrap();
     assert_eq!(fwd.cursor.position, Some(Position(p[3])));
     assert!(fwd.cursor.snapshot.is_some());
-    let bwd = t.store.read_all(&q, ReadOptions::default().backwards().limit(4)).await.unwrap();
+    let bwd = t
+        .store
+        .read_all(&q, ReadOptions::default().backwards().limit(4))
+        .await
+        .unwrap();
     assert_eq!(bwd.cursor.position, Some(Position(p[9])));
-    let none = t.store.read_all(&q, ReadOptions::default().after(Position(p[9]))).await.unwrap();
+    let none = t
+        .store
+        .read_all(&q, ReadOptions::default().after(Position(p[9])))
+        .await
+        .unwrap();
     assert!(none.events.is_empty());
     assert_eq!(none.cursor.position, Some(Position(p[9])));
 
@@ -87,10 +140,21 @@ async fn options_after_limit_backwards_and_cursors() {
     assert!(!s.is_finished());
     drop(s);
 
-    let last = t.store.read_last(&Query::items_of(["E"], ["k"])).await.unwrap().unwrap();
+    let last = t
+        .store
+        .read_last(&Query::items_of(["E"], ["k"]))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(last.position.0, p[9]);
     assert_eq!(last.data()["i"], 9);
-    assert!(t.store.read_last(&Query::items_of(["Nope"], Vec::<String>::new())).await.unwrap().is_none());
+    assert!(
+        t.store
+            .read_last(&Query::items_of(["Nope"], Vec::<String>::new()))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(t.store.head().await.unwrap(), Some(Position(p[9])));
 }
 
@@ -98,7 +162,11 @@ async fn options_after_limit_backwards_and_cursors() {
 async fn empty_store_has_no_head_and_cursor_from_start() {
     let t = TestStore::new().await;
     assert_eq!(t.store.head().await.unwrap(), None);
-    let r = t.store.read_all(&Query::all(), ReadOptions::default()).await.unwrap();
+    let r = t
+        .store
+        .read_all(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
     assert!(r.events.is_empty());
     assert_eq!(r.cursor.position, None);
     let text = r.cursor.to_string();
@@ -132,7 +200,11 @@ async fn streaming_read_keeps_memory_flat() {
     drop(c);
     let before = rss_kib();
     let mut peak = before;
-    let mut stream = t.store.read(&Query::all(), ReadOptions::default()).await.unwrap();
+    let mut stream = t
+        .store
+        .read(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
     let mut n = 0u64;
     let mut bytes = 0usize;
     while let Some(e) = stream.try_next().await.unwrap() {
@@ -145,5 +217,8 @@ async fn streaming_read_keeps_memory_flat() {
     assert_eq!(n, 40_000);
     assert!(bytes > 300 << 20);
     let growth_mib = peak.saturating_sub(before) / 1024;
-    assert!(growth_mib < 100, "resident memory grew by {growth_mib} MiB while streaming");
+    assert!(
+        growth_mib < 100,
+        "resident memory grew by {growth_mib} MiB while streaming"
+    );
 }

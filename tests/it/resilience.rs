@@ -8,7 +8,11 @@ use rand::Rng;
 use crate::support::{TestStore, ev};
 
 async fn batch_sizes(t: &TestStore, batches: usize) -> Vec<usize> {
-    let all = t.store.read_all(&Query::all(), ReadOptions::default()).await.unwrap();
+    let all = t
+        .store
+        .read_all(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
     let mut sizes = vec![0; batches];
     for e in &all.events {
         let tag = e.tags().iter().find(|t| t.starts_with("batch:")).unwrap();
@@ -27,8 +31,17 @@ async fn dropped_appends_leave_no_partial_write_or_open_transaction() {
         let store = t.store.clone();
         let tag = format!("batch:{b}");
         let task = tokio::spawn(async move {
-            let events = (0..5).map(|i| ev("E", &[&tag, &format!("i:{i}")])).collect();
-            store.append(events, Some(AppendCondition::new(Query::from_items([QueryItem::new().tags([tag.clone()])])))).await
+            let events = (0..5)
+                .map(|i| ev("E", &[&tag, &format!("i:{i}")]))
+                .collect();
+            store
+                .append(
+                    events,
+                    Some(AppendCondition::new(Query::from_items([
+                        QueryItem::new().tags([tag.clone()])
+                    ]))),
+                )
+                .await
         });
         let delay = rand::rng().random_range(0..3000);
         tokio::time::sleep(Duration::from_micros(delay)).await;
@@ -42,7 +55,9 @@ async fn dropped_appends_leave_no_partial_write_or_open_transaction() {
         let task = tokio::spawn(async move {
             let mut client = store.pool().get().await?;
             let tx = client.transaction().await?;
-            let events = (0..5).map(|i| ev("E", &[&tag, &format!("i:{i}")])).collect();
+            let events = (0..5)
+                .map(|i| ev("E", &[&tag, &format!("i:{i}")]))
+                .collect();
             store.append_in_tx(&tx, events, None).await?;
             tokio::time::sleep(Duration::from_micros(500)).await;
             tx.commit().await?;
@@ -54,10 +69,16 @@ async fn dropped_appends_leave_no_partial_write_or_open_transaction() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sizes = batch_sizes(&t, batches + 50).await;
-    assert!(sizes.iter().all(|n| *n == 0 || *n == 5), "partial batch: {sizes:?}");
+    assert!(
+        sizes.iter().all(|n| *n == 0 || *n == 5),
+        "partial batch: {sizes:?}"
+    );
     assert_eq!(t.open_transactions().await, 0);
     // The pool still works afterwards.
-    t.store.append(vec![ev("E", &["batch:0"])], None).await.unwrap();
+    t.store
+        .append(vec![ev("E", &["batch:0"])], None)
+        .await
+        .unwrap();
 }
 
 /// Property 8b: killing the connection of an append in flight writes nothing and the
@@ -68,12 +89,17 @@ async fn terminated_connection_writes_nothing() {
     // Block the victim: an open transaction holds the scope of seat:1.
     let mut blocker = t.store.pool().get().await.unwrap();
     let tx = blocker.transaction().await.unwrap();
-    t.store.append_in_tx(&tx, vec![ev("Held", &["seat:1"])], None).await.unwrap();
+    t.store
+        .append_in_tx(&tx, vec![ev("Held", &["seat:1"])], None)
+        .await
+        .unwrap();
 
     let store = t.store.clone();
     let victim = tokio::spawn(async move {
         let q = Query::items_of(["Booked"], ["seat:1"]);
-        let events = (0..3).map(|i| ev("Booked", &["seat:1", &format!("victim:{i}")])).collect();
+        let events = (0..3)
+            .map(|i| ev("Booked", &["seat:1", &format!("victim:{i}")]))
+            .collect();
         store.append(events, Some(AppendCondition::new(q))).await
     });
     let raw = t.raw().await;
@@ -95,14 +121,20 @@ async fn terminated_connection_writes_nothing() {
     }
     assert_eq!(killed, 1, "the victim must be waiting on its scope lock");
     let err = victim.await.unwrap().unwrap_err();
-    assert!(matches!(err, Error::Database(_)) && err.is_retryable(), "{err:?}");
+    assert!(
+        matches!(err, Error::Database(_)) && err.is_retryable(),
+        "{err:?}"
+    );
     tx.rollback().await.unwrap();
     drop(blocker);
     assert_eq!(t.count().await, 0);
     assert_eq!(t.open_transactions().await, 0);
     // The dead connection is discarded by the pool; later appends work.
     for _ in 0..30 {
-        t.store.append(vec![ev("After", &["seat:1"])], None).await.unwrap();
+        t.store
+            .append(vec![ev("After", &["seat:1"])], None)
+            .await
+            .unwrap();
     }
     assert_eq!(t.count().await, 30);
 }
@@ -112,8 +144,16 @@ async fn terminated_connection_writes_nothing() {
 async fn overload_fails_fast() {
     let t = TestStore::with_limits(Default::default(), Some(2)).await;
     t.store.append(vec![ev("A", &[])], None).await.unwrap();
-    let s1 = t.store.read(&Query::all(), ReadOptions::default()).await.unwrap();
-    let s2 = t.store.read(&Query::all(), ReadOptions::default()).await.unwrap();
+    let s1 = t
+        .store
+        .read(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
+    let s2 = t
+        .store
+        .read(&Query::all(), ReadOptions::default())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let err = t.store.append(vec![ev("A", &[])], None).await.unwrap_err();
     assert!(matches!(err, Error::Overloaded { limit: 2 }), "{err:?}");

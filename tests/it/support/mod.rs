@@ -43,10 +43,13 @@ impl TestStore {
     /// Number of events in the store.
     pub async fn count(&self) -> i64 {
         let c = self.store.pool().get().await.unwrap();
-        c.query_one(&format!("SELECT count(*) FROM \"{}\".events", self.schema), &[])
-            .await
-            .unwrap()
-            .get(0)
+        c.query_one(
+            &format!("SELECT count(*) FROM \"{}\".events", self.schema),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
     }
 
     /// Sessions of this test that sit inside an open transaction.
