@@ -8,3 +8,4 @@ mod input;
 mod migrate;
 mod read;
 mod resilience;
+mod send;

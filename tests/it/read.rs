@@ -210,7 +210,7 @@ async fn streaming_read_keeps_memory_flat() {
     while let Some(e) = stream.try_next().await.unwrap() {
         n += 1;
         bytes += e.data()["pad"].as_str().map_or(0, str::len);
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             peak = peak.max(rss_kib());
         }
     }
