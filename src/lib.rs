@@ -2,10 +2,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod command;
 mod error;
+mod projection;
 mod store;
 
+pub use command::testing;
+pub use command::{
+    Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, RetryPolicy,
+};
 pub use error::{Error, InvalidInput, Result};
+pub use projection::{Decision, DecisionModel, Projector};
 pub use store::{
     AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Event, EventStream, Limits,
     ParseCursorError, Position, Query, QueryItem, ReadOptions, ReadResult, SequencedEvent,

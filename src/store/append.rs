@@ -93,6 +93,39 @@ impl Store {
         self.append_with(tx, events, condition).await
     }
 
+    /// Takes, inside the caller's transaction, the exclusive scope locks an append
+    /// condition on `query` would take, so that no event matching `query` can be
+    /// appended by anyone else until the transaction ends. This is the pessimistic
+    /// way to decide: lock, then read, decide and append without conflicts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad query; database errors.
+    pub async fn lock_scope_in_tx(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        query: &crate::Query,
+    ) -> Result<()> {
+        validate::query(query, &self.inner.limits)?;
+        let condition = AppendCondition::new(query.clone());
+        let (keys, modes) = locks::plan(
+            &self.inner.schema,
+            &[],
+            Some(&condition),
+            self.inner.limits.max_lock_keys,
+        );
+        // The store key is held shared by every append; keep it so the lock order
+        // matches the append's own, exclusive only if the plan says so.
+        let stmt = tx
+            .prepare_cached(
+                "SELECT CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) \
+                 ELSE pg_advisory_xact_lock_shared(l.key) END \
+                 FROM unnest($1::bigint[], $2::bool[]) AS l(key, exclusive)",
+            )
+            .await?;
+        tx.execute(&stmt, &[&keys, &modes]).await?;
+        Ok(())
+    }
+
     #[tracing::instrument(name = "dcbflow.append", level = "debug", skip_all, fields(events = events.len(), conditional = condition.is_some()))]
     async fn append_with<C: GenericClient>(
         &self,

@@ -17,11 +17,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_events.sql",
-    sql: include_str!("../../sql/0001_events.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_events.sql",
+        sql: include_str!("../../sql/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_commands.sql",
+        sql: include_str!("../../sql/0002_commands.sql"),
+    },
+];
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) -> Result<()> {
     let lock = locks::key(schema, Kind::Migrate, "");

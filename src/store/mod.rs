@@ -168,6 +168,11 @@ impl Store {
         release(client, result)
     }
 
+    /// The schema-qualified name of one of the store's tables.
+    pub(crate) fn table(&self, name: &str) -> String {
+        format!("\"{}\".{name}", self.inner.schema)
+    }
+
     /// Takes an in-flight permit, or fails at once with [`Error::Overloaded`].
     fn permit(&self) -> Result<OwnedSemaphorePermit> {
         self.inner

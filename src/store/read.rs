@@ -91,6 +91,23 @@ impl std::fmt::Debug for EventStream {
 }
 
 impl EventStream {
+    fn new(
+        rows: RowStream,
+        client: Option<deadpool_postgres::Object>,
+        permit: OwnedSemaphorePermit,
+        options: &ReadOptions,
+    ) -> Self {
+        EventStream {
+            rows: Box::pin(rows),
+            client,
+            _permit: permit,
+            snapshot: None,
+            position: options.after,
+            backwards: options.backwards,
+            finished: false,
+        }
+    }
+
     /// The cursor covering what this stream has yielded so far, or `None` before the
     /// read's snapshot has arrived (it comes ahead of the first event, and at the
     /// latest when the stream ends).
@@ -234,10 +251,7 @@ impl Store {
     /// [`Error::Overloaded`]; database and pool errors. Errors while streaming come
     /// as stream items.
     pub async fn read(&self, query: &Query, options: ReadOptions) -> Result<EventStream> {
-        validate::query(query, &self.inner.limits)?;
-        if options.limit == Some(0) {
-            return Err(InvalidInput::Option("a read limit must be at least 1").into());
-        }
+        self.check_read(query, &options)?;
         let permit = self.permit()?;
         let client = self.inner.pool.get().await?;
         let (sql, params) = self.read_sql(query, &options);
@@ -252,15 +266,36 @@ impl Store {
             Ok(rows) => rows,
             Err(e) => return super::release(client, Err(e)),
         };
-        Ok(EventStream {
-            rows: Box::pin(rows),
-            client: Some(client),
-            _permit: permit,
-            snapshot: None,
-            position: options.after,
-            backwards: options.backwards,
-            finished: false,
-        })
+        Ok(EventStream::new(rows, Some(client), permit, &options))
+    }
+
+    /// Like [`read`](Self::read), inside the caller's transaction: the read sees the
+    /// transaction's own writes, and under READ COMMITTED a snapshot taken now.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub async fn read_in_tx(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        query: &Query,
+        options: ReadOptions,
+    ) -> Result<EventStream> {
+        self.check_read(query, &options)?;
+        let permit = self.permit()?;
+        let (sql, params) = self.read_sql(query, &options);
+        let stmt = tx.prepare_cached(&sql).await?;
+        let rows = tx
+            .query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+            .await?;
+        Ok(EventStream::new(rows, None, permit, &options))
+    }
+
+    fn check_read(&self, query: &Query, options: &ReadOptions) -> Result<()> {
+        validate::query(query, &self.inner.limits)?;
+        if options.limit == Some(0) {
+            return Err(InvalidInput::Option("a read limit must be at least 1").into());
+        }
+        Ok(())
     }
 
     /// Reads all matching events into memory. Prefer [`read`](Self::read) for large results.

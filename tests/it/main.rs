@@ -3,6 +3,7 @@
 mod support;
 
 mod append;
+mod command;
 mod conditions;
 mod input;
 mod migrate;
