@@ -53,17 +53,26 @@ impl Command for Enroll {
     fn model(&self) -> Model {
         let course = format!("course:{}", self.course);
         let student = format!("student:{}", self.student);
-        let capacity = Projector::new(Query::items_of(["CourseDefined"], [course.clone()]), 0, |c, e| {
-            *c = e.data()["capacity"].as_i64().unwrap_or(0)
+        let capacity = Projector::new(
+            Query::items_of(["CourseDefined"], [course.clone()]),
+            0,
+            |c, e| *c = e.data()["capacity"].as_i64().unwrap_or(0),
+        );
+        let enrolled = Projector::new(Query::items_of(["StudentEnrolled"], [course]), 0, |n, _| {
+            *n += 1
         });
-        let enrolled = Projector::new(Query::items_of(["StudentEnrolled"], [course]), 0, |n, _| *n += 1);
-        let courses = Projector::new(Query::items_of(["StudentEnrolled"], [student]), Vec::new(), |v, e| {
-            v.push(e.data()["course"].as_u64().unwrap_or(0) as usize)
-        });
+        let courses = Projector::new(
+            Query::items_of(["StudentEnrolled"], [student]),
+            Vec::new(),
+            |v, e| v.push(e.data()["course"].as_u64().unwrap_or(0) as usize),
+        );
         (capacity, enrolled, courses)
     }
 
-    fn decide(&self, (capacity, enrolled, courses): (i64, i64, Vec<usize>)) -> Result<Decided, Refused> {
+    fn decide(
+        &self,
+        (capacity, enrolled, courses): (i64, i64, Vec<usize>),
+    ) -> Result<Decided, Refused> {
         if courses.contains(&self.course) {
             return Err(Refused::AlreadyEnrolled);
         }
@@ -75,7 +84,10 @@ impl Command for Enroll {
         }
         Ok(vec![Event::new(
             "StudentEnrolled",
-            [format!("course:{}", self.course), format!("student:{}", self.student)],
+            [
+                format!("course:{}", self.course),
+                format!("student:{}", self.student),
+            ],
             json!({"course": self.course, "student": self.student}),
         )]
         .into())
@@ -103,7 +115,13 @@ async fn run(url: &str, workers: usize, attempts: usize) -> Result<(), Box<dyn s
     let courses = CAPACITIES
         .iter()
         .enumerate()
-        .map(|(c, cap)| Event::new("CourseDefined", [format!("course:{c}")], json!({"capacity": cap})))
+        .map(|(c, cap)| {
+            Event::new(
+                "CourseDefined",
+                [format!("course:{c}")],
+                json!({"capacity": cap}),
+            )
+        })
         .collect();
     store.append(courses, None).await?;
 
@@ -117,11 +135,16 @@ async fn run(url: &str, workers: usize, attempts: usize) -> Result<(), Box<dyn s
                 for _ in 0..mine {
                     let (student, course) = {
                         let mut rng = rand::rng();
-                        (rng.random_range(0..STUDENTS), rng.random_range(0..CAPACITIES.len()))
+                        (
+                            rng.random_range(0..STUDENTS),
+                            rng.random_range(0..CAPACITIES.len()),
+                        )
                     };
                     match executor.execute(&Enroll { student, course }).await {
                         Ok(_) => {}
-                        Err(CommandError::Rejected(r)) => *refused.entry(r.to_string()).or_default() += 1,
+                        Err(CommandError::Rejected(r)) => {
+                            *refused.entry(r.to_string()).or_default() += 1
+                        }
                         Err(e) => return Err(e.to_string()),
                     }
                 }
@@ -137,13 +160,19 @@ async fn run(url: &str, workers: usize, attempts: usize) -> Result<(), Box<dyn s
     }
 
     let log = store
-        .read_all(&Query::items_of(["StudentEnrolled"], Vec::<String>::new()), ReadOptions::default())
+        .read_all(
+            &Query::items_of(["StudentEnrolled"], Vec::<String>::new()),
+            ReadOptions::default(),
+        )
         .await?;
     let mut per_course = vec![0i64; CAPACITIES.len()];
     let mut per_student: HashMap<u64, usize> = HashMap::new();
     let mut pairs = HashSet::new();
     for e in &log.events {
-        let (c, s) = (e.data()["course"].as_u64().unwrap_or(0), e.data()["student"].as_u64().unwrap_or(0));
+        let (c, s) = (
+            e.data()["course"].as_u64().unwrap_or(0),
+            e.data()["student"].as_u64().unwrap_or(0),
+        );
         per_course[c as usize] += 1;
         *per_student.entry(s).or_default() += 1;
         if !pairs.insert((c, s)) {

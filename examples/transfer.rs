@@ -105,14 +105,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     result
 }
 
-async fn run(url: &str, workers: usize, per_worker: usize) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    url: &str,
+    workers: usize,
+    per_worker: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let schema = format!("transfer_{}", uuid::Uuid::new_v4().simple());
     let store = Store::builder(pool_from_url(url, Some(workers + 2))?)
         .schema(&schema)
         .build()
         .await?;
     let opened = (0..ACCOUNTS)
-        .map(|a| Event::new("AccountOpened", [tag(a)], json!({"account": a, "balance": OPENING_BALANCE})))
+        .map(|a| {
+            Event::new(
+                "AccountOpened",
+                [tag(a)],
+                json!({"account": a, "balance": OPENING_BALANCE}),
+            )
+        })
         .collect();
     store.append(opened, None).await?;
 
@@ -157,7 +167,9 @@ async fn run(url: &str, workers: usize, per_worker: usize) -> Result<(), Box<dyn
     );
 
     // The invariant, from the log: replay in position order.
-    let log = store.read_all(&Query::all(), ReadOptions::default()).await?;
+    let log = store
+        .read_all(&Query::all(), ReadOptions::default())
+        .await?;
     let mut balances: HashMap<u32, i64> = HashMap::new();
     for e in &log.events {
         for a in 0..ACCOUNTS {
