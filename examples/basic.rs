@@ -6,27 +6,20 @@
 
 mod support;
 
-use dcbflow::{AppendCondition, Error, Event, Query, ReadOptions, Store, pool_from_url};
+use dcbflow::{AppendCondition, Error, Event, Query, ReadOptions, Store};
 use futures::TryStreamExt;
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("basic", None, async |store| run(store).await)
+            .await
+    })
+    .await
 }
 
-async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    // Each run gets its own schema, so the example can run again and again.
-    let schema = format!("basic_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, None)?)
-        .schema(&schema)
-        .build()
-        .await?;
-
+async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
     // 1. Append: a course with a capacity of one, unconditionally.
     let r = store
         .append(
@@ -96,12 +89,5 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         store.head().await?
     );
     assert_eq!(all.events.len(), 2);
-
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

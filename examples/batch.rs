@@ -16,7 +16,7 @@ mod support;
 
 use std::time::Instant;
 
-use dcbflow::{Error, Event, InvalidInput, Query, ReadOptions, Store, pool_from_url};
+use dcbflow::{Error, Event, InvalidInput, Query, ReadOptions, Store};
 use serde_json::json;
 
 /// Events in the big batch (within the default limit of 10,000 per append).
@@ -41,21 +41,14 @@ async fn count(store: &Store) -> dcbflow::Result<usize> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("batch", None, async |store| run(store).await)
+            .await
+    })
+    .await
 }
 
-async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    // Each run gets its own schema, so the example can run again and again.
-    let schema = format!("batch_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, None)?)
-        .schema(&schema)
-        .build()
-        .await?;
-
+async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
     // 1a. One append of BATCH events.
     let events: Vec<Event> = (0..BATCH).map(|i| item("ItemImported", i)).collect();
     let started = Instant::now();
@@ -200,12 +193,5 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     if total != expected {
         return Err(format!("the log holds {total} events, expected {expected}").into());
     }
-
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 mod support;
 
-use dcbflow::{DecisionModel, Error, Event, Projector, Query, ReadOptions, Store, pool_from_url};
+use dcbflow::{DecisionModel, Error, Event, Projector, Query, ReadOptions, Store};
 use serde_json::json;
 
 /// Most courses one student may take.
@@ -43,21 +43,14 @@ fn refusal(capacity: i64, enrolled: i64, student_courses: i64) -> Option<String>
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("decision_model", None, async |store| run(store).await)
+            .await
+    })
+    .await
 }
 
-async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    // Each run gets its own schema, so the example can run again and again.
-    let schema = format!("decision_model_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, None)?)
-        .schema(&schema)
-        .build()
-        .await?;
-
+async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
     // 1. The past: c1 holds 2 students and has s2 and s3; s1 takes c7 and c8.
     let setup = vec![
         Event::new("CourseDefined", ["course:c1"], json!({"capacity": 2})),
@@ -195,12 +188,5 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

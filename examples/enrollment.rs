@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use dcbflow::{
     Command, CommandError, CommandExecutor, Decided, Event, Projector, Query, ReadOptions,
-    RetryPolicy, Store, pool_from_url,
+    RetryPolicy, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -99,19 +99,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let workers: usize = args.next().map_or(Ok(8), |a| a.parse())?;
     let attempts: usize = args.next().map_or(Ok(400), |a| a.parse())?;
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url, workers, attempts).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("enrollment", Some(workers + 2), async |store| {
+            run(store, workers, attempts).await
+        })
+        .await
+    })
+    .await
 }
 
-async fn run(url: &str, workers: usize, attempts: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let schema = format!("enrollment_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, Some(workers + 2))?)
-        .schema(&schema)
-        .build()
-        .await?;
+async fn run(
+    store: Store,
+    workers: usize,
+    attempts: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let courses = CAPACITIES
         .iter()
         .enumerate()
@@ -190,11 +191,5 @@ async fn run(url: &str, workers: usize, attempts: usize) -> Result<(), Box<dyn s
     }
     println!("{} enrolments; refused: {refused:?}", log.events.len());
     println!("invariants hold: no course over capacity, no student over {MAX_COURSES} courses");
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

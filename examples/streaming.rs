@@ -15,7 +15,7 @@ mod support;
 
 use std::time::Instant;
 
-use dcbflow::{Event, Limits, Position, Query, QueryItem, ReadOptions, Store, pool_from_url};
+use dcbflow::{Event, Position, Query, QueryItem, ReadOptions, Store};
 use futures::TryStreamExt;
 use serde_json::json;
 
@@ -34,11 +34,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if n == 0 {
         return Err("N must be at least 1".into());
     }
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url, n).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("streaming", None, async |store| run(store, n).await)
+            .await
+    })
+    .await
 }
 
 /// Peak (`VmHWM`) and current (`VmRSS`) resident memory in KiB, from `/proc/self/status`.
@@ -74,16 +74,7 @@ fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-async fn run(url: &str, n: usize) -> Result<(), Box<dyn std::error::Error>> {
-    // Each run gets its own schema, so the example can run again and again.
-    let schema = format!("streaming_{}", uuid::Uuid::new_v4().simple());
-    let mut limits = Limits::default();
-    limits.max_events_per_append = limits.max_events_per_append.max(BATCH);
-    let store = Store::builder(pool_from_url(url, None)?)
-        .schema(&schema)
-        .limits(limits)
-        .build()
-        .await?;
+async fn run(store: Store, n: usize) -> Result<(), Box<dyn std::error::Error>> {
     println!("memory at start: {}", describe(memory()));
 
     // 1. Append N events in batches.
@@ -225,12 +216,5 @@ async fn run(url: &str, n: usize) -> Result<(), Box<dyn std::error::Error>> {
     if count7 != expected {
         return Err(format!("account:7 has {count7} events, expected {expected}").into());
     }
-
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use dcbflow::{
     Command, CommandError, CommandExecutor, Concurrency, Decided, Event, Projector, Query,
-    ReadOptions, RetryPolicy, Store, pool_from_url,
+    ReadOptions, RetryPolicy, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -75,33 +75,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seats: u32 = args.next().map_or(Ok(100), |a| a.parse())?;
     let buyers: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let attempts: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    println!("{seats} seats, {buyers} concurrent buyers, {attempts} booking attempts");
-    let mut result = Ok(());
-    for mode in [Concurrency::Optimistic, Concurrency::Pessimistic] {
-        result = run(&db.url, mode, seats, buyers, attempts).await;
-        if result.is_err() {
-            break;
+    support::run(async |db| {
+        println!("{seats} seats, {buyers} concurrent buyers, {attempts} booking attempts");
+        for mode in [Concurrency::Optimistic, Concurrency::Pessimistic] {
+            db.with_store("tickets", Some(buyers.min(64) + 2), async |store| {
+                run(store, mode, seats, buyers, attempts).await
+            })
+            .await?;
         }
-    }
-    db.close().await;
-    result
+        Ok(())
+    })
+    .await
 }
 
 async fn run(
-    url: &str,
+    store: Store,
     mode: Concurrency,
     seats: u32,
     buyers: usize,
     attempts: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let schema = format!("tickets_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, Some(buyers.min(64) + 2))?)
-        .schema(&schema)
-        .max_in_flight(10_000)
-        .build()
-        .await?;
     let executor = CommandExecutor::new(store.clone())
         .retry(RetryPolicy::attempts(1000))
         .concurrency(mode);
@@ -179,11 +172,5 @@ async fn run(
         return Err(format!("{mode:?}: {} seats sold, expected {expected}", seen.len()).into());
     }
     println!("{mode:?}: invariants hold: never oversold, every seat sold exactly once");
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

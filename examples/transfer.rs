@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use dcbflow::{
     Command, CommandError, CommandExecutor, Decided, Event, Projector, Query, QueryItem,
-    ReadOptions, RetryPolicy, SequencedEvent, Store, pool_from_url,
+    ReadOptions, RetryPolicy, SequencedEvent, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -98,23 +98,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let workers: usize = args.next().map_or(Ok(8), |a| a.parse())?;
     let per_worker: usize = args.next().map_or(Ok(200), |a| a.parse())?;
-    let db = support::Database::start().await?;
-    println!("database: {}", db.origin);
-    let result = run(&db.url, workers, per_worker).await;
-    db.close().await;
-    result
+    support::run(async |db| {
+        db.with_store("transfer", Some(workers + 2), async |store| {
+            run(store, workers, per_worker).await
+        })
+        .await
+    })
+    .await
 }
 
 async fn run(
-    url: &str,
+    store: Store,
     workers: usize,
     per_worker: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let schema = format!("transfer_{}", uuid::Uuid::new_v4().simple());
-    let store = Store::builder(pool_from_url(url, Some(workers + 2))?)
-        .schema(&schema)
-        .build()
-        .await?;
     let opened = (0..ACCOUNTS)
         .map(|a| {
             Event::new(
@@ -191,11 +188,5 @@ async fn run(
         return Err("the log does not hold exactly the successful transfers".into());
     }
     println!("invariants hold: no negative balance, total {total} conserved");
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await?;
     Ok(())
 }

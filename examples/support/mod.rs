@@ -13,6 +13,23 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use dcbflow::{Store, pool_from_url};
+
+/// The error type of the examples.
+pub type BoxError = Box<dyn std::error::Error>;
+
+/// Starts (or finds) the database, says which one, runs `body` on it, and removes
+/// whatever was throwaway, whatever `body` returned.
+pub async fn run(
+    body: impl AsyncFnOnce(&Database) -> Result<(), BoxError>,
+) -> Result<(), BoxError> {
+    let db = Database::start().await?;
+    println!("database: {}", db.origin);
+    let result = body(&db).await;
+    db.close().await;
+    result
+}
+
 /// What to do when no database can be found.
 pub const INSTALL_HINT: &str = "no PostgreSQL found. Either set DATABASE_URL=postgres://user:password@host:port/db, \
 or install the PostgreSQL server binaries (Debian/Ubuntu: `apt-get install postgresql`; \
@@ -110,6 +127,30 @@ impl Database {
             .join()
             .expect("database setup thread")
         })
+    }
+
+    /// Runs `body` on a store in a fresh schema named `<prefix>_<uuid>` (so an example
+    /// can run again and again) with a pool of `pool_size` connections, then drops
+    /// the schema, whatever `body` returned.
+    pub async fn with_store(
+        &self,
+        prefix: &str,
+        pool_size: Option<usize>,
+        body: impl AsyncFnOnce(Store) -> Result<(), BoxError>,
+    ) -> Result<(), BoxError> {
+        let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let store = Store::builder(pool_from_url(&self.url, pool_size)?)
+            .schema(&schema)
+            .build()
+            .await?;
+        let result = body(store.clone()).await;
+        store
+            .pool()
+            .get()
+            .await?
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await?;
+        result
     }
 
     /// Drops a throwaway database and stops a throwaway server.
