@@ -1,15 +1,12 @@
 //! The command executor: recording, idempotency, retries, rejections, both modes.
 
-use std::sync::Arc;
-
 use dcbflow::{
-    Command, CommandError, CommandExecutor, Concurrency, Decided, Event, Projector, Query,
-    ReadOptions, RetryPolicy,
+    Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, Event, Projector,
+    Query, RetryPolicy,
 };
 use serde_json::json;
-use tokio::sync::Barrier;
 
-use crate::support::TestStore;
+use crate::support::{TestStore, race};
 
 /// Takes the next number of a counter, up to a limit.
 struct Take {
@@ -69,8 +66,8 @@ fn take(counter: &str, limit: i64) -> Take {
 
 async fn numbers(t: &TestStore, counter: &str) -> Vec<i64> {
     let q = Query::items_of(["Taken"], [format!("counter:{counter}")]);
-    let r = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
-    r.events
+    t.events(&q)
+        .await
         .iter()
         .map(|e| e.data()["n"].as_i64().unwrap())
         .collect()
@@ -139,25 +136,9 @@ async fn idempotency_key_executes_once() {
 
     // Concurrent executions of one key: one appends, the others get its outcome.
     for round in 0..5 {
-        let barrier = Arc::new(Barrier::new(8));
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (exec, barrier) = (exec.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    let cmd = Take {
-                        counter: format!("k{round}"),
-                        limit: 100,
-                        key: Some(format!("key-{round}")),
-                    };
-                    barrier.wait().await;
-                    exec.execute(&cmd).await
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for task in tasks {
-            outcomes.push(task.await.unwrap().unwrap());
-        }
+        let key = Some(format!("key-{round}"));
+        let outcomes = race_take(&exec, 8, &format!("k{round}"), key).await;
+        let outcomes: Vec<_> = outcomes.into_iter().map(Result::unwrap).collect();
         assert!(
             outcomes
                 .iter()
@@ -171,26 +152,36 @@ async fn idempotency_key_executes_once() {
     }
 }
 
+/// `n` executions of `Take` on one counter, released at once.
+async fn race_take(
+    exec: &CommandExecutor,
+    n: usize,
+    counter: &str,
+    key: Option<String>,
+) -> Vec<Result<CommandOutcome, CommandError<Exhausted>>> {
+    race(n, |_| {
+        let exec = exec.clone();
+        let cmd = Take {
+            counter: counter.into(),
+            limit: 1000,
+            key: key.clone(),
+        };
+        async move { exec.execute(&cmd).await }
+    })
+    .await
+}
+
 /// Optimistic: contended commands re-read and re-decide until they succeed; every
 /// number is taken exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicts_are_retried_with_a_fresh_decision() {
     let t = TestStore::new().await;
     let exec = CommandExecutor::new(t.store.clone()).retry(RetryPolicy::attempts(50));
-    let barrier = Arc::new(Barrier::new(12));
-    let tasks: Vec<_> = (0..12)
-        .map(|_| {
-            let (exec, barrier) = (exec.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                exec.execute(&take("hot", 1000)).await
-            })
-        })
-        .collect();
-    let mut attempts = 0;
-    for task in tasks {
-        attempts += task.await.unwrap().unwrap().attempts;
-    }
+    let attempts: u32 = race_take(&exec, 12, "hot", None)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().attempts)
+        .sum();
     assert_eq!(numbers(&t, "hot").await, (1..=12).collect::<Vec<_>>());
     assert!(
         attempts > 12,
@@ -204,19 +195,9 @@ async fn conflicts_are_retried_with_a_fresh_decision() {
 async fn exhausted_retries_report_conflict() {
     let t = TestStore::new().await;
     let exec = CommandExecutor::new(t.store.clone()).retry(RetryPolicy::none());
-    let barrier = Arc::new(Barrier::new(12));
-    let tasks: Vec<_> = (0..12)
-        .map(|_| {
-            let (exec, barrier) = (exec.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                exec.execute(&take("once", 1000)).await
-            })
-        })
-        .collect();
     let (mut ok, mut conflicts) = (0, 0);
-    for task in tasks {
-        match task.await.unwrap() {
+    for r in race_take(&exec, 12, "once", None).await {
+        match r {
             Ok(_) => ok += 1,
             Err(CommandError::Conflict { attempts: 1 }) => conflicts += 1,
             Err(e) => panic!("{e:?}"),
@@ -237,18 +218,8 @@ async fn pessimistic_mode_queues_instead_of_conflicting() {
     let exec = CommandExecutor::new(t.store.clone())
         .retry(RetryPolicy::none())
         .concurrency(Concurrency::Pessimistic);
-    let barrier = Arc::new(Barrier::new(16));
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let (exec, barrier) = (exec.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                exec.execute(&take("queue", 1000)).await
-            })
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap().attempts, 1);
+    for r in race_take(&exec, 16, "queue", None).await {
+        assert_eq!(r.unwrap().attempts, 1);
     }
     assert_eq!(numbers(&t, "queue").await, (1..=16).collect::<Vec<_>>());
 }

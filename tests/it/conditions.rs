@@ -1,12 +1,30 @@
 //! The append-condition properties of DESIGN.md, each raced on real connections.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use dcbflow::{AppendCondition, Error, Position, Query, QueryItem, ReadOptions};
-use tokio::sync::Barrier;
 
-use crate::support::{TestStore, ev};
+use crate::support::{TestStore, assert_conflict_at, ev, race};
+
+fn enrol(student: &str, course: &str) -> dcbflow::Event {
+    ev(
+        "StudentEnrolled",
+        &[&format!("student:{student}"), &format!("course:{course}")],
+    )
+}
+
+/// The decision "enrol `student` in `course`": the course's enrolments (capacity)
+/// OR the student's enrolments (course limit).
+fn enrolment_decision(student: &str, course: &str) -> Query {
+    Query::from_items([
+        QueryItem::new()
+            .types(["StudentEnrolled"])
+            .tags([format!("course:{course}")]),
+        QueryItem::new()
+            .types(["StudentEnrolled"])
+            .tags([format!("student:{student}")]),
+    ])
+}
 
 /// Property 1: 16 clients race one boundary (same condition, same cursor), 50 rounds:
 /// exactly one winner per round.
@@ -16,42 +34,26 @@ async fn one_winner_per_round_among_16_racers() {
     for round in 0..50 {
         let tag = format!("seat:{round}");
         let q = Query::items_of(["SeatBooked"], [tag.clone()]);
-        let cursor = t
-            .store
-            .read_all(&q, ReadOptions::default())
-            .await
-            .unwrap()
-            .cursor;
-        let barrier = Arc::new(Barrier::new(16));
-        let tasks: Vec<_> = (0..16)
-            .map(|i| {
-                let (store, q, cursor, barrier, tag) = (
-                    t.store.clone(),
-                    q.clone(),
-                    cursor.clone(),
-                    barrier.clone(),
-                    tag.clone(),
-                );
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    let booking = ev("SeatBooked", &[&tag, &format!("buyer:{i}")]);
-                    store
-                        .append(vec![booking], Some(AppendCondition::new(q).after(cursor)))
-                        .await
-                })
-            })
-            .collect();
+        let cursor = t.cursor(&q).await;
+        let results = race(16, |i| {
+            let (store, condition) = (
+                t.store.clone(),
+                AppendCondition::new(q.clone()).after(cursor.clone()),
+            );
+            let booking = ev("SeatBooked", &[&tag, &format!("buyer:{i}")]);
+            async move { store.append(vec![booking], Some(condition)).await }
+        })
+        .await;
         let mut wins = 0;
-        for task in tasks {
-            match task.await.unwrap() {
+        for r in results {
+            match r {
                 Ok(_) => wins += 1,
                 Err(Error::Conflict { .. }) => {}
                 Err(e) => panic!("unexpected error: {e:?}"),
             }
         }
         assert_eq!(wins, 1, "round {round}: exactly one booking must win");
-        let booked = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
-        assert_eq!(booked.events.len(), 1, "round {round}");
+        assert_eq!(t.events(&q).await.len(), 1, "round {round}");
     }
 }
 
@@ -59,28 +61,8 @@ async fn one_winner_per_round_among_16_racers() {
 #[tokio::test]
 async fn two_item_condition_fails_when_either_item_matches() {
     let t = TestStore::new().await;
-    // The decision "enrol s1 in c1" depends on the course's enrolments (capacity)
-    // and on the student's enrolments (course limit).
-    let decision = Query::from_items([
-        QueryItem::new()
-            .types(["StudentEnrolled"])
-            .tags(["course:c1"]),
-        QueryItem::new()
-            .types(["StudentEnrolled"])
-            .tags(["student:s1"]),
-    ]);
-    let stale = t
-        .store
-        .read_all(&decision, ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
-    let enrol = |s: &str, c: &str| {
-        ev(
-            "StudentEnrolled",
-            &[&format!("student:{s}"), &format!("course:{c}")],
-        )
-    };
+    let decision = enrolment_decision("s1", "c1");
+    let stale = t.cursor(&decision).await;
 
     // Only the first item matches: another student took c1.
     let p = t
@@ -89,52 +71,26 @@ async fn two_item_condition_fails_when_either_item_matches() {
         .await
         .unwrap()
         .positions[0];
-    let err = t
-        .store
-        .append(
-            vec![enrol("s1", "c1")],
-            Some(AppendCondition::new(decision.clone()).after(stale.clone())),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == p),
-        "{err:?}"
+    assert_conflict_at(
+        t.append_if(vec![enrol("s1", "c1")], &decision, stale).await,
+        p,
     );
 
     // Only the second item matches: s1 enrolled elsewhere.
-    let fresh = t
-        .store
-        .read_all(&decision, ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
+    let fresh = t.cursor(&decision).await;
     let p = t
         .store
         .append(vec![enrol("s1", "c9")], None)
         .await
         .unwrap()
         .positions[0];
-    let err = t
-        .store
-        .append(
-            vec![enrol("s1", "c1")],
-            Some(AppendCondition::new(decision.clone()).after(fresh)),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == p),
-        "{err:?}"
+    assert_conflict_at(
+        t.append_if(vec![enrol("s1", "c1")], &decision, fresh).await,
+        p,
     );
 
     // Neither matches (other type, other student and course): the append goes through.
-    let fresh = t
-        .store
-        .read_all(&decision, ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
+    let fresh = t.cursor(&decision).await;
     t.store
         .append(
             vec![enrol("s3", "c3"), ev("CourseRenamed", &["course:c1"])],
@@ -142,65 +98,43 @@ async fn two_item_condition_fails_when_either_item_matches() {
         )
         .await
         .unwrap();
-    t.store
-        .append(
-            vec![enrol("s1", "c1")],
-            Some(AppendCondition::new(decision).after(fresh)),
-        )
+    t.append_if(vec![enrol("s1", "c1")], &decision, fresh)
         .await
         .unwrap();
 }
 
-/// Property 2, raced: a capacity-1 course, two students, both items in the condition.
+/// Property 2, raced: a capacity-1 course, four students, both items in the condition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_item_condition_race_has_one_winner() {
     let t = TestStore::new().await;
     for round in 0..20 {
-        let course = format!("course:r{round}");
-        let tasks: Vec<_> = (0..4)
-            .map(|s| {
-                let (store, course) = (t.store.clone(), course.clone());
-                tokio::spawn(async move {
-                    let student = format!("student:{round}-{s}");
-                    let q = Query::from_items([
-                        QueryItem::new()
-                            .types(["StudentEnrolled"])
-                            .tags([course.clone()]),
-                        QueryItem::new()
-                            .types(["StudentEnrolled"])
-                            .tags([student.clone()]),
-                    ]);
-                    let read = store.read_all(&q, ReadOptions::default()).await?;
-                    let taken = read.events.iter().any(|e| e.tags().contains(&course));
-                    if taken {
-                        return Ok(false);
-                    }
-                    store
-                        .append(
-                            vec![ev("StudentEnrolled", &[&course, &student])],
-                            Some(AppendCondition::new(q).after(read.cursor)),
-                        )
-                        .await
-                        .map(|_| true)
-                })
-            })
-            .collect();
-        for task in tasks {
-            match task.await.unwrap() {
+        let course = format!("r{round}");
+        let results = race(4, |s| {
+            let (store, course, student) =
+                (t.store.clone(), course.clone(), format!("{round}-{s}"));
+            async move {
+                let q = enrolment_decision(&student, &course);
+                let read = store.read_all(&q, ReadOptions::default()).await?;
+                let course_tag = format!("course:{course}");
+                if read.events.iter().any(|e| e.tags().contains(&course_tag)) {
+                    return Ok(false);
+                }
+                let condition = AppendCondition::new(q).after(read.cursor);
+                store
+                    .append(vec![enrol(&student, &course)], Some(condition))
+                    .await
+                    .map(|_| true)
+            }
+        })
+        .await;
+        for r in results {
+            match r {
                 Ok(_) | Err(Error::Conflict { .. }) => {}
                 Err(e) => panic!("{e:?}"),
             }
         }
-        let q = Query::items_of(["StudentEnrolled"], [course]);
-        assert_eq!(
-            t.store
-                .read_all(&q, ReadOptions::default())
-                .await
-                .unwrap()
-                .events
-                .len(),
-            1
-        );
+        let q = Query::items_of(["StudentEnrolled"], [format!("course:{course}")]);
+        assert_eq!(t.events(&q).await.len(), 1);
     }
 }
 
@@ -241,17 +175,14 @@ async fn late_committer_makes_the_condition_fail() {
     assert_eq!(read.cursor.position, Some(p2));
     // Now the late writer commits. Position p1 < cursor, yet the reader never saw it.
     late_tx.commit().await.unwrap();
-    let err = t
-        .store
-        .append(
+    assert_conflict_at(
+        t.append_if(
             vec![ev("SeatBooked", &["seat:1", "buyer:me"])],
-            Some(AppendCondition::new(q.clone()).after(read.cursor)),
+            &q,
+            read.cursor,
         )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == p1),
-        "{err:?}"
+        .await,
+        p1,
     );
 
     // Same, but the late writer commits while the conditional append waits for it.
@@ -263,19 +194,11 @@ async fn late_committer_makes_the_condition_fail() {
         .await
         .unwrap()
         .positions[0];
-    let cursor = t
-        .store
-        .read_all(&q2, ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
+    let condition = AppendCondition::new(q2.clone()).after(t.cursor(&q2).await);
     let store = t.store.clone();
     let waiting = tokio::spawn(async move {
         store
-            .append(
-                vec![ev("SeatBooked", &["seat:2"])],
-                Some(AppendCondition::new(q2).after(cursor)),
-            )
+            .append(vec![ev("SeatBooked", &["seat:2"])], Some(condition))
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -284,11 +207,7 @@ async fn late_committer_makes_the_condition_fail() {
         "the conditional append must wait for the in-flight writer"
     );
     late_tx.commit().await.unwrap();
-    let err = waiting.await.unwrap().unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == p3),
-        "{err:?}"
-    );
+    assert_conflict_at(waiting.await.unwrap(), p3);
 }
 
 /// Property 4: the check is not filtered by an xmin horizon; an unrelated open
@@ -303,12 +222,7 @@ async fn unrelated_open_transaction_does_not_hide_committed_events() {
         .unwrap();
 
     let q = Query::items_of(["Deposited"], ["account:1"]);
-    let before = t
-        .store
-        .read_all(&q, ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
+    let before = t.cursor(&q).await;
     let p = t
         .store
         .append(vec![ev("Deposited", &["account:1"])], None)
@@ -319,24 +233,13 @@ async fn unrelated_open_transaction_does_not_hide_committed_events() {
     let after = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
     assert_eq!(after.events.len(), 1);
     // ...and the condition check does too.
-    let err = t
-        .store
-        .append(
-            vec![ev("Withdrawn", &["account:1"])],
-            Some(AppendCondition::new(q.clone()).after(before)),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == p),
-        "{err:?}"
+    assert_conflict_at(
+        t.append_if(vec![ev("Withdrawn", &["account:1"])], &q, before)
+            .await,
+        p,
     );
     // And no false conflict for a reader that did see it.
-    t.store
-        .append(
-            vec![ev("Withdrawn", &["account:1"])],
-            Some(AppendCondition::new(q).after(after.cursor)),
-        )
+    t.append_if(vec![ev("Withdrawn", &["account:1"])], &q, after.cursor)
         .await
         .unwrap();
     unrelated.batch_execute("ROLLBACK").await.unwrap();
@@ -346,39 +249,23 @@ async fn unrelated_open_transaction_does_not_hide_committed_events() {
 #[tokio::test]
 async fn match_all_condition_checks_everything() {
     let t = TestStore::new().await;
+    let all = Query::all();
     t.store.append(vec![ev("A", &["x"])], None).await.unwrap();
-    let cursor = t
-        .store
-        .read_all(&Query::all(), ReadOptions::default())
-        .await
-        .unwrap()
-        .cursor;
+    let cursor = t.cursor(&all).await;
     // Nothing new: succeeds.
     let r = t
-        .store
-        .append(
-            vec![ev("B", &["y"])],
-            Some(AppendCondition::new(Query::all()).after(cursor.clone())),
-        )
+        .append_if(vec![ev("B", &["y"])], &all, cursor.clone())
         .await
         .unwrap();
     // Something unrelated was appended after the cursor: fails.
-    let err = t
-        .store
-        .append(
-            vec![ev("C", &["z"])],
-            Some(AppendCondition::new(Query::all()).after(cursor)),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Conflict { position } if position == r.positions[0]),
-        "{err:?}"
+    assert_conflict_at(
+        t.append_if(vec![ev("C", &["z"])], &all, cursor).await,
+        r.positions[0],
     );
     // Without a cursor, any event at all fails it.
     let err = t
         .store
-        .append(vec![ev("C", &[])], Some(AppendCondition::new(Query::all())))
+        .append(vec![ev("C", &[])], Some(AppendCondition::new(all.clone())))
         .await
         .unwrap_err();
     assert!(err.is_conflict());
@@ -392,19 +279,9 @@ async fn match_all_condition_checks_everything() {
         .unwrap();
     // A bare position as cursor: only later positions count.
     let head = t.store.head().await.unwrap().unwrap();
-    t.store
-        .append(
-            vec![ev("D", &[])],
-            Some(AppendCondition::new(Query::all()).after(head)),
-        )
-        .await
-        .unwrap();
+    t.append_if(vec![ev("D", &[])], &all, head).await.unwrap();
     let err = t
-        .store
-        .append(
-            vec![ev("D", &[])],
-            Some(AppendCondition::new(Query::all()).after(Position(head.0))),
-        )
+        .append_if(vec![ev("D", &[])], &all, Position(head.0))
         .await
         .unwrap_err();
     assert!(err.is_conflict());
@@ -414,37 +291,28 @@ async fn match_all_condition_checks_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disjoint_scopes_never_conflict() {
     let t = TestStore::new().await;
-    let barrier = Arc::new(Barrier::new(16));
-    let tasks: Vec<_> = (0..16)
-        .map(|i| {
-            let (store, barrier) = (t.store.clone(), barrier.clone());
-            tokio::spawn(async move {
-                let tag = format!("account:{i}");
-                let q = Query::items_of(["Deposited", "Withdrawn"], [tag.clone()]);
-                barrier.wait().await;
-                let mut conflicts = 0;
-                for _ in 0..25 {
-                    let read = store.read_all(&q, ReadOptions::default()).await.unwrap();
-                    match store
-                        .append(
-                            vec![ev("Deposited", &[&tag, "bank:1"])],
-                            Some(AppendCondition::new(q.clone()).after(read.cursor)),
-                        )
-                        .await
-                    {
-                        Ok(_) => {}
-                        Err(Error::Conflict { .. }) => conflicts += 1,
-                        Err(e) => panic!("{e:?}"),
-                    }
+    let conflicts = race(16, |i| {
+        let store = t.store.clone();
+        async move {
+            let tag = format!("account:{i}");
+            let q = Query::items_of(["Deposited", "Withdrawn"], [tag.clone()]);
+            let mut conflicts = 0;
+            for _ in 0..25 {
+                let read = store.read_all(&q, ReadOptions::default()).await.unwrap();
+                let condition = AppendCondition::new(q.clone()).after(read.cursor);
+                match store
+                    .append(vec![ev("Deposited", &[&tag, "bank:1"])], Some(condition))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(Error::Conflict { .. }) => conflicts += 1,
+                    Err(e) => panic!("{e:?}"),
                 }
-                conflicts
-            })
-        })
-        .collect();
-    let mut conflicts = 0;
-    for task in tasks {
-        conflicts += task.await.unwrap();
-    }
-    assert_eq!(conflicts, 0);
+            }
+            conflicts
+        }
+    })
+    .await;
+    assert_eq!(conflicts.iter().sum::<i32>(), 0);
     assert_eq!(t.count().await, 16 * 25);
 }

@@ -3,8 +3,15 @@
 #[path = "../../../examples/support/mod.rs"]
 pub mod db;
 
-use dcbflow::{Event, Limits, Store, pool_from_url};
+use std::future::Future;
+use std::sync::Arc;
+
+use dcbflow::{
+    AppendCondition, AppendResult, Cursor, Error, Event, Limits, Position, Query, ReadOptions,
+    SequencedEvent, Store, pool_from_url,
+};
 use serde_json::json;
+use tokio::sync::Barrier;
 
 /// A store in a fresh schema of its own; the schema is dropped when this is dropped.
 pub struct TestStore {
@@ -38,6 +45,35 @@ impl TestStore {
             .expect("connect");
         tokio::spawn(conn);
         client
+    }
+
+    /// The cursor of a read of `q` now.
+    pub async fn cursor(&self, q: &Query) -> Cursor {
+        self.store
+            .read_all(q, ReadOptions::default())
+            .await
+            .unwrap()
+            .cursor
+    }
+
+    /// The events matching `q`, in order.
+    pub async fn events(&self, q: &Query) -> Vec<SequencedEvent> {
+        self.store
+            .read_all(q, ReadOptions::default())
+            .await
+            .unwrap()
+            .events
+    }
+
+    /// Appends `events` unless an event matching `q` appeared after `cursor`.
+    pub async fn append_if(
+        &self,
+        events: Vec<Event>,
+        q: &Query,
+        cursor: impl Into<Cursor>,
+    ) -> dcbflow::Result<AppendResult> {
+        let condition = AppendCondition::new(q.clone()).after(cursor);
+        self.store.append(events, Some(condition)).await
     }
 
     /// Number of events in the store.
@@ -110,4 +146,38 @@ fn with_app_name(url: &str, name: &str) -> String {
 /// An event of type `ty` with `tags` and a small payload.
 pub fn ev(ty: &str, tags: &[&str]) -> Event {
     Event::new(ty, tags.iter().copied(), json!({"n": 1}))
+}
+
+/// Asserts `result` is a conflict naming `position`.
+#[track_caller]
+pub fn assert_conflict_at<T: std::fmt::Debug>(result: dcbflow::Result<T>, position: Position) {
+    match result {
+        Err(Error::Conflict { position: p }) => assert_eq!(p, position),
+        other => panic!("expected a conflict at {position}, got {other:?}"),
+    }
+}
+
+/// Runs `n` tasks made by `task(i)`, released at once behind a barrier; their results
+/// in order.
+pub async fn race<T, F, Fut>(n: usize, task: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (fut, barrier) = (task(i), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                fut.await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for h in handles {
+        results.push(h.await.expect("task panicked"));
+    }
+    results
 }
