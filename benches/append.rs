@@ -13,14 +13,13 @@
 //! After criterion's own report, a table of dcbflow/baseline ratios is printed
 //! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
 
-#[path = "../examples/support/mod.rs"]
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput};
-use dcbflow::{AppendCondition, Cursor, Event, Query, Store, pool_from_url};
+use common::{Ratio, Setup};
+use criterion::{BenchmarkId, Throughput};
+use dcbflow::{AppendCondition, Cursor, Event, Query};
 use serde_json::json;
 
 const STORE_SCHEMA: &str = "bench_append";
@@ -32,7 +31,7 @@ fn payload(i: u64) -> serde_json::Value {
 
 fn raw_schema_sql() -> String {
     format!(
-        "DROP SCHEMA IF EXISTS {RAW_SCHEMA} CASCADE; CREATE SCHEMA {RAW_SCHEMA};
+        "CREATE SCHEMA {RAW_SCHEMA};
          CREATE TABLE {RAW_SCHEMA}.events (
              position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
              transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -45,32 +44,9 @@ fn raw_schema_sql() -> String {
 }
 
 fn main() {
-    let quick = std::env::var_os("DCBFLOW_BENCH_QUICK").is_some();
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let db = rt
-        .block_on(support::Database::start())
-        .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("database: {}", db.origin);
-    let pool = pool_from_url(&db.url, Some(4)).expect("pool");
-    let store = rt.block_on(async {
-        let c = pool.get().await.expect("connection");
-        c.batch_execute(&format!("DROP SCHEMA IF EXISTS {STORE_SCHEMA} CASCADE"))
-            .await
-            .expect("drop");
-        c.batch_execute(&raw_schema_sql())
-            .await
-            .expect("raw schema");
-        Store::builder(pool.clone())
-            .schema(STORE_SCHEMA)
-            .build()
-            .await
-            .expect("store")
-    });
-
-    let mut c = Criterion::default()
-        .configure_from_args()
-        .warm_up_time(Duration::from_secs(if quick { 1 } else { 3 }))
-        .measurement_time(Duration::from_secs(if quick { 2 } else { 8 }));
+    let setup = Setup::new(STORE_SCHEMA, 4, &[RAW_SCHEMA], &raw_schema_sql());
+    let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
+    let mut c = common::criterion(3, 8);
     let counter = AtomicU64::new(0);
     let next = || counter.fetch_add(1, Ordering::Relaxed);
 
@@ -78,7 +54,7 @@ fn main() {
     for (name, n) in [("single", 1u64), ("batch_100", 100)] {
         group.throughput(Throughput::Elements(n));
         group.bench_function(BenchmarkId::new("dcbflow", name), |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(rt).iter(|| async {
                 let events = (0..n)
                     .map(|_| {
                         let i = next();
@@ -89,7 +65,7 @@ fn main() {
             })
         });
         group.bench_function(BenchmarkId::new("raw_insert", name), |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(rt).iter(|| async {
                 let client = pool.get().await.expect("connection");
                 let stmt = client
                     .prepare_cached(&format!(
@@ -114,7 +90,7 @@ fn main() {
     group.throughput(Throughput::Elements(1));
     let cursors: std::sync::Mutex<std::collections::HashMap<u64, Cursor>> = Default::default();
     group.bench_function(BenchmarkId::new("dcbflow", "conditional"), |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             let i = next();
             let account = i % 1000;
             let tag = format!("cond:{account}");
@@ -138,7 +114,7 @@ fn main() {
         })
     });
     group.bench_function(BenchmarkId::new("raw_insert", "conditional"), |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             let client = pool.get().await.expect("connection");
             let stmt = client
                 .prepare_cached(&format!(
@@ -156,42 +132,11 @@ fn main() {
     group.finish();
     c.final_summary();
 
-    print_ratios(&["single", "batch_100", "conditional"]);
-    rt.block_on(async {
-        let c = pool.get().await.expect("connection");
-        let _ = c
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {STORE_SCHEMA} CASCADE; DROP SCHEMA IF EXISTS {RAW_SCHEMA} CASCADE"
-            ))
-            .await;
-    });
-    drop(store);
-    drop(pool);
-    rt.block_on(db.close());
-}
-
-/// Reads criterion's estimates and prints dcbflow's throughput relative to the baseline.
-fn print_ratios(names: &[&str]) {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let mean = |id: &str, name: &str| -> Option<f64> {
-        let path = format!("{dir}/criterion/append/{id}/{name}/new/estimates.json");
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-        v["mean"]["point_estimate"].as_f64()
+    let ratio = |name| Ratio {
+        label: name,
+        ours: ("append", "dcbflow", name),
+        baseline: ("append", "raw_insert", name),
     };
-    println!(
-        "\n{:<12} {:>14} {:>14} {:>8}",
-        "bench", "dcbflow µs", "raw µs", "ratio"
-    );
-    for name in names {
-        if let (Some(d), Some(r)) = (mean("dcbflow", name), mean("raw_insert", name)) {
-            println!(
-                "{:<12} {:>14.1} {:>14.1} {:>7.2}x",
-                name,
-                d / 1e3,
-                r / 1e3,
-                r / d
-            );
-        }
-    }
+    common::print_ratios(&[ratio("single"), ratio("batch_100"), ratio("conditional")]);
+    setup.finish();
 }

@@ -12,16 +12,12 @@
 //! Concurrent benches run N tokio tasks on N pooled connections and time the batch
 //! (`iter_custom`), so throughput is total operations / wall time.
 
-#[path = "../examples/support/mod.rs"]
-mod support;
+mod common;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use criterion::{BenchmarkId, Criterion, Throughput};
+use common::{Ratio, Setup};
+use criterion::{BenchmarkId, Throughput};
 use dcbflow::{
-    Command, CommandExecutor, Concurrency, Decided, Event, Projector, Query, RetryPolicy, Store,
-    pool_from_url,
+    Command, CommandExecutor, Concurrency, Decided, Event, Projector, Query, RetryPolicy,
 };
 use deadpool_postgres::Pool;
 use serde_json::json;
@@ -73,28 +69,9 @@ async fn raw_op(pool: &Pool, tag: &str) {
 }
 
 fn main() {
-    let quick = std::env::var_os("DCBFLOW_BENCH_QUICK").is_some();
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let db = rt
-        .block_on(support::Database::start())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let pool = pool_from_url(&db.url, Some(20)).expect("pool");
-    let store = rt.block_on(async {
-        let c = pool.get().await.expect("connection");
-        c.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-            .await
-            .expect("drop");
-        Store::builder(pool.clone())
-            .schema(SCHEMA)
-            .build()
-            .await
-            .expect("store")
-    });
-    let mut c = Criterion::default()
-        .configure_from_args()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(if quick { 2 } else { 6 }));
+    let setup = Setup::new(SCHEMA, 20, &[], "");
+    let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
+    let mut c = common::criterion(1, 6).sample_size(10);
 
     let mut g = c.benchmark_group("execute");
     g.throughput(Throughput::Elements(1));
@@ -115,57 +92,26 @@ fn main() {
             }
         };
         g.bench_function(BenchmarkId::new("dcbflow", name), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
+            b.to_async(rt).iter_custom(|iters| {
                 let exec = exec.clone();
-                async move {
-                    let per = (iters as usize).div_ceil(clients);
-                    let start = Instant::now();
-                    let tasks: Vec<_> = (0..clients)
-                        .map(|i| {
-                            let exec = exec.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per {
-                                    exec.execute(&Take(tag(i))).await.expect("execute");
-                                }
-                            })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.expect("task");
+                common::concurrent(clients, iters, move |i| {
+                    let exec = exec.clone();
+                    async move {
+                        exec.execute(&Take(tag(i))).await.expect("execute");
                     }
-                    start
-                        .elapsed()
-                        .mul_f64(iters as f64 / (per * clients) as f64)
-                }
+                })
             })
         });
         if mode == Concurrency::Pessimistic {
             continue;
         }
-        let pool = Arc::new(pool.clone());
         g.bench_function(BenchmarkId::new("raw", name), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
+            b.to_async(rt).iter_custom(|iters| {
                 let pool = pool.clone();
-                async move {
-                    let per = (iters as usize).div_ceil(clients);
-                    let start = Instant::now();
-                    let tasks: Vec<_> = (0..clients)
-                        .map(|i| {
-                            let pool = pool.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per {
-                                    raw_op(&pool, &tag(i)).await;
-                                }
-                            })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.expect("task");
-                    }
-                    start
-                        .elapsed()
-                        .mul_f64(iters as f64 / (per * clients) as f64)
-                }
+                common::concurrent(clients, iters, move |i| {
+                    let pool = pool.clone();
+                    async move { raw_op(&pool, &tag(i)).await }
+                })
             })
         });
     }
@@ -195,11 +141,11 @@ fn main() {
             ),
         );
         g.bench_function(BenchmarkId::new("dcbflow", n), |b| {
-            b.to_async(&rt)
+            b.to_async(rt)
                 .iter(|| async { store.project(&model).await.expect("project").states })
         });
         g.bench_function(BenchmarkId::new("raw_select", n), |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(rt).iter(|| async {
                 let c = pool.get().await.expect("connection");
                 let stmt = c
                     .prepare_cached(&format!(
@@ -215,52 +161,32 @@ fn main() {
     }
     g.finish();
     c.final_summary();
-    print_ratios();
-
-    rt.block_on(async {
-        let c = pool.get().await.expect("connection");
-        let _ = c
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-            .await;
-    });
-    drop(store);
-    drop(pool);
-    rt.block_on(db.close());
-}
-
-fn print_ratios() {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let mean = |group: &str, id: &str, name: &str| -> Option<f64> {
-        let path = format!("{dir}/criterion/{group}/{id}/{name}/new/estimates.json");
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-        v["mean"]["point_estimate"].as_f64()
+    let execute = |label, name, base| Ratio {
+        label,
+        ours: ("execute", "dcbflow", name),
+        baseline: ("execute", "raw", base),
     };
-    println!(
-        "\n{:<28} {:>12} {:>12} {:>8}",
-        "bench", "dcbflow µs", "raw µs", "ratio"
-    );
-    let rows = [
-        ("execute", "disjoint/1", "raw", "disjoint/1"),
-        ("execute", "disjoint/16", "raw", "disjoint/16"),
-        ("execute", "hot/16/optimistic", "raw", "hot/16/optimistic"),
-        ("execute", "hot/16/pessimistic", "raw", "hot/16/optimistic"),
-        ("project", "10", "raw_select", "10"),
-        ("project", "1000", "raw_select", "1000"),
-        ("project", "100000", "raw_select", "100000"),
-    ];
-    for (group, name, base_id, base_name) in rows {
-        if let (Some(d), Some(r)) = (
-            mean(group, "dcbflow", &name.replace('/', "_")),
-            mean(group, base_id, &base_name.replace('/', "_")),
-        ) {
-            println!(
-                "{:<28} {:>12.1} {:>12.1} {:>7.2}x",
-                format!("{group}/{name}"),
-                d / 1e3,
-                r / 1e3,
-                r / d
-            );
-        }
-    }
+    let project = |label, name| Ratio {
+        label,
+        ours: ("project", "dcbflow", name),
+        baseline: ("project", "raw_select", name),
+    };
+    common::print_ratios(&[
+        execute("execute/disjoint/1", "disjoint/1", "disjoint/1"),
+        execute("execute/disjoint/16", "disjoint/16", "disjoint/16"),
+        execute(
+            "execute/hot/16/optimistic",
+            "hot/16/optimistic",
+            "hot/16/optimistic",
+        ),
+        execute(
+            "execute/hot/16/pessimistic",
+            "hot/16/pessimistic",
+            "hot/16/optimistic",
+        ),
+        project("project/10", "10"),
+        project("project/1000", "1000"),
+        project("project/100000", "100000"),
+    ]);
+    setup.finish();
 }
