@@ -41,6 +41,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await
 }
 
+/// Fails unless `position` comes strictly after `previous`.
+fn check_order(previous: Option<Position>, position: Position) -> Result<(), support::BoxError> {
+    match previous {
+        Some(p) if position <= p => {
+            Err(format!("order broken: position {position} streamed after position {p}").into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Peak (`VmHWM`) and current (`VmRSS`) resident memory in KiB, from `/proc/self/status`.
 fn memory() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -128,15 +138,7 @@ async fn run(store: Store, n: usize) -> Result<(), Box<dyn std::error::Error>> {
     let mut first_seen: Option<Position> = None;
     let mut previous: Option<Position> = None;
     while let Some(e) = stream.try_next().await? {
-        if let Some(p) = previous
-            && e.position <= p
-        {
-            return Err(format!(
-                "order broken: position {} streamed after position {p}",
-                e.position
-            )
-            .into());
-        }
+        check_order(previous, e.position)?;
         if first_seen.is_none() {
             first_seen = Some(e.position);
         }
@@ -196,15 +198,7 @@ async fn run(store: Store, n: usize) -> Result<(), Box<dyn std::error::Error>> {
             )
             .into());
         }
-        if let Some(p) = previous
-            && e.position <= p
-        {
-            return Err(format!(
-                "order broken: position {} streamed after position {p}",
-                e.position
-            )
-            .into());
-        }
+        check_order(previous, e.position)?;
         previous = Some(e.position);
         count7 += 1;
     }
