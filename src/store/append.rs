@@ -110,6 +110,7 @@ impl Store {
         let (keys, modes) = locks::plan(
             &self.inner.schema,
             &[],
+            &[],
             Some(&condition),
             self.inner.limits.max_lock_keys,
         );
@@ -130,17 +131,18 @@ impl Store {
     async fn append_with<C: GenericClient>(
         &self,
         client: &C,
-        mut events: Vec<Event>,
+        events: Vec<Event>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
         let limits = &self.inner.limits;
-        let cols = validate::columns(&mut events, limits)?;
+        let cols = validate::columns(events, limits)?;
         if let Some(c) = &condition {
             validate::query(&c.fail_if_events_match, limits)?;
         }
         let (lock_keys, lock_modes) = locks::plan(
             &self.inner.schema,
-            &events,
+            &cols.types,
+            &cols.tags,
             condition.as_ref(),
             limits.max_lock_keys,
         );

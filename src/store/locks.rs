@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{AppendCondition, Event};
+use super::AppendCondition;
 
 /// What a lock key protects.
 #[derive(Debug, Clone, Copy)]
@@ -42,10 +42,12 @@ pub(crate) fn key(schema: &str, kind: Kind, value: &str) -> i64 {
     xxh3_64(&buf) as i64
 }
 
-/// The sorted lock keys and modes (`true` = exclusive) for one append.
+/// The sorted lock keys and modes (`true` = exclusive) for one append of events
+/// with these types and tags.
 pub(crate) fn plan(
     schema: &str,
-    events: &[Event],
+    types: &[String],
+    tags: &[String],
     condition: Option<&AppendCondition>,
     max_keys: usize,
 ) -> (Vec<i64>, Vec<bool>) {
@@ -55,11 +57,11 @@ pub(crate) fn plan(
         *e |= exclusive;
     };
     add(key(schema, Kind::Store, ""), false);
-    for e in events {
-        add(key(schema, Kind::Type, &e.event_type), false);
-        for t in &e.tags {
-            add(key(schema, Kind::Tag, t), false);
-        }
+    for t in types {
+        add(key(schema, Kind::Type, t), false);
+    }
+    for t in tags {
+        add(key(schema, Kind::Tag, t), false);
     }
     if let Some(c) = condition {
         for item in c.fail_if_events_match.items() {
@@ -86,13 +88,21 @@ pub(crate) fn plan(
 mod tests {
     use super::*;
     use crate::{Query, QueryItem};
-    use serde_json::json;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
 
     #[test]
     fn condition_locks_are_exclusive_and_sorted() {
-        let events = [Event::new("A", ["t:1", "t:2"], json!({}))];
         let cond = AppendCondition::new(Query::from_items([QueryItem::new().tags(["t:2"])]));
-        let (keys, modes) = plan("s", &events, Some(&cond), 100);
+        let (keys, modes) = plan(
+            "s",
+            &strings(&["A"]),
+            &strings(&["t:1", "t:2"]),
+            Some(&cond),
+            100,
+        );
         assert_eq!(keys.len(), 4);
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
         let i = keys
@@ -105,18 +115,16 @@ mod tests {
 
     #[test]
     fn match_all_locks_store_exclusively_and_large_appends_fall_back() {
-        let events = [Event::new("A", ["t:1"], json!({}))];
-        let (keys, modes) = plan("s", &events, Some(&AppendCondition::new(Query::all())), 100);
+        let all = AppendCondition::new(Query::all());
+        let (keys, modes) = plan("s", &strings(&["A"]), &strings(&["t:1"]), Some(&all), 100);
         let i = keys
             .iter()
             .position(|k| *k == key("s", Kind::Store, ""))
             .unwrap();
         assert!(modes[i]);
-        let many: Vec<_> = (0..200)
-            .map(|i| Event::new("A", [format!("t:{i}")], json!({})))
-            .collect();
+        let many: Vec<_> = (0..200).map(|i| format!("t:{i}")).collect();
         assert_eq!(
-            plan("s", &many, None, 128),
+            plan("s", &strings(&["A"]), &many, None, 128),
             (vec![key("s", Kind::Store, "")], vec![true])
         );
         assert_ne!(key("s", Kind::Tag, "x"), key("other", Kind::Tag, "x"));

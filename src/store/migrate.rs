@@ -31,6 +31,9 @@ const MIGRATIONS: &[Migration] = &[
 ];
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) -> Result<()> {
+    if is_current(client, schema).await {
+        return Ok(());
+    }
     let lock = locks::key(schema, Kind::Migrate, "");
     for m in MIGRATIONS {
         let checksum = Sha256::digest(m.sql.as_bytes()).to_vec();
@@ -91,4 +94,19 @@ pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) ->
         tx.commit().await?;
     }
     Ok(())
+}
+
+/// `true` if every migration is applied with its checksum and nothing else is: the
+/// common case at start-up, answered with one query and no lock. Anything else
+/// (including a missing table) goes through the locked path, which reports errors.
+async fn is_current(client: &deadpool_postgres::Object, schema: &str) -> bool {
+    let sql = format!("SELECT version, checksum FROM \"{schema}\".migrations ORDER BY version");
+    let Ok(rows) = client.query(&sql, &[]).await else {
+        return false;
+    };
+    rows.len() == MIGRATIONS.len()
+        && rows.iter().zip(MIGRATIONS).all(|(row, m)| {
+            row.get::<_, i32>(0) == m.version
+                && row.get::<_, Vec<u8>>(1) == Sha256::digest(m.sql.as_bytes()).to_vec()
+        })
 }

@@ -47,7 +47,7 @@ pub(crate) struct Columns {
 }
 
 /// Checks `events` against `limits`, normalizes tags to sorted sets, and serializes payloads.
-pub(crate) fn columns(events: &mut [Event], limits: &Limits) -> Result<Columns, InvalidInput> {
+pub(crate) fn columns(events: Vec<Event>, limits: &Limits) -> Result<Columns, InvalidInput> {
     if events.is_empty() {
         return Err(InvalidInput::NoEvents);
     }
@@ -71,7 +71,7 @@ pub(crate) fn columns(events: &mut [Event], limits: &Limits) -> Result<Columns, 
         ids: Vec::with_capacity(events.len()),
         tags: Vec::new(),
     };
-    for (index, e) in events.iter_mut().enumerate() {
+    for (index, mut e) in events.into_iter().enumerate() {
         check_name(&e.event_type, index, limits, true)?;
         e.tags.sort_unstable();
         e.tags.dedup();
@@ -118,8 +118,8 @@ pub(crate) fn columns(events: &mut [Event], limits: &Limits) -> Result<Columns, 
         // 1-based start of this event's slice of the flattened tag array.
         cols.tag_starts.push(cols.tags.len() as i32 + 1);
         cols.tag_counts.push(e.tags.len() as i32);
-        cols.tags.extend(e.tags.iter().cloned());
-        cols.types.push(e.event_type.clone());
+        cols.tags.append(&mut e.tags);
+        cols.types.push(e.event_type);
         cols.data.push(RawJson(data));
         cols.metadata.push(metadata.map(RawJson));
         cols.ids.push(e.id);
@@ -183,16 +183,15 @@ mod tests {
 
     #[test]
     fn flattens_tags_as_sorted_sets() {
-        let mut events = vec![
+        let events = vec![
             Event::new("A", ["b", "a", "b"], json!(1)),
             Event::new("B", Vec::<String>::new(), json!(2)),
             Event::new("C", ["c"], json!(3)),
         ];
-        let c = columns(&mut events, &Limits::default()).unwrap();
+        let c = columns(events, &Limits::default()).unwrap();
         assert_eq!(c.tags, ["a", "b", "c"]);
         assert_eq!(c.tag_starts, [1, 3, 3]);
         assert_eq!(c.tag_counts, [2, 0, 1]);
-        assert_eq!(events[0].tags, ["a", "b"]);
     }
 
     #[test]
