@@ -151,6 +151,8 @@ BEGIN
             USING ERRCODE = 'DCB01';
     END IF;
 
+    -- Wake subscribers when this transaction commits (payload-free; they re-read).
+    PERFORM pg_notify('dcbflow_' || left(md5(current_schema()), 16), '');
     RETURN QUERY SELECT v_positions, v_xid, NULL::bigint, false;
 END;
 $fn$;

@@ -12,7 +12,10 @@ pub use command::{
     Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, RetryPolicy,
 };
 pub use error::{Error, InvalidInput, Result};
-pub use projection::{Decision, DecisionModel, Projector};
+pub use projection::{
+    BoxError, Decision, DecisionModel, Lag, ProjectionHandler, ProjectionRunner, Projector,
+    RunnerError, Subscription, SubscriptionOptions,
+};
 pub use store::{
     AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Event, EventStream, Limits,
     ParseCursorError, Position, Query, QueryItem, ReadOptions, ReadResult, SequencedEvent,
@@ -21,3 +24,4 @@ pub use store::{
 
 pub use deadpool_postgres;
 pub use tokio_postgres;
+pub use tokio_util::sync::CancellationToken;

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use dcbflow::{Store, pool_from_url};
+use dcbflow::Store;
 
 /// The error type of the examples.
 pub type BoxError = Box<dyn std::error::Error>;
@@ -139,7 +139,7 @@ impl Database {
         body: impl AsyncFnOnce(Store) -> Result<(), BoxError>,
     ) -> Result<(), BoxError> {
         let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-        let store = Store::builder(pool_from_url(&self.url, pool_size)?)
+        let store = Store::builder_for_url(&self.url, pool_size)?
             .schema(&schema)
             .build()
             .await?;

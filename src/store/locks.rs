@@ -21,6 +21,7 @@ pub(crate) enum Kind {
     Type,
     Tag,
     Migrate,
+    Lease,
 }
 
 /// A 64-bit advisory lock key, derived from the schema so stores sharing a database
@@ -31,6 +32,7 @@ pub(crate) fn key(schema: &str, kind: Kind, value: &str) -> i64 {
         Kind::Type => "y",
         Kind::Tag => "t",
         Kind::Migrate => "m",
+        Kind::Lease => "l",
     };
     let mut buf = Vec::with_capacity(schema.len() + value.len() + 4);
     buf.extend_from_slice(b"dcbflow\x1f");

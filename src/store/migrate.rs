@@ -28,6 +28,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_commands.sql",
         sql: include_str!("../../sql/0002_commands.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_subscriptions.sql",
+        sql: include_str!("../../sql/0003_subscriptions.sql"),
+    },
 ];
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) -> Result<()> {

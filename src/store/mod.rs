@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use append::AppendResult;
 pub use event::{Event, Position, SequencedEvent, TransactionId};
 pub use query::{AppendCondition, Cursor, ParseCursorError, Query, QueryItem, Snapshot};
+pub(crate) use read::filter_sql;
 pub use read::{EventStream, ReadOptions, ReadResult};
 
 use crate::error::{Error, Result};
@@ -77,6 +78,7 @@ struct Inner {
     limits: Limits,
     max_in_flight: usize,
     in_flight: Arc<Semaphore>,
+    listen: Option<tokio_postgres::Config>,
     sql: Sql,
 }
 
@@ -110,7 +112,17 @@ impl Store {
     /// # Errors
     /// A malformed URL ([`Error::Config`]), an unreachable server, or a failed migration.
     pub async fn connect(url: &str) -> Result<Store> {
-        Store::builder(pool_from_url(url, None)?).build().await
+        Store::builder_for_url(url, None)?.build().await
+    }
+
+    /// A builder with a pool of `pool_size` connections to `url` (default size:
+    /// deadpool's) and the same URL for the dedicated connection subscriptions use
+    /// to `LISTEN` for new events.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a malformed URL.
+    pub fn builder_for_url(url: &str, pool_size: Option<usize>) -> Result<StoreBuilder> {
+        Ok(Store::builder(pool_from_url(url, pool_size)?).listen_config(parse_url(url)?))
     }
 
     /// A builder for a store on an existing pool.
@@ -121,6 +133,7 @@ impl Store {
             limits: Limits::default(),
             max_in_flight: None,
             migrate: true,
+            listen: None,
         }
     }
 
@@ -137,6 +150,21 @@ impl Store {
     /// The input limits.
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// Connection settings for dedicated (non-pooled) connections, if configured.
+    pub(crate) fn listen_config(&self) -> Option<&tokio_postgres::Config> {
+        self.inner.listen.as_ref()
+    }
+
+    /// The advisory lock key every append holds shared until it ends.
+    pub(crate) fn store_key(&self) -> i64 {
+        locks::key(&self.inner.schema, locks::Kind::Store, "")
+    }
+
+    /// An advisory lock key of this store for `name` (leases of named subscriptions).
+    pub(crate) fn lease_key(&self, name: &str) -> i64 {
+        locks::key(&self.inner.schema, locks::Kind::Lease, name)
     }
 
     /// Installs or upgrades this store's schema. [`StoreBuilder::build`] does this
@@ -193,6 +221,7 @@ pub struct StoreBuilder {
     limits: Limits,
     max_in_flight: Option<usize>,
     migrate: bool,
+    listen: Option<tokio_postgres::Config>,
 }
 
 impl StoreBuilder {
@@ -213,6 +242,14 @@ impl StoreBuilder {
     /// Beyond it, operations fail at once with [`Error::Overloaded`] instead of queueing.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = Some(n);
+        self
+    }
+
+    /// Connection settings for the dedicated connection subscriptions use to
+    /// `LISTEN` for new events and to hold their leases. Without them,
+    /// subscriptions poll and leases are held on a connection taken out of the pool.
+    pub fn listen_config(mut self, config: tokio_postgres::Config) -> Self {
+        self.listen = Some(config);
         self
     }
 
@@ -254,6 +291,7 @@ impl StoreBuilder {
                 limits: self.limits,
                 max_in_flight,
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                listen: self.listen,
                 sql,
             }),
         };
@@ -273,6 +311,11 @@ pub(crate) fn release<T>(client: deadpool_postgres::Object, result: Result<T>) -
         drop(deadpool_postgres::Object::take(client));
     }
     result
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
+    url.parse()
+        .map_err(|e| Error::Config(format!("bad database URL: {e}")))
 }
 
 fn validate_schema_name(s: &str) -> Result<()> {
@@ -296,9 +339,7 @@ fn validate_schema_name(s: &str) -> Result<()> {
 /// # Errors
 /// [`Error::Config`] for a malformed URL.
 pub fn pool_from_url(url: &str, max_size: Option<usize>) -> Result<Pool> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| Error::Config(format!("bad database URL: {e}")))?;
+    let config = parse_url(url)?;
     let manager = Manager::from_config(
         config,
         tokio_postgres::NoTls,

@@ -25,6 +25,8 @@ use crate::error::{Error, InvalidInput, Result};
 pub struct ReadOptions {
     /// Only events with a greater position (exclusive).
     pub after: Option<Position>,
+    /// Only events with this position or a smaller one (inclusive).
+    pub up_to: Option<Position>,
     /// At most this many events.
     pub limit: Option<u64>,
     /// Newest first.
@@ -36,6 +38,13 @@ impl ReadOptions {
     #[must_use]
     pub fn after(mut self, position: Position) -> Self {
         self.after = Some(position);
+        self
+    }
+
+    /// Only events up to `position` (inclusive).
+    #[must_use]
+    pub fn up_to(mut self, position: Position) -> Self {
+        self.up_to = Some(position);
         self
     }
 
@@ -290,8 +299,13 @@ impl Store {
         Ok(EventStream::new(rows, None, permit, &options))
     }
 
+    /// Checks a query's types and tags against the limits.
+    pub(crate) fn check_query(&self, query: &Query) -> Result<()> {
+        Ok(validate::query(query, &self.inner.limits)?)
+    }
+
     fn check_read(&self, query: &Query, options: &ReadOptions) -> Result<()> {
-        validate::query(query, &self.inner.limits)?;
+        self.check_query(query)?;
         if options.limit == Some(0) {
             return Err(InvalidInput::Option("a read limit must be at least 1").into());
         }
@@ -322,41 +336,7 @@ impl Store {
         query: &Query,
         options: &ReadOptions,
     ) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut filter = String::new();
-        if let Some(after) = options.after {
-            params.push(Box::new(after.0));
-            filter.push_str("position > $1 AND ");
-        }
-        if query.is_empty() {
-            filter.push_str("false");
-        } else if query.is_all() {
-            filter.push_str("true");
-        } else {
-            filter.push('(');
-            for (i, item) in query.items().iter().enumerate() {
-                if i > 0 {
-                    filter.push_str(" OR ");
-                }
-                filter.push('(');
-                // With tags, the tag index leads and the type is a filter
-                // (`type || ''` is not indexable): see sql/0001_events.sql.
-                if !item.tags.is_empty() {
-                    params.push(Box::new(item.tags.clone()));
-                    let _ = write!(filter, "tags @> ${}::text[]", params.len());
-                }
-                if !item.types.is_empty() {
-                    params.push(Box::new(item.types.clone()));
-                    if item.tags.is_empty() {
-                        let _ = write!(filter, "type = ANY(${})", params.len());
-                    } else {
-                        let _ = write!(filter, " AND type || '' = ANY(${})", params.len());
-                    }
-                }
-                filter.push(')');
-            }
-            filter.push(')');
-        }
+        let (filter, params) = filter_sql(query, options);
         let order = if options.backwards { "DESC" } else { "ASC" };
         let limit = match options.limit {
             Some(n) => format!(" LIMIT {n}"),
@@ -371,4 +351,52 @@ impl Store {
         );
         (sql, params)
     }
+}
+
+/// Parameters of a generated statement.
+pub(crate) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The `WHERE` clause (and its parameters, numbered from `$1`) selecting the events
+/// that match `query` within the position bounds of `options`.
+pub(crate) fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
+    let mut params: Params = Vec::new();
+    let mut filter = String::new();
+    if let Some(after) = options.after {
+        params.push(Box::new(after.0));
+        filter.push_str("position > $1 AND ");
+    }
+    if let Some(up_to) = options.up_to {
+        params.push(Box::new(up_to.0));
+        let _ = write!(filter, "position <= ${} AND ", params.len());
+    }
+    if query.is_empty() {
+        filter.push_str("false");
+    } else if query.is_all() {
+        filter.push_str("true");
+    } else {
+        filter.push('(');
+        for (i, item) in query.items().iter().enumerate() {
+            if i > 0 {
+                filter.push_str(" OR ");
+            }
+            filter.push('(');
+            // With tags, the tag index leads and the type is a filter
+            // (`type || ''` is not indexable): see sql/0001_events.sql.
+            if !item.tags.is_empty() {
+                params.push(Box::new(item.tags.clone()));
+                let _ = write!(filter, "tags @> ${}::text[]", params.len());
+            }
+            if !item.types.is_empty() {
+                params.push(Box::new(item.types.clone()));
+                if item.tags.is_empty() {
+                    let _ = write!(filter, "type = ANY(${})", params.len());
+                } else {
+                    let _ = write!(filter, " AND type || '' = ANY(${})", params.len());
+                }
+            }
+            filter.push(')');
+        }
+        filter.push(')');
+    }
+    (filter, params)
 }

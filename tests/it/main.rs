@@ -10,3 +10,4 @@ mod migrate;
 mod read;
 mod resilience;
 mod send;
+mod subscription;

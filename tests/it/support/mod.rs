@@ -28,7 +28,8 @@ impl TestStore {
     pub async fn with_limits(limits: Limits, max_in_flight: Option<usize>) -> Self {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let url = with_app_name(db::Database::shared_url(), &schema);
-        let mut builder = Store::builder(pool_from_url(&url, Some(24)).unwrap())
+        let mut builder = Store::builder_for_url(&url, Some(24))
+            .unwrap()
             .schema(&schema)
             .limits(limits);
         if let Some(n) = max_in_flight {

@@ -1,0 +1,281 @@
+//! Subscriptions: catch up from a position, then stay live, never skipping an event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Position, Query, ReadOptions, Result, SequencedEvent, Store};
+
+/// Settings of a subscription.
+///
+/// | setting | default |
+/// |---|---|
+/// | `batch_size` | 500 events |
+/// | `poll_interval` (fallback when no notification arrives) | 500 ms |
+/// | `horizon_interval` (re-check while in-flight writers hold the horizon back) | 10 ms |
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionOptions {
+    /// Most events per batch.
+    pub batch_size: u64,
+    /// How long to wait for a notification before looking anyway.
+    pub poll_interval: Duration,
+    /// How soon to look again while writers in flight hold the horizon back.
+    pub horizon_interval: Duration,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+            horizon_interval: Duration::from_millis(10),
+        }
+    }
+}
+
+/// A live, gap-free feed of the events matching a query, in position order.
+///
+/// Events are handed out only up to a **horizon** below which every writer of the
+/// store has finished: an append that drew an early position and commits late is
+/// delivered in its place, never skipped. The horizon waits only for this store's
+/// own writers, so a transaction left open elsewhere does not hold it back.
+///
+/// New events wake the subscription through `LISTEN`/`NOTIFY` on a dedicated
+/// connection (when the store has a [listen config](crate::StoreBuilder::listen_config));
+/// it also polls, so a lost notification only delays.
+pub struct Subscription {
+    store: Store,
+    query: Query,
+    options: SubscriptionOptions,
+    position: Position,
+    horizon: Horizon,
+    wake: Arc<Notify>,
+    listener: Option<Listener>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("query", &self.query)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(l) = self.listener.take() {
+            l.task.abort();
+        }
+    }
+}
+
+/// Tracks the delivery horizon (see `writer_horizon` in `sql/0003_subscriptions.sql`).
+struct Horizon {
+    safe: i64,
+    pending: Option<(i64, Vec<String>)>,
+}
+
+impl Store {
+    /// Subscribes to the events matching `query` with a position greater than
+    /// `after` (`None`: from the start of the log).
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
+    /// use dcbflow::{Query, SubscriptionOptions};
+    /// let mut sub = store.subscribe(Query::all(), None, SubscriptionOptions::default()).await?;
+    /// loop {
+    ///     for event in sub.next_batch().await? {
+    ///         println!("{} {}", event.position, event.event_type());
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Invalid query items; database errors while opening the listening connection.
+    pub async fn subscribe(
+        &self,
+        query: Query,
+        after: Option<Position>,
+        options: SubscriptionOptions,
+    ) -> Result<Subscription> {
+        self.check_query(&query)?;
+        let wake = Arc::new(Notify::new());
+        let listener = match self.listen_config() {
+            Some(config) => Some(listen(self, config.clone(), wake.clone()).await?),
+            None => None,
+        };
+        Ok(Subscription {
+            store: self.clone(),
+            query,
+            options,
+            position: after.unwrap_or(Position(0)),
+            horizon: Horizon {
+                safe: 0,
+                pending: None,
+            },
+            wake,
+            listener,
+        })
+    }
+}
+
+/// The dedicated `LISTEN` connection: a task driving it, and its client.
+struct Listener {
+    task: tokio::task::JoinHandle<()>,
+    _client: tokio_postgres::Client,
+}
+
+/// Opens the dedicated `LISTEN` connection; notifications poke `wake`.
+async fn listen(
+    store: &Store,
+    config: tokio_postgres::Config,
+    wake: Arc<Notify>,
+) -> Result<Listener> {
+    let channel: String = {
+        let c = store.pool().get().await?;
+        c.query_one("SELECT 'dcbflow_' || left(md5($1), 16)", &[&store.schema()])
+            .await?
+            .get(0)
+    };
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                wake.notify_one();
+            }
+        }
+        // Connection lost: polling goes on; wake once so nobody waits a full interval.
+        wake.notify_one();
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await?;
+    Ok(Listener {
+        task,
+        _client: client,
+    })
+}
+
+impl Subscription {
+    /// The position up to which this subscription has handed out events (or found
+    /// none matching): resume from here.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The events available now, at most `batch_size`, possibly none. Never waits.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn poll_batch(&mut self) -> Result<Vec<SequencedEvent>> {
+        let horizon = self.advance_horizon().await?;
+        if horizon <= self.position.0 {
+            return Ok(Vec::new());
+        }
+        let options = ReadOptions::default()
+            .after(self.position)
+            .up_to(Position(horizon))
+            .limit(self.options.batch_size);
+        let events = self.store.read_all(&self.query, options).await?.events;
+        self.position = match events.last() {
+            Some(last) if events.len() as u64 == self.options.batch_size => last.position,
+            _ => Position(horizon),
+        };
+        Ok(events)
+    }
+
+    /// The next events, waiting until there is at least one.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn next_batch(&mut self) -> Result<Vec<SequencedEvent>> {
+        loop {
+            let events = self.poll_batch().await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Like [`next_batch`](Self::next_batch), or `None` once `cancel` fires.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn next_batch_or_cancel(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<SequencedEvent>>> {
+        tokio::select! {
+            r = self.next_batch() => r.map(Some),
+            () = cancel.cancelled() => Ok(None),
+        }
+    }
+
+    /// The subscription as a stream of single events.
+    pub fn into_stream(self) -> impl Stream<Item = Result<SequencedEvent>> + Send {
+        futures::stream::unfold(self, |mut sub| async move {
+            let batch = sub.next_batch().await;
+            Some((batch, sub))
+        })
+        .flat_map(|batch| {
+            futures::stream::iter(match batch {
+                Ok(events) => events.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        })
+    }
+
+    /// Waits for a notification of new events, or the poll interval (shorter while
+    /// in-flight writers hold the horizon back).
+    pub async fn wait(&self) {
+        let timeout = if self.horizon.pending.is_some() {
+            self.options.horizon_interval
+        } else {
+            self.options.poll_interval
+        };
+        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+    }
+
+    async fn advance_horizon(&mut self) -> Result<i64> {
+        let key = self.store.store_key();
+        let client = self.store.pool().get().await?;
+        let result = async {
+            let schema = self.store.schema();
+            if let Some((allocated, writers)) = &self.horizon.pending {
+                let stmt = client
+                    .prepare_cached(&format!("SELECT \"{schema}\".writers_finished($1, $2)"))
+                    .await?;
+                let done: bool = client.query_one(&stmt, &[&key, writers]).await?.get(0);
+                if done {
+                    self.horizon.safe = self.horizon.safe.max(*allocated);
+                    self.horizon.pending = None;
+                }
+            }
+            if self.horizon.pending.is_none() {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT allocated, writers FROM \"{schema}\".writer_horizon($1)"
+                    ))
+                    .await?;
+                let row = client.query_one(&stmt, &[&key]).await?;
+                let (allocated, writers): (i64, Vec<String>) = (row.get(0), row.get(1));
+                if writers.is_empty() {
+                    self.horizon.safe = self.horizon.safe.max(allocated);
+                } else if allocated > self.horizon.safe {
+                    self.horizon.pending = Some((allocated, writers));
+                }
+            }
+            Ok::<_, Error>(self.horizon.safe)
+        }
+        .await;
+        crate::store::release(client, result)
+    }
+}

@@ -1,0 +1,322 @@
+//! Subscriptions and projection runners: no skipped event, no stall, exactly-once
+//! read models, competing consumers.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dcbflow::{
+    BoxError, CancellationToken, Position, ProjectionHandler, ProjectionRunner, Query,
+    SequencedEvent, Store, SubscriptionOptions,
+};
+use rand::Rng;
+
+use crate::support::{TestStore, ev, race};
+
+/// Collects everything a subscription delivers, in order, until cancelled.
+fn collect(
+    store: &Store,
+    query: Query,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Vec<(Position, Instant)>>,
+) {
+    let cancel = CancellationToken::new();
+    let (store, token) = (store.clone(), cancel.clone());
+    let task = tokio::spawn(async move {
+        let mut sub = store
+            .subscribe(query, None, SubscriptionOptions::default())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while let Some(batch) = sub.next_batch_or_cancel(&token).await.unwrap() {
+            seen.extend(batch.iter().map(|e| (e.position, Instant::now())));
+        }
+        seen
+    });
+    (cancel, task)
+}
+
+/// 16 writers that take their positions early and commit late, while a subscriber
+/// runs: every event is delivered exactly once, in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_commits_are_delivered_exactly_once_in_order() {
+    let t = TestStore::new().await;
+    let (cancel, subscriber) = collect(&t.store, Query::all());
+    let mut written = Vec::new();
+    for round in 0..4 {
+        let positions = race(16, |w| {
+            let store = t.store.clone();
+            async move {
+                let mut mine = Vec::new();
+                for i in 0..8 {
+                    let mut client = store.pool().get().await.unwrap();
+                    let tx = client.transaction().await.unwrap();
+                    let r = store
+                        .append_in_tx(&tx, vec![ev("E", &[&format!("w:{round}-{w}-{i}")])], None)
+                        .await
+                        .unwrap();
+                    let delay = rand::rng().random_range(0..25);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tx.commit().await.unwrap();
+                    mine.extend(r.positions);
+                }
+                mine
+            }
+        })
+        .await;
+        written.extend(positions.into_iter().flatten());
+    }
+    let expected: HashSet<Position> = written.iter().copied().collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cancel.cancel();
+    let seen: Vec<Position> = subscriber
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "delivered out of order or twice"
+    );
+    assert_eq!(seen.len(), expected.len(), "every event exactly once");
+    assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+/// A session idle in a transaction (holding a transaction id, as the xmin horizon
+/// sees it) for 10 s while appends go on: deliveries keep flowing within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_elsewhere_does_not_stall_delivery() {
+    let t = TestStore::new().await;
+    let idle = t.raw().await;
+    idle.batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    let (cancel, subscriber) = collect(&t.store, Query::items_of(["Tick"], Vec::<String>::new()));
+    let mut appended = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let r = t.store.append(vec![ev("Tick", &[])], None).await.unwrap();
+        appended.push((r.positions[0], Instant::now()));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cancel.cancel();
+    let seen = subscriber.await.unwrap();
+    assert_eq!(
+        seen.len(),
+        appended.len(),
+        "every tick delivered while the session was idle"
+    );
+    for ((p, sent), (q, got)) in appended.iter().zip(&seen) {
+        assert_eq!(p, q);
+        let latency = got.saturating_duration_since(*sent);
+        assert!(
+            latency < Duration::from_secs(1),
+            "event {p} took {latency:?}"
+        );
+    }
+    idle.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Records every event in a read-model table whose primary key rejects duplicates;
+/// flags overlapping batches.
+struct Recorder {
+    table: String,
+    busy: Arc<AtomicBool>,
+    overlaps: Arc<AtomicUsize>,
+    batches: Arc<AtomicUsize>,
+}
+
+impl ProjectionHandler for Recorder {
+    async fn apply(
+        &self,
+        tx: &dcbflow::deadpool_postgres::Transaction<'_>,
+        events: &[SequencedEvent],
+    ) -> Result<(), BoxError> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        for e in events {
+            tx.execute(
+                &format!("INSERT INTO {} (position) VALUES ($1)", self.table),
+                &[&e.position.0],
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.busy.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn read_model_count(t: &TestStore, table: &str) -> i64 {
+    let c = t.store.pool().get().await.unwrap();
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projection_runner_applies_each_event_once_and_resumes_from_its_checkpoint() {
+    let t = TestStore::new().await;
+    let table = format!("\"{}\".read_model", t.schema);
+    let c = t.store.pool().get().await.unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (position bigint PRIMARY KEY)"
+    ))
+    .await
+    .unwrap();
+    let recorder = || Recorder {
+        table: table.clone(),
+        busy: Default::default(),
+        overlaps: Default::default(),
+        batches: Default::default(),
+    };
+    let q = Query::items_of(["Order"], Vec::<String>::new());
+    for _ in 0..30 {
+        t.store
+            .append(vec![ev("Order", &[]), ev("Other", &[])], None)
+            .await
+            .unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let runner = ProjectionRunner::new(t.store.clone(), "orders", q.clone(), recorder());
+    let token = cancel.clone();
+    let task = tokio::spawn(async move { runner.run(token).await });
+    // Read-your-writes: wait for the runner to pass the last append.
+    let last = t
+        .store
+        .append(vec![ev("Other", &[])], None)
+        .await
+        .unwrap()
+        .positions[0];
+    assert!(
+        t.store
+            .wait_until_processed("orders", last, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(read_model_count(&t, &table).await, 30);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    // More events while it is down; a new runner resumes from the checkpoint.
+    for _ in 0..10 {
+        t.store.append(vec![ev("Order", &[])], None).await.unwrap();
+    }
+    let lag = t.store.lag("orders", &q).await.unwrap();
+    assert_eq!(lag.events_behind, 10);
+    assert!(lag.oldest_undelivered.is_some());
+    let cancel = CancellationToken::new();
+    let runner = ProjectionRunner::new(t.store.clone(), "orders", q.clone(), recorder());
+    let token = cancel.clone();
+    let task = tokio::spawn(async move { runner.run(token).await });
+    let last = t.store.head().await.unwrap().unwrap();
+    assert!(
+        t.store
+            .wait_until_processed("orders", last, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert_eq!(read_model_count(&t, &table).await, 40);
+    assert_eq!(t.store.lag("orders", &q).await.unwrap().events_behind, 0);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Two processes run the same named subscription: never both at once; when the
+/// active one dies, the other takes over within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn competing_consumers_take_turns_and_fail_over() {
+    let t = TestStore::new().await;
+    let table = format!("\"{}\".read_model", t.schema);
+    let c = t.store.pool().get().await.unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (position bigint PRIMARY KEY)"
+    ))
+    .await
+    .unwrap();
+    let busy = Arc::new(AtomicBool::new(false));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let batches: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Default::default()).collect();
+    let mut tasks = Vec::new();
+    for counter in &batches {
+        // A second store = a second process (its own pool and connections).
+        let store = Store::builder_for_url(&t.url, Some(4))
+            .unwrap()
+            .schema(&t.schema)
+            .build()
+            .await
+            .unwrap();
+        let runner = ProjectionRunner::new(
+            store,
+            "shared",
+            Query::all(),
+            Recorder {
+                table: table.clone(),
+                busy: busy.clone(),
+                overlaps: overlaps.clone(),
+                batches: counter.clone(),
+            },
+        )
+        .lease_retry(Duration::from_millis(200));
+        tasks.push(tokio::spawn(async move {
+            runner.run(CancellationToken::new()).await
+        }));
+    }
+    for _ in 0..100 {
+        t.store.append(vec![ev("E", &[])], None).await.unwrap();
+    }
+    let last = t.store.head().await.unwrap().unwrap();
+    assert!(
+        t.store
+            .wait_until_processed("shared", last, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    let active = if batches[0].load(Ordering::SeqCst) > 0 {
+        0
+    } else {
+        1
+    };
+    assert_eq!(
+        batches[1 - active].load(Ordering::SeqCst),
+        0,
+        "only the lease holder processes"
+    );
+
+    // Kill the active process: its task and connections go away.
+    tasks[active].abort();
+    let killed_at = Instant::now();
+    for _ in 0..50 {
+        t.store.append(vec![ev("E", &[])], None).await.unwrap();
+    }
+    let last = t.store.head().await.unwrap().unwrap();
+    assert!(
+        t.store
+            .wait_until_processed("shared", last, Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(5),
+        "took over in {:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        batches[1 - active].load(Ordering::SeqCst) > 0,
+        "the survivor took over"
+    );
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "never two batches at once"
+    );
+    assert_eq!(read_model_count(&t, &table).await, 150);
+    tasks[1 - active].abort();
+}
