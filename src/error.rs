@@ -52,6 +52,9 @@ pub enum Error {
         /// The unknown version.
         version: i32,
     },
+    /// Publishing an outbox message failed.
+    #[error("publish failed: {0}")]
+    Publish(String),
     /// The store was configured wrongly (for example an invalid schema name).
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -4,6 +4,7 @@
 
 mod command;
 mod error;
+mod outbox;
 mod projection;
 mod store;
 
@@ -12,6 +13,10 @@ pub use command::{
     Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, RetryPolicy,
 };
 pub use error::{Error, InvalidInput, Result};
+pub use outbox::{
+    DeadLetter, NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher, RelayOptions,
+    WebhookPublisher,
+};
 pub use projection::{
     BoxError, Decision, DecisionModel, Lag, ProjectionHandler, ProjectionRunner, Projector,
     RunnerError, Subscription, SubscriptionOptions,
@@ -22,6 +27,7 @@ pub use store::{
     Snapshot, Store, StoreBuilder, TransactionId, pool_from_url,
 };
 
+pub use async_nats;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 pub use tokio_util::sync::CancellationToken;

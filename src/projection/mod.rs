@@ -8,7 +8,6 @@ mod subscription;
 pub use decision::Decision;
 pub(crate) use projector::union as union_queries;
 pub use projector::{DecisionModel, Projector};
-#[allow(unused_imports)]
 pub(crate) use runner::Lease;
 pub use runner::{BoxError, Lag, ProjectionHandler, ProjectionRunner, RunnerError};
 pub use subscription::{Subscription, SubscriptionOptions};

@@ -7,6 +7,7 @@ mod command;
 mod conditions;
 mod input;
 mod migrate;
+mod outbox;
 mod read;
 mod resilience;
 mod send;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use dcbflow::{
     AppendCondition, AppendResult, Cursor, Error, Event, Limits, Position, Query, ReadOptions,
-    SequencedEvent, Store, pool_from_url,
+    SequencedEvent, Store,
 };
 use serde_json::json;
 use tokio::sync::Barrier;

@@ -1,0 +1,223 @@
+//! The relay loop.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{OutboxMessage, Publisher};
+use crate::projection::Lease;
+use crate::{
+    Error, Position, Query, Result, RetryPolicy, SequencedEvent, Store, SubscriptionOptions,
+};
+
+/// Relay settings.
+///
+/// | setting | default |
+/// |---|---|
+/// | `subscription` | [`SubscriptionOptions::default`] (batches of 500) |
+/// | `max_attempts` per event before it becomes a dead letter | 10 |
+/// | `backoff` between attempts | 50 ms doubling to 5 s, full jitter |
+/// | `lease_retry` | 1 s |
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RelayOptions {
+    /// Batching and wake-ups.
+    pub subscription: SubscriptionOptions,
+    /// Attempts per event before it goes to the dead letters.
+    pub max_attempts: u32,
+    /// Delay between attempts (its `max_attempts` is not used).
+    pub backoff: RetryPolicy,
+    /// How often a standby relay tries to take over.
+    pub lease_retry: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        let mut backoff = RetryPolicy::default();
+        backoff.initial_backoff = Duration::from_millis(50);
+        backoff.max_backoff = Duration::from_secs(5);
+        RelayOptions {
+            subscription: SubscriptionOptions::default(),
+            max_attempts: 10,
+            backoff,
+            lease_retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Publishes the events matching a query, at least once and in order, through a
+/// [`Publisher`]. The position it reached is a named checkpoint, moved only after
+/// the publisher accepted the events; one relay per name is active at a time.
+///
+/// ```no_run
+/// # async fn demo(store: dcbflow::Store) -> Result<(), Box<dyn std::error::Error>> {
+/// use dcbflow::{CancellationToken, NatsPublisher, OutboxRelay, Query, RelayOptions};
+/// let nats = async_nats::connect("127.0.0.1:4222").await?;
+/// let publisher = NatsPublisher::new(nats, "orders", std::time::Duration::from_secs(5));
+/// let relay = OutboxRelay::new(store, "orders-to-nats", Query::items_of(["OrderPlaced"], Vec::<String>::new()), publisher);
+/// relay.run(CancellationToken::new()).await?;
+/// # Ok(()) }
+/// ```
+pub struct OutboxRelay<P> {
+    store: Store,
+    name: String,
+    query: Query,
+    publisher: P,
+    options: RelayOptions,
+}
+
+impl<P: Publisher> OutboxRelay<P> {
+    /// A relay named `name` (its checkpoint and lease) for the events matching `query`.
+    pub fn new(store: Store, name: impl Into<String>, query: Query, publisher: P) -> Self {
+        OutboxRelay {
+            store,
+            name: name.into(),
+            query,
+            publisher,
+            options: RelayOptions::default(),
+        }
+    }
+
+    /// Sets the options.
+    #[must_use]
+    pub fn options(mut self, options: RelayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Runs until `cancel` fires.
+    ///
+    /// # Errors
+    /// Store errors (publish errors are retried, then dead-lettered).
+    pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        loop {
+            let Some(lease) =
+                Lease::acquire(&self.store, &self.name, self.options.lease_retry, &cancel).await?
+            else {
+                return Ok(());
+            };
+            if self.run_with(&lease, &cancel).await? {
+                return Ok(());
+            }
+            tracing::warn!(relay = %self.name, "lease lost, waiting to take it again");
+        }
+    }
+
+    /// `true` when cancelled, `false` when the lease was lost.
+    async fn run_with(&self, lease: &Lease, cancel: &CancellationToken) -> Result<bool> {
+        let mut checkpoint = self.store.checkpoint(&self.name).await?;
+        let mut sub = self
+            .store
+            .subscribe(
+                self.query.clone(),
+                Some(checkpoint),
+                self.options.subscription.clone(),
+            )
+            .await?;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(true);
+            }
+            let events = sub.poll_batch().await?;
+            if events.is_empty() && sub.position() == checkpoint {
+                tokio::select! {
+                    () = sub.wait() => {}
+                    () = cancel.cancelled() => return Ok(true),
+                }
+                continue;
+            }
+            let Some(dead) = self.publish(events, cancel).await else {
+                return Ok(true);
+            };
+            if !lease.is_held() || !self.commit(checkpoint, sub.position(), &dead).await? {
+                return Ok(false);
+            }
+            checkpoint = sub.position();
+        }
+    }
+
+    /// Publishes a batch, retrying from the first unaccepted message; returns the
+    /// messages given up on (`None` if cancelled meanwhile).
+    async fn publish(
+        &self,
+        events: Vec<SequencedEvent>,
+        cancel: &CancellationToken,
+    ) -> Option<Vec<(OutboxMessage, String, u32)>> {
+        let schema = self.store.schema();
+        let messages: Vec<_> = events
+            .into_iter()
+            .map(|e| OutboxMessage::new(schema, e))
+            .collect();
+        let mut dead = Vec::new();
+        let (mut next, mut attempts) = (0, 0);
+        while next < messages.len() {
+            match self.publisher.publish(&messages[next..]).await {
+                Ok(()) => next = messages.len(),
+                Err(failure) => {
+                    if failure.delivered > 0 {
+                        next += failure.delivered;
+                        attempts = 0;
+                    }
+                    attempts += 1;
+                    let message = &messages[next];
+                    tracing::warn!(relay = %self.name, id = %message.id, attempts, error = %failure.error, "publish failed");
+                    if attempts >= self.options.max_attempts {
+                        dead.push((message.clone(), failure.error, attempts));
+                        next += 1;
+                        attempts = 0;
+                        continue;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(self.options.backoff.backoff(attempts)) => {}
+                        () = cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
+        Some(dead)
+    }
+
+    /// Moves the checkpoint and records dead letters in one transaction; `false` if
+    /// the checkpoint was moved by someone else.
+    async fn commit(
+        &self,
+        from: Position,
+        to: Position,
+        dead: &[(OutboxMessage, String, u32)],
+    ) -> Result<bool> {
+        let mut client = self.store.pool().get().await?;
+        let tx = client.transaction().await?;
+        let moved = tx
+            .execute(
+                &format!(
+                    "UPDATE {} SET position = $3, updated_at = now() WHERE name = $1 AND position = $2",
+                    self.store.table("subscriptions")
+                ),
+                &[&self.name, &from.0, &to.0],
+            )
+            .await?;
+        if moved == 0 {
+            return Ok(false);
+        }
+        for (message, error, attempts) in dead {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (subscription, position, message_id, error, attempts) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (subscription, position) \
+                     DO UPDATE SET error = EXCLUDED.error, attempts = EXCLUDED.attempts",
+                    self.store.table("dead_letters")
+                ),
+                &[
+                    &self.name,
+                    &message.event.position.0,
+                    &message.id,
+                    error,
+                    &(*attempts as i32),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(Error::from)?;
+        Ok(true)
+    }
+}
