@@ -33,9 +33,11 @@ pub struct RelayOptions {
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        let mut backoff = RetryPolicy::default();
-        backoff.initial_backoff = Duration::from_millis(50);
-        backoff.max_backoff = Duration::from_secs(5);
+        let backoff = RetryPolicy {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        };
         RelayOptions {
             subscription: SubscriptionOptions::default(),
             max_attempts: 10,
