@@ -26,8 +26,10 @@ async fn main() -> Result<(), BoxError> {
         format!("cannot reach NATS at {nats_url} ({e}); start `nats-server -js` or `docker compose up -d`")
     })?;
     support::run(async |db| {
-        db.with_store("outbox", Some(12), async |store| run(store, nats, orders).await)
-            .await
+        db.with_store("outbox", Some(12), async |store| {
+            run(store, nats, orders).await
+        })
+        .await
     })
     .await
 }
@@ -72,8 +74,12 @@ async fn relay_and_consume(
         })
         .await?;
     let (applied, duplicates) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (store2, applied2, duplicates2, token) =
-        (store.clone(), applied.clone(), duplicates.clone(), cancel.clone());
+    let (store2, applied2, duplicates2, token) = (
+        store.clone(),
+        applied.clone(),
+        duplicates.clone(),
+        cancel.clone(),
+    );
     let consumer = tokio::spawn(async move {
         let mut messages = consumer.messages().await?;
         loop {
@@ -81,7 +87,9 @@ async fn relay_and_consume(
                 m = messages.next() => m,
                 () = token.cancelled() => return Ok::<_, dcbflow::BoxError>(()),
             };
-            let Some(message) = message else { return Ok(()) };
+            let Some(message) = message else {
+                return Ok(());
+            };
             let message = message?;
             let id = message
                 .headers
@@ -108,7 +116,11 @@ async fn relay_and_consume(
             let store = store.clone();
             tokio::spawn(async move {
                 for i in (w..orders).step_by(8) {
-                    let order = Event::new("OrderPlaced", [format!("order:{i}")], json!({"order": i, "total": 10 + i % 90}));
+                    let order = Event::new(
+                        "OrderPlaced",
+                        [format!("order:{i}")],
+                        json!({"order": i, "total": 10 + i % 90}),
+                    );
                     store.append(vec![order], None).await?;
                 }
                 Ok::<_, dcbflow::Error>(())
@@ -118,9 +130,15 @@ async fn relay_and_consume(
     for w in writers {
         w.await??;
     }
-    println!("placed {orders} orders in {:.2} s", started.elapsed().as_secs_f64());
+    println!(
+        "placed {orders} orders in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     let lag = store.lag("orders-to-nats", &placed).await?;
-    println!("relay lag right after placing: {} events behind", lag.events_behind);
+    println!(
+        "relay lag right after placing: {} events behind",
+        lag.events_behind
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while applied.load(Ordering::SeqCst) < orders && Instant::now() < deadline {
@@ -129,12 +147,17 @@ async fn relay_and_consume(
     let end_to_end = started.elapsed();
     cancel.cancel();
     relay.await??;
-    consumer.await?.map_err(|e| -> BoxError { e.to_string().into() })?;
+    consumer
+        .await?
+        .map_err(|e| -> BoxError { e.to_string().into() })?;
 
     let mut stream = stream.clone();
     let published = stream.info().await?.state.messages;
     let lag = store.lag("orders-to-nats", &placed).await?;
-    let (applied, duplicates) = (applied.load(Ordering::SeqCst), duplicates.load(Ordering::SeqCst));
+    let (applied, duplicates) = (
+        applied.load(Ordering::SeqCst),
+        duplicates.load(Ordering::SeqCst),
+    );
     println!(
         "published {published}, consumed {applied} (duplicates skipped: {duplicates}) in {:.2} s; lag now {} events, oldest undelivered {:?}",
         end_to_end.as_secs_f64(),

@@ -38,6 +38,7 @@ impl Setup {
             c.batch_execute(&drop_sql(&schemas)).await.expect("drop");
             c.batch_execute(extra_sql).await.expect("baseline schema");
             Store::builder(pool.clone())
+                .listen_config(db.url.parse().expect("database URL"))
                 .schema(schema)
                 .build()
                 .await

@@ -175,7 +175,12 @@ impl Subscription {
     /// # Errors
     /// Database errors.
     pub async fn poll_batch(&mut self) -> Result<Vec<SequencedEvent>> {
-        let horizon = self.advance_horizon().await?;
+        // While catching up below a known horizon, no need to ask for a new one.
+        let horizon = if self.position.0 < self.horizon.safe {
+            self.horizon.safe
+        } else {
+            self.advance_horizon().await?
+        };
         if horizon <= self.position.0 {
             return Ok(Vec::new());
         }

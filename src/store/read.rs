@@ -361,13 +361,21 @@ pub(crate) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 pub(crate) fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
     let mut params: Params = Vec::new();
     let mut filter = String::new();
+    // Only the bound a read starts from is indexable (`+ 0` hides the other): with
+    // both, a generic plan bitmap-scans the whole range and sorts it to return the
+    // first rows of a LIMIT, instead of walking the index from the start bound.
+    let (after_col, up_to_col) = if options.backwards {
+        ("position + 0", "position")
+    } else {
+        ("position", "position + 0")
+    };
     if let Some(after) = options.after {
         params.push(Box::new(after.0));
-        filter.push_str("position > $1 AND ");
+        let _ = write!(filter, "{after_col} > $1 AND ");
     }
     if let Some(up_to) = options.up_to {
         params.push(Box::new(up_to.0));
-        let _ = write!(filter, "position <= ${} AND ", params.len());
+        let _ = write!(filter, "{up_to_col} <= ${} AND ", params.len());
     }
     if query.is_empty() {
         filter.push_str("false");
