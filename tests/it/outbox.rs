@@ -15,7 +15,49 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{TestStore, ev};
 
-const NATS: &str = "127.0.0.1:4222";
+/// NATS with JetStream: `NATS_URL`, else a server on 127.0.0.1:4222, else a
+/// throwaway `nats-server -js` started for this test process.
+#[allow(clippy::zombie_processes)] // a watchdog shell stops it when this process exits
+fn nats() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("NATS_URL") {
+            return url;
+        }
+        if std::net::TcpStream::connect("127.0.0.1:4222").is_ok() {
+            return "127.0.0.1:4222".into();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("dcbflow-nats-{port}"));
+        let bin = ["nats-server", "/usr/sbin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|b| std::process::Command::new(b).arg("--version").output().is_ok())
+            .expect("no NATS: set NATS_URL, run `nats-server -js`, or install nats-server (apt-get install nats-server)");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .spawn()
+            .expect("start nats-server");
+        // Stop it when this test process exits.
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; kill {}; rm -rf '{}'",
+                std::process::id(),
+                child.id(),
+                dir.display()
+            ))
+            .spawn();
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..50 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        addr
+    })
+}
 
 fn fast() -> RelayOptions {
     let mut o = RelayOptions::default();
@@ -35,7 +77,7 @@ struct Stream {
 
 impl Stream {
     async fn new(prefix: &str) -> Stream {
-        let client = async_nats::connect(NATS)
+        let client = async_nats::connect(nats())
             .await
             .expect("NATS at 127.0.0.1:4222 (see .ci/run)");
         let js = async_nats::jetstream::new(client);
@@ -125,7 +167,7 @@ async fn relay_publishes_in_order_with_stable_ids() {
         .await
         .unwrap();
     let q = Query::items_of(["OrderPlaced"], Vec::<String>::new());
-    let nats = async_nats::connect(NATS).await.unwrap();
+    let nats = async_nats::connect(nats()).await.unwrap();
     let publisher = NatsPublisher::new(nats, &t.schema, Duration::from_secs(2));
     let (cancel, task) =
         start(OutboxRelay::new(t.store.clone(), "to-nats", q.clone(), publisher).options(fast()));
@@ -174,7 +216,7 @@ async fn killed_relay_restarts_without_loss_and_consumers_drop_duplicates() {
     let stream = Stream::new(&t.schema).await;
     orders(&t.store, 30).await;
     let q = Query::items_of(["OrderPlaced"], Vec::<String>::new());
-    let nats = async_nats::connect(NATS).await.unwrap();
+    let nats = async_nats::connect(nats()).await.unwrap();
     let publisher = NatsPublisher::new(nats, &t.schema, Duration::from_secs(2));
     let dying = DiesMidBatch {
         inner: publisher.clone(),
@@ -232,7 +274,7 @@ impl Proxy {
                     continue; // dropped: connection refused, in effect
                 }
                 conns2.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(NATS).await {
+                    if let Ok(mut outbound) = TcpStream::connect(nats()).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 }));
