@@ -159,10 +159,10 @@ async fn relay_and_consume(
         duplicates.load(Ordering::SeqCst),
     );
     println!(
-        "published {published}, consumed {applied} (duplicates skipped: {duplicates}) in {:.2} s; lag now {} events, oldest undelivered {:?}",
+        "published {published}, consumed {applied} (duplicates skipped: {duplicates}) in {:.2} s; lag now {} events, oldest undelivered waiting {:?}",
         end_to_end.as_secs_f64(),
         lag.events_behind,
-        lag.oldest_undelivered
+        lag.oldest_age()
     );
     if published != orders || applied != orders || lag.events_behind != 0 {
         return Err(format!("expected {orders} published and consumed, nothing behind").into());

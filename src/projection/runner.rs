@@ -275,6 +275,15 @@ pub struct Lag {
     pub oldest_undelivered: Option<DateTime<Utc>>,
 }
 
+impl Lag {
+    /// How long the oldest undelivered event has been waiting (zero if none).
+    pub fn oldest_age(&self) -> Duration {
+        self.oldest_undelivered
+            .and_then(|t| (Utc::now() - t).to_std().ok())
+            .unwrap_or_default()
+    }
+}
+
 impl Store {
     /// The checkpoint of subscription `name`, created at 0 if new.
     ///
