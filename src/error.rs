@@ -52,6 +52,11 @@ pub enum Error {
         /// The unknown version.
         version: i32,
     },
+    /// The commit of a group-commit batch failed in a way that leaves its outcome
+    /// unknown (for example the connection was lost during `COMMIT`). Re-send the
+    /// append with event ids to find out safely: a replay returns the stored positions.
+    #[error("the outcome of the commit is unknown: {0}")]
+    CommitUnknown(String),
     /// Publishing an outbox message failed.
     #[error("publish failed: {0}")]
     Publish(String),

@@ -68,6 +68,10 @@ impl Store {
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
         let _permit = self.permit()?;
+        if let Some(group) = &self.inner.group_commit {
+            let prepared = self.prepare_append(events, condition)?;
+            return group.append(prepared).await;
+        }
         let client = self.inner.pool.get().await?;
         let result = self.append_with(&client, events, condition).await;
         super::release(client, result)
@@ -134,6 +138,18 @@ impl Store {
         events: Vec<Event>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
+        let prepared = self.prepare_append(events, condition)?;
+        let stmt = client.prepare_cached(&self.inner.sql.append).await?;
+        let row = client.query_one(&stmt, &prepared.params(true)).await?;
+        decode(&row)
+    }
+
+    /// Validates an append and turns it into the parameters of `append_events`.
+    pub(crate) fn prepare_append(
+        &self,
+        events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<PreparedAppend> {
         let limits = &self.inner.limits;
         let cols = validate::columns(events, limits)?;
         if let Some(c) = &condition {
@@ -146,7 +162,7 @@ impl Store {
             condition.as_ref(),
             limits.max_lock_keys,
         );
-        let (cond_json, after, snapshot) = match &condition {
+        let (condition, after, snapshot) = match &condition {
             // A query with no items matches nothing: no condition to check.
             Some(c) if !c.fail_if_events_match.is_empty() => {
                 let items: Vec<_> = c
@@ -166,27 +182,58 @@ impl Store {
             }
             _ => (None, None, None),
         };
-        let params: [&(dyn ToSql + Sync); 12] = [
-            &lock_keys,
-            &lock_modes,
-            &cols.types,
-            &cols.tags,
-            &cols.tag_starts,
-            &cols.tag_counts,
-            &cols.data,
-            &cols.metadata,
-            &cols.ids,
-            &cond_json,
-            &after,
-            &snapshot,
-        ];
-        let stmt = client.prepare_cached(&self.inner.sql.append).await?;
-        let row = client.query_one(&stmt, &params).await?;
-        decode(&row)
+        Ok(PreparedAppend {
+            lock_keys,
+            lock_modes,
+            cols,
+            condition,
+            after,
+            snapshot,
+        })
     }
 }
 
-fn decode(row: &Row) -> Result<AppendResult> {
+/// The parameters of one call of `append_events`.
+#[derive(Debug)]
+pub(crate) struct PreparedAppend {
+    lock_keys: Vec<i64>,
+    lock_modes: Vec<bool>,
+    cols: validate::Columns,
+    condition: Option<serde_json::Value>,
+    after: Option<i64>,
+    snapshot: Option<String>,
+}
+
+const NO_KEYS: &[i64] = &[];
+const NO_MODES: &[bool] = &[];
+
+impl PreparedAppend {
+    /// The statement parameters; without `locks`, the scope locks are left to the
+    /// caller (group commit holds the store lock exclusively instead).
+    pub(crate) fn params(&self, locks: bool) -> [&(dyn ToSql + Sync); 12] {
+        let (keys, modes): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = if locks {
+            (&self.lock_keys, &self.lock_modes)
+        } else {
+            (&NO_KEYS, &NO_MODES)
+        };
+        [
+            keys,
+            modes,
+            &self.cols.types,
+            &self.cols.tags,
+            &self.cols.tag_starts,
+            &self.cols.tag_counts,
+            &self.cols.data,
+            &self.cols.metadata,
+            &self.cols.ids,
+            &self.condition,
+            &self.after,
+            &self.snapshot,
+        ]
+    }
+}
+
+pub(crate) fn decode(row: &Row) -> Result<AppendResult> {
     if let Some(position) = row.get::<_, Option<i64>>(2) {
         return Err(Error::Conflict {
             position: Position(position),

@@ -2,6 +2,7 @@
 
 mod append;
 mod event;
+mod group_commit;
 mod locks;
 mod migrate;
 mod query;
@@ -79,6 +80,7 @@ struct Inner {
     max_in_flight: usize,
     in_flight: Arc<Semaphore>,
     listen: Option<tokio_postgres::Config>,
+    group_commit: Option<group_commit::GroupCommit>,
     sql: Sql,
 }
 
@@ -134,6 +136,7 @@ impl Store {
             max_in_flight: None,
             migrate: true,
             listen: None,
+            group_commit: None,
         }
     }
 
@@ -222,6 +225,7 @@ pub struct StoreBuilder {
     max_in_flight: Option<usize>,
     migrate: bool,
     listen: Option<tokio_postgres::Config>,
+    group_commit: Option<usize>,
 }
 
 impl StoreBuilder {
@@ -250,6 +254,17 @@ impl StoreBuilder {
     /// subscriptions poll and leases are held on a connection taken out of the pool.
     pub fn listen_config(mut self, config: tokio_postgres::Config) -> Self {
         self.listen = Some(config);
+        self
+    }
+
+    /// Batches concurrent [`Store::append`] calls of this process into shared
+    /// transactions of up to `max_batch` appends (group commit): far more appends per
+    /// second under concurrency, each still with its own condition and its own
+    /// result. Each batch holds the store lock exclusively while it runs, so it also
+    /// waits for any open transaction that appended to this store (`append_in_tx`);
+    /// keep such transactions short. Off by default. `append_in_tx` is never batched.
+    pub fn group_commit(mut self, max_batch: usize) -> Self {
+        self.group_commit = (max_batch > 1).then_some(max_batch);
         self
     }
 
@@ -284,6 +299,14 @@ impl StoreBuilder {
             head: format!("SELECT max(position) FROM \"{s}\".events"),
             events: format!("\"{s}\".events"),
         };
+        let group_commit = self.group_commit.map(|max| {
+            group_commit::GroupCommit::start(
+                self.pool.clone(),
+                sql.append.clone(),
+                locks::key(&self.schema, locks::Kind::Store, ""),
+                max,
+            )
+        });
         let store = Store {
             inner: Arc::new(Inner {
                 pool: self.pool,
@@ -292,6 +315,7 @@ impl StoreBuilder {
                 max_in_flight,
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 listen: self.listen,
+                group_commit,
                 sql,
             }),
         };

@@ -5,6 +5,7 @@ mod support;
 mod append;
 mod command;
 mod conditions;
+mod group_commit;
 mod input;
 mod migrate;
 mod outbox;
