@@ -9,6 +9,7 @@
 //! | single | `append` of 1 event, no condition | one `INSERT` of one row (same columns and indexes), autocommit |
 //! | batch_100 | `append` of 100 events | one `INSERT ... SELECT FROM unnest(...)` of 100 rows |
 //! | conditional | `append` of 1 event with a condition on its own tag, after the position of that tag's previous append | one `INSERT` of one row |
+//! | append_concurrent/{1,16,64} | N tasks on N pooled connections appending 1 event each, with and without group commit | N tasks each running one single-row `INSERT` transaction |
 //!
 //! After criterion's own report, a table of dcbflow/baseline ratios is printed
 //! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
@@ -44,7 +45,7 @@ fn raw_schema_sql() -> String {
 }
 
 fn main() {
-    let setup = Setup::new(STORE_SCHEMA, 4, &[RAW_SCHEMA], &raw_schema_sql());
+    let setup = Setup::new(STORE_SCHEMA, 72, &[RAW_SCHEMA], &raw_schema_sql());
     let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
     let mut c = common::criterion(3, 8);
     let counter = AtomicU64::new(0);
@@ -130,6 +131,61 @@ fn main() {
         })
     });
     group.finish();
+
+    // Concurrent clients, each appending one event per operation: without and with
+    // group commit, beside one single-row INSERT transaction per operation.
+    let grouped = rt
+        .block_on(
+            dcbflow::Store::builder(pool.clone())
+                .schema(STORE_SCHEMA)
+                .group_commit(128)
+                .max_in_flight(4096)
+                .migrate(false)
+                .build(),
+        )
+        .expect("group-commit store");
+    let mut group = c.benchmark_group("append_concurrent");
+    group.throughput(Throughput::Elements(1));
+    let insert_sql = format!(
+        "INSERT INTO {RAW_SCHEMA}.events (type, tags, data) VALUES ('Deposited', ARRAY[$1::text], $2)"
+    );
+    for clients in [1usize, 16, 64] {
+        for (id, s) in [("dcbflow", store), ("dcbflow_group_commit", &grouped)] {
+            group.bench_function(BenchmarkId::new(id, clients), |b| {
+                b.to_async(rt).iter_custom(|iters| {
+                    let s = s.clone();
+                    common::concurrent(clients, iters, move |i| {
+                        let s = s.clone();
+                        async move {
+                            let e = Event::new(
+                                "Deposited",
+                                [format!("account:{i}")],
+                                payload(i as u64),
+                            );
+                            s.append(vec![e], None).await.expect("append");
+                        }
+                    })
+                })
+            });
+        }
+        group.bench_function(BenchmarkId::new("raw_insert", clients), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let (pool, sql) = (pool.clone(), insert_sql.clone());
+                common::concurrent(clients, iters, move |i| {
+                    let (pool, sql) = (pool.clone(), sql.clone());
+                    async move {
+                        let c = pool.get().await.expect("connection");
+                        let stmt = c.prepare_cached(&sql).await.expect("prepare");
+                        c.execute(&stmt, &[&format!("account:{i}"), &payload(i as u64)])
+                            .await
+                            .expect("insert");
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+
     c.final_summary();
 
     let ratio = |name| Ratio {
@@ -137,6 +193,21 @@ fn main() {
         ours: ("append", "dcbflow", name),
         baseline: ("append", "raw_insert", name),
     };
-    common::print_ratios(&[ratio("single"), ratio("batch_100"), ratio("conditional")]);
+    let concurrent = |label, id, clients| Ratio {
+        label,
+        ours: ("append_concurrent", id, clients),
+        baseline: ("append_concurrent", "raw_insert", clients),
+    };
+    common::print_ratios(&[
+        ratio("single"),
+        ratio("batch_100"),
+        ratio("conditional"),
+        concurrent("1 client", "dcbflow", "1"),
+        concurrent("16 clients", "dcbflow", "16"),
+        concurrent("64 clients", "dcbflow", "64"),
+        concurrent("1 client, group commit", "dcbflow_group_commit", "1"),
+        concurrent("16 clients, group commit", "dcbflow_group_commit", "16"),
+        concurrent("64 clients, group commit", "dcbflow_group_commit", "64"),
+    ]);
     setup.finish();
 }

@@ -22,6 +22,61 @@ CREATE INDEX events_type_idx ON events (type, position);
 -- Late-committer checks: events of transactions a reader's snapshot did not see.
 CREATE INDEX events_transaction_idx ON events (transaction_id);
 
+-- The first position of an event matching one of the condition's items that the
+-- reader behind (p_after, p_snapshot) did not see: position > p_after, or written
+-- by a transaction that was in progress or not yet started in p_snapshot. NULL if
+-- none, or if there is no condition. Run it after the scope locks are granted, in
+-- its own statement, so it sees every writer that committed meanwhile.
+CREATE FUNCTION condition_conflict(p_condition jsonb, p_after bigint, p_snapshot pg_snapshot)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_conflict bigint;
+    v_xmax     xid8;
+    v_xip      xid8[];
+    v_item     jsonb;
+    v_types    text[];
+    v_tags     text[];
+BEGIN
+    IF p_condition IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_snapshot IS NOT NULL THEN
+        v_xmax := pg_snapshot_xmax(p_snapshot);
+        v_xip := ARRAY(SELECT pg_snapshot_xip(p_snapshot));
+    END IF;
+    FOR v_item IN SELECT jsonb_array_elements(p_condition) LOOP
+        v_types := ARRAY(SELECT jsonb_array_elements_text(v_item -> 'types'));
+        v_tags := ARRAY(SELECT jsonb_array_elements_text(v_item -> 'tags'));
+        -- EXECUTE: planned for these very values every time (no generic plan).
+        -- For an item with tags the tag index leads: the type test is kept
+        -- out of index use (`type || ''`), because a type shared by much of
+        -- the log would otherwise be bitmap-scanned in full whenever the
+        -- planner misjudges how common it is (e.g. before ANALYZE).
+        EXECUTE format(
+            'SELECT least('
+            || '(SELECT min(e.position) FROM events e WHERE e.position > $1 AND %1$s),'
+            || '(SELECT min(e.position) FROM events e WHERE $2 IS NOT NULL'
+            || '   AND (e.transaction_id >= $2 OR e.transaction_id = ANY($5)) AND %1$s))',
+            CASE
+                WHEN cardinality(v_tags) > 0 AND cardinality(v_types) > 0
+                    THEN 'e.tags @> $4 AND e.type || '''' = ANY($3)'
+                WHEN cardinality(v_tags) > 0 THEN 'e.tags @> $4'
+                WHEN cardinality(v_types) > 0 THEN 'e.type = ANY($3)'
+                ELSE 'true'
+            END)
+            INTO v_conflict
+            USING coalesce(p_after, 0), v_xmax, v_types, v_tags, coalesce(v_xip, '{}');
+        IF v_conflict IS NOT NULL THEN
+            RETURN v_conflict;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$fn$;
+
 -- Appends events in one statement (one round trip, atomic, cancel-safe).
 --
 -- 1. Takes the advisory scope locks computed by the client (sorted, each key
@@ -60,11 +115,6 @@ DECLARE
     v_xid       xid8;
     v_found     int;
     v_conflict  bigint;
-    v_xmax      xid8;
-    v_xip       xid8[];
-    v_item      jsonb;
-    v_types     text[];
-    v_tags      text[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'dcbflow appends require READ COMMITTED, not %',
@@ -89,38 +139,10 @@ BEGIN
         END IF;
     END IF;
 
-    IF p_condition IS NOT NULL THEN
-        IF p_snapshot IS NOT NULL THEN
-            v_xmax := pg_snapshot_xmax(p_snapshot);
-            v_xip := ARRAY(SELECT pg_snapshot_xip(p_snapshot));
-        END IF;
-        FOR v_item IN SELECT jsonb_array_elements(p_condition) LOOP
-            v_types := ARRAY(SELECT jsonb_array_elements_text(v_item -> 'types'));
-            v_tags := ARRAY(SELECT jsonb_array_elements_text(v_item -> 'tags'));
-            -- EXECUTE: planned for these very values every time (no generic plan).
-            -- For an item with tags the tag index leads: the type test is kept
-            -- out of index use (`type || ''`), because a type shared by much of
-            -- the log would otherwise be bitmap-scanned in full whenever the
-            -- planner misjudges how common it is (e.g. before ANALYZE).
-            EXECUTE format(
-                'SELECT least('
-                || '(SELECT min(e.position) FROM events e WHERE e.position > $1 AND %1$s),'
-                || '(SELECT min(e.position) FROM events e WHERE $2 IS NOT NULL'
-                || '   AND (e.transaction_id >= $2 OR e.transaction_id = ANY($5)) AND %1$s))',
-                CASE
-                    WHEN cardinality(v_tags) > 0 AND cardinality(v_types) > 0
-                        THEN 'e.tags @> $4 AND e.type || '''' = ANY($3)'
-                    WHEN cardinality(v_tags) > 0 THEN 'e.tags @> $4'
-                    WHEN cardinality(v_types) > 0 THEN 'e.type = ANY($3)'
-                    ELSE 'true'
-                END)
-                INTO v_conflict
-                USING coalesce(p_after, 0), v_xmax, v_types, v_tags, coalesce(v_xip, '{}');
-            IF v_conflict IS NOT NULL THEN
-                RETURN QUERY SELECT NULL::bigint[], NULL::xid8, v_conflict, false;
-                RETURN;
-            END IF;
-        END LOOP;
+    v_conflict := condition_conflict(p_condition, p_after, p_snapshot);
+    IF v_conflict IS NOT NULL THEN
+        RETURN QUERY SELECT NULL::bigint[], NULL::xid8, v_conflict, false;
+        RETURN;
     END IF;
 
     v_xid := pg_current_xact_id();

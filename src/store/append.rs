@@ -162,6 +162,10 @@ impl Store {
             condition.as_ref(),
             limits.max_lock_keys,
         );
+        let query = condition
+            .as_ref()
+            .filter(|c| !c.fail_if_events_match.is_empty())
+            .map(|c| c.fail_if_events_match.clone());
         let (condition, after, snapshot) = match &condition {
             // A query with no items matches nothing: no condition to check.
             Some(c) if !c.fail_if_events_match.is_empty() => {
@@ -186,6 +190,7 @@ impl Store {
             lock_keys,
             lock_modes,
             cols,
+            query,
             condition,
             after,
             snapshot,
@@ -198,10 +203,12 @@ impl Store {
 pub(crate) struct PreparedAppend {
     lock_keys: Vec<i64>,
     lock_modes: Vec<bool>,
-    cols: validate::Columns,
-    condition: Option<serde_json::Value>,
-    after: Option<i64>,
-    snapshot: Option<String>,
+    pub(crate) cols: validate::Columns,
+    /// The condition's query, for checks in memory (group commit).
+    pub(crate) query: Option<crate::Query>,
+    pub(crate) condition: Option<serde_json::Value>,
+    pub(crate) after: Option<i64>,
+    pub(crate) snapshot: Option<String>,
 }
 
 const NO_KEYS: &[i64] = &[];

@@ -1,23 +1,32 @@
 //! Group commit: concurrent appends of one process batched into one transaction.
 //!
-//! A writer task takes the requests waiting in a queue (up to `max_batch`) and runs
-//! them in one transaction: it takes the store lock **exclusively** (every append
-//! holds it shared, so this waits for all writers in flight, in any process, and
-//! keeps new ones out), then calls `append_events` once per request, pipelined in one
-//! round trip and without per-scope locks. Each call checks its own condition with a
-//! fresh snapshot, so later requests see the events of earlier ones, and a request
-//! whose condition fails gets its own `Conflict` while the others commit. One commit,
-//! one WAL flush, one notification for the whole batch.
+//! A writer task takes the requests waiting in a queue (up to `max_batch`) and
+//! commits them together:
 //!
-//! If a call fails with an error (not a conflict), the batch is rolled back and its
-//! requests are run one by one the ordinary way, so one bad request fails alone.
+//! 1. It takes the store lock **exclusively**. Every append holds it shared, so this
+//!    waits for all writers in flight, in any process, and keeps new ones out while
+//!    the batch runs; per-scope locks are not needed.
+//! 2. Requests whose event ids are stored already are replays; ids repeated inside
+//!    the batch make the later request a replay of the earlier one.
+//! 3. Each condition is checked against the log (`condition_conflict`, one pipelined
+//!    statement per conditional request) and, in memory with the store's matching
+//!    rules, against the events of the requests accepted before it in this batch.
+//!    A failing condition fails its request alone.
+//! 4. All accepted events go in with **one** multi-row `INSERT`, one notification,
+//!    one commit.
+//!
+//! If anything fails with an error, the batch is rolled back and its requests run
+//! one by one the ordinary way, so a bad request fails alone.
+
+use std::collections::HashMap;
 
 use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use super::append::{PreparedAppend, decode};
-use super::{AppendResult, Pool};
-use crate::error::{Error, Result};
+use super::{AppendResult, Event, Pool, Position, TransactionId};
+use crate::error::{Error, InvalidInput, Result};
 
 struct Request {
     append: PreparedAppend,
@@ -31,16 +40,24 @@ pub(crate) struct GroupCommit {
 
 struct Writer {
     pool: Pool,
+    schema: String,
     append_sql: String,
     store_key: i64,
     max_batch: usize,
 }
 
 impl GroupCommit {
-    pub(crate) fn start(pool: Pool, append_sql: String, store_key: i64, max_batch: usize) -> Self {
+    pub(crate) fn start(
+        pool: Pool,
+        schema: String,
+        append_sql: String,
+        store_key: i64,
+        max_batch: usize,
+    ) -> Self {
         let (sender, receiver) = mpsc::channel(max_batch * 4);
         let writer = Writer {
             pool,
+            schema,
             append_sql,
             store_key,
             max_batch,
@@ -51,14 +68,29 @@ impl GroupCommit {
 
     pub(crate) async fn append(&self, append: PreparedAppend) -> Result<AppendResult> {
         let (reply, answer) = oneshot::channel();
+        let stopped = || Error::Config("the group-commit writer has stopped".into());
         self.sender
             .send(Request { append, reply })
             .await
-            .map_err(|_| Error::Config("the group-commit writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| Error::Config("the group-commit writer has stopped".into()))?
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
+}
+
+/// What became of one request of a batch.
+enum Fate {
+    /// Its events are inserted at `start..start + len` of the batch insert.
+    Insert { start: usize, len: usize },
+    /// A replay of stored events.
+    Stored(AppendResult),
+    /// A replay of request `0` of this batch.
+    SameAs(usize),
+    /// Its condition matched a stored event.
+    Conflict(Position),
+    /// Its condition matched event `.0` of the batch insert.
+    ConflictWithBatch(usize),
+    /// Refused.
+    Invalid(InvalidInput),
 }
 
 impl Writer {
@@ -72,58 +104,209 @@ impl Writer {
                 }
             }
             tracing::trace!(size = batch.len(), "group commit");
-            self.commit(batch).await;
-        }
-    }
-
-    async fn commit(&self, batch: Vec<Request>) {
-        let results = match self.together(&batch).await {
-            Ok(results) => results,
-            Err(e) if e.is_ambiguous => {
-                let message = e.error.to_string();
-                for r in batch {
-                    let _ = r.reply.send(Err(Error::CommitUnknown(message.clone())));
+            match self.together(&batch).await {
+                Ok(results) => {
+                    for (r, result) in batch.into_iter().zip(results) {
+                        let _ = r.reply.send(result);
+                    }
                 }
-                return;
+                Err(Failed::Unknown(message)) => {
+                    for r in batch {
+                        let _ = r.reply.send(Err(Error::CommitUnknown(message.clone())));
+                    }
+                }
+                Err(Failed::Retry(e)) => {
+                    tracing::debug!(error = %e, "group commit failed, appending one by one");
+                    self.one_by_one(batch).await;
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e.error, "group commit failed, appending one by one");
-                return self.one_by_one(batch).await;
-            }
-        };
-        for (r, result) in batch.into_iter().zip(results) {
-            let _ = r.reply.send(result);
         }
     }
 
-    /// The whole batch in one transaction; `Err` if it must be retried one by one.
     async fn together(
         &self,
         batch: &[Request],
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
         let mut client = self.pool.get().await.map_err(Failed::retry)?;
         let tx = client.transaction().await.map_err(Failed::retry)?;
-        let stmt = tx
-            .prepare_cached(&self.append_sql)
-            .await
-            .map_err(Failed::retry)?;
-        // The lock first, on its own: only once it is granted may the appends run
-        // (a pipelined lock statement that still needs parsing would be overtaken
-        // by the already-prepared appends).
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.store_key])
             .await
             .map_err(Failed::retry)?;
-        let params: Vec<_> = batch.iter().map(|r| r.append.params(false)).collect();
-        let rows = join_all(params.iter().map(|p| tx.query_one(&stmt, p))).await;
-        let mut results = Vec::with_capacity(rows.len());
-        for row in rows {
-            results.push(decode(&row.map_err(Failed::retry)?));
+        let events = format!("\"{}\".events", self.schema);
+
+        // 2. Replays of stored events.
+        let ids: Vec<Uuid> = batch
+            .iter()
+            .flat_map(|r| r.append.cols.ids.iter().flatten().copied())
+            .collect();
+        let mut stored: HashMap<Uuid, (i64, TransactionId)> = HashMap::new();
+        if !ids.is_empty() {
+            let sql =
+                format!("SELECT id, position, transaction_id FROM {events} WHERE id = ANY($1)");
+            for row in tx.query(&sql, &[&ids]).await.map_err(Failed::retry)? {
+                stored.insert(row.get(0), (row.get(1), row.get(2)));
+            }
         }
-        tx.commit().await.map_err(|e| Failed {
-            is_ambiguous: true,
-            error: e.into(),
-        })?;
-        Ok(results)
+
+        // 3a. Conditions against the log, pipelined.
+        let check = tx
+            .prepare_cached(&format!(
+                "SELECT \"{}\".condition_conflict($1, $2, $3::text::pg_snapshot)",
+                self.schema
+            ))
+            .await
+            .map_err(Failed::retry)?;
+        let checks = join_all(batch.iter().map(|r| {
+            let a = &r.append;
+            let check = &check;
+            let tx = &tx;
+            async move {
+                match &a.condition {
+                    None => Ok(None),
+                    Some(c) => tx
+                        .query_one(check, &[c, &a.after, &a.snapshot])
+                        .await
+                        .map(|row| row.get::<_, Option<i64>>(0)),
+                }
+            }
+        }))
+        .await;
+
+        // 3b. In order: decide each request's fate.
+        let mut fates = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(usize, usize)> = Vec::new(); // (request, first event index)
+        let mut batch_ids: HashMap<Uuid, usize> = HashMap::new();
+        let mut inserted = 0;
+        for (i, (r, check)) in batch.iter().zip(checks).enumerate() {
+            let a = &r.append;
+            let own_ids: Vec<Uuid> = a.cols.ids.iter().flatten().copied().collect();
+            if !own_ids.is_empty() {
+                let in_store = own_ids.iter().filter(|id| stored.contains_key(id)).count();
+                let in_batch: Vec<usize> = own_ids
+                    .iter()
+                    .filter_map(|id| batch_ids.get(id).copied())
+                    .collect();
+                if in_store == own_ids.len() {
+                    let mut found: Vec<(i64, TransactionId)> =
+                        own_ids.iter().map(|id| stored[id]).collect();
+                    found.sort();
+                    fates.push(Fate::Stored(AppendResult {
+                        positions: found.iter().map(|(p, _)| Position(*p)).collect(),
+                        transaction_id: found[0].1,
+                        replayed: true,
+                    }));
+                    continue;
+                }
+                if in_batch.len() == own_ids.len() && in_batch.iter().all(|j| *j == in_batch[0]) {
+                    fates.push(Fate::SameAs(in_batch[0]));
+                    continue;
+                }
+                if in_store > 0 || !in_batch.is_empty() {
+                    fates.push(Fate::Invalid(InvalidInput::IdsAlreadyStored));
+                    continue;
+                }
+            }
+            if let Some(p) = check.map_err(Failed::retry)? {
+                fates.push(Fate::Conflict(Position(p)));
+                continue;
+            }
+            if let Some(q) = &a.query
+                && let Some(hit) = accepted.iter().find_map(|&(j, first)| {
+                    let b = &batch[j].append.cols;
+                    (0..b.types.len())
+                        .find(|&k| q.matches(&event_shape(b, k)))
+                        .map(|k| first + k)
+                })
+            {
+                fates.push(Fate::ConflictWithBatch(hit));
+                continue;
+            }
+            for id in &own_ids {
+                batch_ids.insert(*id, i);
+            }
+            accepted.push((i, inserted));
+            fates.push(Fate::Insert {
+                start: inserted,
+                len: a.cols.types.len(),
+            });
+            inserted += a.cols.types.len();
+        }
+
+        // 4. One insert, one notification, one commit.
+        let mut positions = Vec::new();
+        let mut xid = TransactionId(0);
+        if inserted > 0 {
+            let cols = concat(accepted.iter().map(|&(j, _)| &batch[j].append.cols));
+            let insert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO {events} (transaction_id, type, tags, data, metadata, id) \
+                     SELECT pg_current_xact_id(), e.type, ($2::text[])[e.tag_start : e.tag_start + e.tag_count - 1], \
+                            e.data, e.metadata, e.id \
+                       FROM unnest($1::text[], $3::int[], $4::int[], $5::jsonb[], $6::jsonb[], $7::uuid[]) \
+                            WITH ORDINALITY AS e(type, tag_start, tag_count, data, metadata, id, ord) \
+                      ORDER BY e.ord \
+                     RETURNING position, transaction_id"
+                ))
+                .await
+                .map_err(Failed::retry)?;
+            let rows = tx
+                .query(
+                    &insert,
+                    &[
+                        &cols.types,
+                        &cols.tags,
+                        &cols.tag_starts,
+                        &cols.tag_counts,
+                        &cols.data,
+                        &cols.metadata,
+                        &cols.ids,
+                    ],
+                )
+                .await
+                .map_err(Failed::retry)?;
+            positions = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+            positions.sort_unstable();
+            xid = rows[0].get(1);
+            tx.execute(
+                "SELECT pg_notify('dcbflow_' || left(md5($1), 16), '')",
+                &[&self.schema],
+            )
+            .await
+            .map_err(Failed::retry)?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Failed::Unknown(e.to_string()))?;
+
+        let result_of = |fate: &Fate| -> Result<AppendResult> {
+            match fate {
+                Fate::Insert { start, len } => Ok(AppendResult {
+                    positions: positions[*start..start + len]
+                        .iter()
+                        .map(|p| Position(*p))
+                        .collect(),
+                    transaction_id: xid,
+                    replayed: false,
+                }),
+                Fate::Stored(r) => Ok(r.clone()),
+                Fate::Conflict(p) => Err(Error::Conflict { position: *p }),
+                Fate::ConflictWithBatch(k) => Err(Error::Conflict {
+                    position: Position(positions[*k]),
+                }),
+                Fate::Invalid(e) => Err(e.clone().into()),
+                Fate::SameAs(_) => unreachable!("resolved below"),
+            }
+        };
+        Ok(fates
+            .iter()
+            .map(|f| match f {
+                Fate::SameAs(j) => result_of(&fates[*j]).map(|r| AppendResult {
+                    replayed: true,
+                    ..r
+                }),
+                f => result_of(f),
+            })
+            .collect())
     }
 
     async fn one_by_one(&self, batch: Vec<Request>) {
@@ -140,16 +323,55 @@ impl Writer {
     }
 }
 
-struct Failed {
-    is_ambiguous: bool,
-    error: Error,
+/// Event `k` of a request, as far as matching needs it (type and tags).
+fn event_shape(c: &super::validate::Columns, k: usize) -> Event {
+    let start = (c.tag_starts[k] - 1) as usize;
+    let tags = c.tags[start..start + c.tag_counts[k] as usize].to_vec();
+    Event::new(c.types[k].clone(), tags, serde_json::Value::Null)
+}
+
+/// The columns of several requests as one insert (tag offsets renumbered).
+fn concat<'a>(parts: impl Iterator<Item = &'a super::validate::Columns>) -> ConcatColumns<'a> {
+    let mut out = ConcatColumns::default();
+    for c in parts {
+        for k in 0..c.types.len() {
+            out.tag_starts.push(out.tags.len() as i32 + 1);
+            out.tag_counts.push(c.tag_counts[k]);
+            let start = (c.tag_starts[k] - 1) as usize;
+            out.tags.extend(
+                c.tags[start..start + c.tag_counts[k] as usize]
+                    .iter()
+                    .map(String::as_str),
+            );
+            out.types.push(c.types[k].as_str());
+            out.data.push(&c.data[k]);
+            out.metadata.push(c.metadata[k].as_ref());
+            out.ids.push(c.ids[k]);
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct ConcatColumns<'a> {
+    types: Vec<&'a str>,
+    tags: Vec<&'a str>,
+    tag_starts: Vec<i32>,
+    tag_counts: Vec<i32>,
+    data: Vec<&'a super::validate::RawJson>,
+    metadata: Vec<Option<&'a super::validate::RawJson>>,
+    ids: Vec<Option<Uuid>>,
+}
+
+enum Failed {
+    /// The batch did not commit: retry its requests one by one.
+    Retry(Error),
+    /// The commit failed; whether it happened is unknown.
+    Unknown(String),
 }
 
 impl Failed {
     fn retry(e: impl Into<Error>) -> Failed {
-        Failed {
-            is_ambiguous: false,
-            error: e.into(),
-        }
+        Failed::Retry(e.into())
     }
 }

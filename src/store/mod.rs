@@ -302,6 +302,7 @@ impl StoreBuilder {
         let group_commit = self.group_commit.map(|max| {
             group_commit::GroupCommit::start(
                 self.pool.clone(),
+                self.schema.clone(),
                 sql.append.clone(),
                 locks::key(&self.schema, locks::Kind::Store, ""),
                 max,

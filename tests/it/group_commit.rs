@@ -118,3 +118,94 @@ async fn a_failing_request_does_not_sink_its_batch() {
     }
     assert_eq!(t.count().await, 1 + 31);
 }
+
+/// The same append sent concurrently (a client retrying) is stored once, inside or
+/// across batches, and every sender gets the same positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_in_a_batch_are_replays() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    for round in 0..10 {
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let results = race(8, |_| {
+            let store = store.clone();
+            let events = ids
+                .iter()
+                .map(|id| ev("Paid", &["order:1"]).with_id(*id))
+                .collect();
+            async move { store.append(events, None).await }
+        })
+        .await;
+        let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+        assert!(
+            results.iter().all(|r| r.positions == results[0].positions),
+            "round {round}"
+        );
+        assert_eq!(
+            results.iter().filter(|r| !r.replayed).count(),
+            1,
+            "round {round}"
+        );
+        assert_eq!(t.count().await, 3 * (round + 1) as i64);
+    }
+}
+
+/// Racers that land in the same batch: the first wins, the others conflict with its
+/// (not yet committed) event, and no scope outside the race is disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicts_inside_one_batch_fail_alone() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    let q = Query::items_of(["SeatBooked"], ["seat:1"]);
+    let cursor = t.cursor(&q).await;
+    // Hold the writer up: an open transaction that appended keeps the store lock.
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    t.store
+        .append_in_tx(&held, vec![ev("Other", &[])], None)
+        .await
+        .unwrap();
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(vec![ev("Warmup", &[])], None).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // These queue up behind the blocked batch and are committed together.
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            let condition = AppendCondition::new(q.clone()).after(cursor.clone());
+            let events = vec![
+                ev("SeatBooked", &["seat:1", &format!("buyer:{i}")]),
+                ev("Audit", &[&format!("a:{i}")]),
+            ];
+            tokio::spawn(async move { store.append(events, Some(condition)).await })
+        })
+        .collect();
+    let unrelated = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append(vec![ev("SeatBooked", &["seat:2"])], None)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    held.commit().await.unwrap();
+    first.await.unwrap().unwrap();
+    unrelated.await.unwrap().unwrap();
+    let mut winners = Vec::new();
+    let mut conflicts = Vec::new();
+    for r in racers {
+        match r.await.unwrap() {
+            Ok(r) => winners.push(r),
+            Err(Error::Conflict { position }) => conflicts.push(position),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(conflicts.len(), 7);
+    // The losers name the winner's booking, which shares their batch's transaction.
+    assert!(conflicts.iter().all(|p| *p == winners[0].positions[0]));
+    assert_eq!(t.events(&q).await.len(), 1);
+}
