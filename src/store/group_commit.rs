@@ -97,11 +97,19 @@ impl Writer {
     async fn run(self, mut receiver: mpsc::Receiver<Request>) {
         while let Some(first) = receiver.recv().await {
             let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match receiver.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+            // Take what is queued; yield a few times so appenders woken by the
+            // previous batch's replies can queue their next request too.
+            for _ in 0..4 {
+                while batch.len() < self.max_batch {
+                    match receiver.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
                 }
+                if batch.len() >= self.max_batch {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
             tracing::trace!(size = batch.len(), "group commit");
             match self.together(&batch).await {
@@ -123,15 +131,32 @@ impl Writer {
         }
     }
 
+    /// Runs the batch on one connection; on failure the connection is rolled back,
+    /// or dropped if even that fails.
     async fn together(
         &self,
         batch: &[Request],
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
-        let mut client = self.pool.get().await.map_err(Failed::retry)?;
-        let tx = client.transaction().await.map_err(Failed::retry)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&self.store_key])
-            .await
-            .map_err(Failed::retry)?;
+        let client = self.pool.get().await.map_err(Failed::retry)?;
+        let result = self.in_transaction(&client, batch).await;
+        if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+        result
+    }
+
+    async fn in_transaction(
+        &self,
+        tx: &deadpool_postgres::Object,
+        batch: &[Request],
+    ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
+        // One round trip: begin, and wait for every writer in flight.
+        tx.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            self.store_key
+        ))
+        .await
+        .map_err(Failed::retry)?;
         let events = format!("\"{}\".events", self.schema);
 
         // 2. Replays of stored events.
@@ -267,14 +292,17 @@ impl Writer {
             positions = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
             positions.sort_unstable();
             xid = rows[0].get(1);
-            tx.execute(
-                "SELECT pg_notify('dcbflow_' || left(md5($1), 16), '')",
-                &[&self.schema],
-            )
-            .await
-            .map_err(Failed::retry)?;
         }
-        tx.commit()
+        // One round trip: wake subscribers (if anything was written) and commit.
+        let commit = if inserted > 0 {
+            format!(
+                "SELECT pg_notify('dcbflow_' || left(md5('{}'), 16), ''); COMMIT",
+                self.schema
+            )
+        } else {
+            "COMMIT".to_owned()
+        };
+        tx.batch_execute(&commit)
             .await
             .map_err(|e| Failed::Unknown(e.to_string()))?;
 
