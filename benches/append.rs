@@ -7,9 +7,10 @@
 //! | bench | dcbflow | baseline |
 //! |---|---|---|
 //! | single | `append` of 1 event, no condition | one `INSERT` of one row (same columns and indexes), autocommit |
-//! | batch_100 | `append` of 100 events | one `INSERT ... SELECT FROM unnest(...)` of 100 rows |
+//! | batch_10, batch_100 | `append` of 10 / 100 events | one `INSERT ... SELECT FROM unnest(...)` of 10 / 100 rows |
 //! | conditional | `append` of 1 event with a condition on its own tag, after the position of that tag's previous append | one `INSERT` of one row |
-//! | append_concurrent/{1,16,64} | N tasks on N pooled connections appending 1 event each, with and without group commit | N tasks each running one single-row `INSERT` transaction |
+//! | append_concurrent/{1,4,16,64} | N tasks on N pooled connections appending 1 event each, with and without group commit | N tasks each running one single-row `INSERT` transaction |
+//! | append_concurrent/dcbflow_conditional/{1,4,16,64} | N tasks each appending 1 event with a condition on its own tag (disjoint scopes) after its previous append; any conflict fails the bench | the same raw `INSERT` at N clients |
 //!
 //! After criterion's own report, a table of dcbflow/baseline ratios is printed
 //! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
@@ -52,7 +53,7 @@ fn main() {
     let next = || counter.fetch_add(1, Ordering::Relaxed);
 
     let mut group = c.benchmark_group("append");
-    for (name, n) in [("single", 1u64), ("batch_100", 100)] {
+    for (name, n) in [("single", 1u64), ("batch_10", 10), ("batch_100", 100)] {
         group.throughput(Throughput::Elements(n));
         group.bench_function(BenchmarkId::new("dcbflow", name), |b| {
             b.to_async(rt).iter(|| async {
@@ -149,7 +150,36 @@ fn main() {
     let insert_sql = format!(
         "INSERT INTO {RAW_SCHEMA}.events (type, tags, data) VALUES ('Deposited', ARRAY[$1::text], $2)"
     );
-    for clients in [1usize, 16, 64] {
+    for clients in [1usize, 4, 16, 64] {
+        // Conditional on disjoint scopes: client i only ever decides on `disjoint:i`,
+        // after the cursor of its own previous append; a conflict fails the bench.
+        let run = next();
+        group.bench_function(BenchmarkId::new("dcbflow_conditional", clients), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let s = store.clone();
+                let cursors: std::sync::Arc<Vec<std::sync::Mutex<Option<Cursor>>>> =
+                    std::sync::Arc::new((0..clients).map(|_| Default::default()).collect());
+                let sample = next();
+                common::concurrent(clients, iters, move |i| {
+                    let (s, cursors) = (s.clone(), cursors.clone());
+                    async move {
+                        let tag = format!("disjoint:{run}:{sample}:{i}");
+                        let mut condition =
+                            AppendCondition::new(Query::items_of(["Deposited"], [tag.clone()]));
+                        let last = cursors[i].lock().unwrap().clone();
+                        if let Some(c) = last {
+                            condition = condition.after(c);
+                        }
+                        let e = Event::new("Deposited", [tag], payload(i as u64));
+                        let r = s
+                            .append(vec![e], Some(condition))
+                            .await
+                            .expect("no conflicts on disjoint scopes");
+                        *cursors[i].lock().unwrap() = Some(Cursor::at(r.last_position()));
+                    }
+                })
+            })
+        });
         for (id, s) in [("dcbflow", store), ("dcbflow_group_commit", &grouped)] {
             group.bench_function(BenchmarkId::new(id, clients), |b| {
                 b.to_async(rt).iter_custom(|iters| {
@@ -200,12 +230,19 @@ fn main() {
     };
     common::print_ratios(&[
         ratio("single"),
+        ratio("batch_10"),
         ratio("batch_100"),
         ratio("conditional"),
         concurrent("1 client", "dcbflow", "1"),
+        concurrent("4 clients", "dcbflow", "4"),
         concurrent("16 clients", "dcbflow", "16"),
         concurrent("64 clients", "dcbflow", "64"),
+        concurrent("1 client, conditional", "dcbflow_conditional", "1"),
+        concurrent("4 clients, conditional", "dcbflow_conditional", "4"),
+        concurrent("16 clients, conditional", "dcbflow_conditional", "16"),
+        concurrent("64 clients, conditional", "dcbflow_conditional", "64"),
         concurrent("1 client, group commit", "dcbflow_group_commit", "1"),
+        concurrent("4 clients, group commit", "dcbflow_group_commit", "4"),
         concurrent("16 clients, group commit", "dcbflow_group_commit", "16"),
         concurrent("64 clients, group commit", "dcbflow_group_commit", "64"),
     ]);

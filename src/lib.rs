@@ -4,6 +4,7 @@
 
 mod command;
 mod error;
+mod flow;
 mod outbox;
 mod projection;
 mod store;
@@ -13,6 +14,14 @@ pub use command::{
     Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, RetryPolicy,
 };
 pub use error::{Error, InvalidInput, Result};
+pub use flow::{
+    Action, BarrierOutcome, DefinitionError, FlowBuilder, FlowDefinition, FlowError, FlowStats,
+    Flows, IncidentGroup, InstanceFilter, InstanceState, InstanceStatus, InstanceSummary,
+    OnExhausted, Operator, Phase, SqlStatement, StartedInstance, StepId, StepState, StepStatus,
+    TaskContext, TaskDefinition, TaskError, TaskExecutor, TaskRetry, Tcc, TccBarrier,
+    TccParticipant, TccPhase, ValueType, Worker, WorkerOptions, events as flow_events, template,
+    validate,
+};
 pub use outbox::{
     DeadLetter, NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher, RelayOptions,
     WebhookPublisher,

@@ -7,25 +7,43 @@ use std::time::Duration;
 use crate::SequencedEvent;
 
 /// One event on its way out.
+///
+/// Two metadata keys of the event shape the message: `"idempotency_key"` (a
+/// string) replaces the default id, and `"publish": "data.payload"` sends only
+/// the event's `data.payload` instead of the whole event (the flow engine's
+/// NATS messages use both).
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
-    /// Stable id, the same on every attempt: `<schema>:<position>`. Sent as
-    /// `Nats-Msg-Id` (JetStream deduplicates) or `Idempotency-Key` (webhooks).
+    /// Stable id, the same on every attempt: the event's `idempotency_key`
+    /// metadata, else `<schema>:<position>`. Sent as `Nats-Msg-Id` (JetStream
+    /// deduplicates) or `Idempotency-Key` (webhooks).
     pub id: String,
     /// The event.
     pub event: SequencedEvent,
-    /// The event serialized as JSON (a [`SequencedEvent`]).
+    /// The event serialized as JSON (a [`SequencedEvent`]), or its
+    /// `data.payload` (see above).
     pub payload: Vec<u8>,
 }
 
 impl OutboxMessage {
     pub(crate) fn new(schema: &str, event: SequencedEvent) -> Self {
-        let payload = serde_json::to_vec(&event).expect("events serialize");
-        OutboxMessage {
-            id: format!("{schema}:{}", event.position),
-            event,
-            payload,
+        let metadata = event.event.metadata.as_ref();
+        let payload = match metadata
+            .and_then(|m| m.get("publish"))
+            .and_then(|p| p.as_str())
+        {
+            Some("data.payload") => serde_json::to_vec(&event.event.data["payload"]),
+            _ => serde_json::to_vec(&event),
         }
+        .expect("events serialize");
+        let id = match metadata
+            .and_then(|m| m.get("idempotency_key"))
+            .and_then(|k| k.as_str())
+        {
+            Some(key) => key.to_owned(),
+            None => format!("{schema}:{}", event.position),
+        };
+        OutboxMessage { id, event, payload }
     }
 }
 
@@ -36,6 +54,31 @@ pub struct PublishFailure {
     pub delivered: usize,
     /// Why the next one was not.
     pub error: String,
+    /// The destination was unreachable (no connection, timed out, asked to come
+    /// back later): the message itself was not refused. The relay retries such
+    /// failures for as long as they last, without counting them toward
+    /// dead-lettering, so an outage never turns good messages into dead letters.
+    pub transient: bool,
+}
+
+impl PublishFailure {
+    /// The message at `delivered` was refused: counts toward `max_attempts`.
+    pub fn refused(delivered: usize, error: impl Into<String>) -> Self {
+        PublishFailure {
+            delivered,
+            error: error.into(),
+            transient: false,
+        }
+    }
+
+    /// The destination could not be reached: retried without limit.
+    pub fn unreachable(delivered: usize, error: impl Into<String>) -> Self {
+        PublishFailure {
+            delivered,
+            error: error.into(),
+            transient: true,
+        }
+    }
 }
 
 /// Publishes messages in order, reporting how far it got.
@@ -54,6 +97,7 @@ type SubjectFn = Arc<dyn Fn(&SequencedEvent) -> String + Send + Sync>;
 /// sent in one go and its acknowledgements awaited in order.
 #[derive(Clone)]
 pub struct NatsPublisher {
+    client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
     subject: SubjectFn,
 }
@@ -80,17 +124,32 @@ impl NatsPublisher {
         ack_timeout: Duration,
         subject: impl Fn(&SequencedEvent) -> String + Send + Sync + 'static,
     ) -> Self {
-        let mut jetstream = async_nats::jetstream::new(client);
+        let mut jetstream = async_nats::jetstream::new(client.clone());
         jetstream.set_timeout(ack_timeout);
         NatsPublisher {
+            client,
             jetstream,
             subject: Arc::new(subject),
         }
     }
 }
 
+impl NatsPublisher {
+    /// A failure is the broker's, not the message's, when the client is not
+    /// connected or the acknowledgement timed out.
+    fn failure(&self, delivered: usize, error: String, timed_out: bool) -> PublishFailure {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        if timed_out || !connected {
+            PublishFailure::unreachable(delivered, error)
+        } else {
+            PublishFailure::refused(delivered, error)
+        }
+    }
+}
+
 impl Publisher for NatsPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
+        use async_nats::jetstream::context::PublishErrorKind;
         let mut acks = Vec::with_capacity(messages.len());
         let mut send_error = None;
         for m in messages {
@@ -103,7 +162,8 @@ impl Publisher for NatsPublisher {
             match sent {
                 Ok(ack) => acks.push(ack),
                 Err(e) => {
-                    send_error = Some(e.to_string());
+                    let timed_out = matches!(e.kind(), PublishErrorKind::TimedOut);
+                    send_error = Some((e.to_string(), timed_out));
                     break;
                 }
             }
@@ -111,18 +171,13 @@ impl Publisher for NatsPublisher {
         let sent = acks.len();
         for (delivered, ack) in acks.into_iter().enumerate() {
             if let Err(e) = ack.await {
-                return Err(PublishFailure {
-                    delivered,
-                    error: e.to_string(),
-                });
+                let timed_out = matches!(e.kind(), PublishErrorKind::TimedOut);
+                return Err(self.failure(delivered, e.to_string(), timed_out));
             }
         }
         match send_error {
             None => Ok(()),
-            Some(error) => Err(PublishFailure {
-                delivered: sent,
-                error,
-            }),
+            Some((error, timed_out)) => Err(self.failure(sent, error, timed_out)),
         }
     }
 }
@@ -151,7 +206,6 @@ impl WebhookPublisher {
 impl Publisher for WebhookPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
         for (delivered, m) in messages.iter().enumerate() {
-            let fail = |error: String| PublishFailure { delivered, error };
             let response = self
                 .client
                 .post(&self.url)
@@ -160,9 +214,24 @@ impl Publisher for WebhookPublisher {
                 .body(m.payload.clone())
                 .send()
                 .await
-                .map_err(|e| fail(e.to_string()))?;
-            if !response.status().is_success() {
-                return Err(fail(format!("HTTP {}", response.status())));
+                .map_err(|e| {
+                    if e.is_connect() || e.is_timeout() {
+                        PublishFailure::unreachable(delivered, e.to_string())
+                    } else {
+                        PublishFailure::refused(delivered, e.to_string())
+                    }
+                })?;
+            let status = response.status();
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            {
+                return Err(PublishFailure::unreachable(
+                    delivered,
+                    format!("HTTP {status}"),
+                ));
+            }
+            if !status.is_success() {
+                return Err(PublishFailure::refused(delivered, format!("HTTP {status}")));
             }
         }
         Ok(())

@@ -23,7 +23,9 @@ use crate::{
 pub struct RelayOptions {
     /// Batching and wake-ups.
     pub subscription: SubscriptionOptions,
-    /// Attempts per event before it goes to the dead letters.
+    /// Attempts per event before it goes to the dead letters. Only refusals
+    /// count ([`PublishFailure::transient`](crate::PublishFailure) `false`); while
+    /// the destination is unreachable the relay waits, backing off, indefinitely.
     pub max_attempts: u32,
     /// Delay between attempts (its `max_attempts` is not used).
     pub backoff: RetryPolicy,
@@ -151,7 +153,7 @@ impl<P: Publisher> OutboxRelay<P> {
             .map(|e| OutboxMessage::new(schema, e))
             .collect();
         let mut dead = Vec::new();
-        let (mut next, mut attempts) = (0, 0);
+        let (mut next, mut attempts, mut outage) = (0, 0, 0);
         while next < messages.len() {
             match self.publisher.publish(&messages[next..]).await {
                 Ok(()) => next = messages.len(),
@@ -160,8 +162,20 @@ impl<P: Publisher> OutboxRelay<P> {
                         next += failure.delivered;
                         attempts = 0;
                     }
-                    attempts += 1;
                     let message = &messages[next];
+                    if failure.transient {
+                        // The destination is down, not refusing this message: wait
+                        // for it without spending the message's attempts.
+                        outage = (outage + 1).min(30);
+                        tracing::warn!(relay = %self.name, id = %message.id, error = %failure.error, "destination unreachable");
+                        tokio::select! {
+                            () = tokio::time::sleep(self.options.backoff.backoff(outage)) => {}
+                            () = cancel.cancelled() => return None,
+                        }
+                        continue;
+                    }
+                    outage = 0;
+                    attempts += 1;
                     tracing::warn!(relay = %self.name, id = %message.id, attempts, error = %failure.error, "publish failed");
                     if attempts >= self.options.max_attempts {
                         dead.push((message.clone(), failure.error, attempts));

@@ -33,6 +33,16 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_subscriptions.sql",
         sql: include_str!("../../sql/0003_subscriptions.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_condition_window.sql",
+        sql: include_str!("../../sql/0004_condition_window.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_flows.sql",
+        sql: include_str!("../../sql/0005_flows.sql"),
+    },
 ];
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dcbflow::{AppendCondition, Error, Position, Query, QueryItem, ReadOptions};
+use dcbflow::{AppendCondition, Cursor, Error, Position, Query, QueryItem, ReadOptions};
 
 use crate::support::{TestStore, assert_conflict_at, ev, race};
 
@@ -315,4 +315,59 @@ async fn disjoint_scopes_never_conflict() {
     .await;
     assert_eq!(conflicts.iter().sum::<i32>(), 0);
     assert_eq!(t.count().await, 16 * 25);
+}
+
+/// The condition check scans the events after a near cursor (at most 32 behind the
+/// head) by position, and uses the tag index for a cursor further behind: a match
+/// near and far, and none at all near and far, are each decided correctly, for a
+/// typed and a match-all item. Cursors are bare positions, so only the position
+/// test can catch the match.
+#[tokio::test]
+async fn condition_is_decided_inside_and_beyond_the_scan_window() {
+    let t = TestStore::new().await;
+    let q = Query::items_of(["Booked"], ["seat:w"]);
+    let head = || async { Cursor::at(t.store.head().await.unwrap().unwrap()) };
+    let filler = |n: usize, tag: &str| (0..n).map(|_| ev("Other", &[tag])).collect::<Vec<_>>();
+    let booked = || vec![ev("Booked", &["seat:w", "x:1"])];
+    t.store.append(filler(10, "other:0"), None).await.unwrap();
+
+    let cursor = head().await;
+    t.store.append(filler(20, "other:1"), None).await.unwrap();
+    let near = t.store.append(booked(), None).await.unwrap().positions[0];
+    assert_conflict_at(t.append_if(booked(), &q, cursor).await, near);
+
+    let cursor = head().await;
+    t.store.append(filler(2500, "other:2"), None).await.unwrap();
+    let far = t.store.append(booked(), None).await.unwrap().positions[0];
+    assert_conflict_at(t.append_if(booked(), &q, cursor).await, far);
+
+    // Nothing matching after the cursor, near and far.
+    let cursor = head().await;
+    t.store.append(filler(25, "other:5"), None).await.unwrap();
+    t.append_if(booked(), &q, cursor)
+        .await
+        .expect("no matching event after the cursor");
+    let cursor = head().await;
+    t.store.append(filler(2500, "other:3"), None).await.unwrap();
+    t.append_if(booked(), &q, cursor)
+        .await
+        .expect("no matching event after the cursor");
+
+    // A match-all item conflicts on any event after the cursor, far or near.
+    let cursor = head().await;
+    let first = t
+        .store
+        .append(filler(20, "other:6"), None)
+        .await
+        .unwrap()
+        .positions[0];
+    assert_conflict_at(t.append_if(booked(), &Query::all(), cursor).await, first);
+    let cursor = head().await;
+    let first = t
+        .store
+        .append(filler(3000, "other:4"), None)
+        .await
+        .unwrap()
+        .positions[0];
+    assert_conflict_at(t.append_if(booked(), &Query::all(), cursor).await, first);
 }

@@ -18,7 +18,7 @@ use crate::support::{TestStore, ev};
 /// NATS with JetStream: `NATS_URL`, else a server on 127.0.0.1:4222, else a
 /// throwaway `nats-server -js` started for this test process.
 #[allow(clippy::zombie_processes)] // a watchdog shell stops it when this process exits
-fn nats() -> &'static str {
+pub fn nats() -> &'static str {
     static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     URL.get_or_init(|| {
         if let Ok(url) = std::env::var("NATS_URL") {

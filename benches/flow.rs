@@ -1,0 +1,209 @@
+//! Flow engine throughput: task transitions per second and SQL statements per
+//! transition, with 1 and 4 workers, beside raw PostgreSQL doing a transition's
+//! minimal work over the same driver in the same run.
+//!
+//! `cargo bench --bench flow` (`DCBFLOW_BENCH_QUICK=1` for a short run).
+//!
+//! | bench | dcbflow | baseline |
+//! |---|---|---|
+//! | `flow/dcbflow/{1,4}` | instances of a 4-step serial flow of no-op Rust steps, run to completion by N workers; time per transition (a committed transaction appending the instance's next events) | — |
+//! | `flow/raw_transition/{1,4}` | — | N clients, each transition one transaction: `SELECT` the instance's events, `INSERT` one event, upsert a state row |
+//!
+//! The raw baseline does no planning, no locking, no leases, no read models beyond
+//! one row: it is the floor a hand-rolled state machine on the same table would pay.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Ratio, Setup};
+use criterion::{BenchmarkId, Throughput};
+use dcbflow::{
+    Action, CancellationToken, FlowDefinition, Flows, Query, SubscriptionOptions, TaskContext,
+    TaskDefinition, TaskError, WorkerOptions,
+};
+use serde_json::{Value, json};
+
+const SCHEMA: &str = "bench_flow";
+const RAW: &str = "bench_flow_raw";
+
+fn raw_sql() -> String {
+    format!(
+        "CREATE SCHEMA {RAW};
+         CREATE TABLE {RAW}.events (
+             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
+             type text NOT NULL, tags text[] NOT NULL, data jsonb NOT NULL, metadata jsonb,
+             id uuid UNIQUE, recorded_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX ON {RAW}.events USING gin (tags) WITH (fastupdate = off);
+         CREATE TABLE {RAW}.state (instance text PRIMARY KEY, step int NOT NULL);"
+    )
+}
+
+fn main() {
+    let setup = Setup::new(SCHEMA, 24, &[RAW], &raw_sql());
+    let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
+    let mut c = common::criterion(3, 10);
+    let flows = Flows::new(store.clone());
+    for name in ["a", "b", "c", "d"] {
+        flows.function(name, |_ctx: TaskContext| async move {
+            Ok::<_, TaskError>(Value::Null)
+        });
+    }
+    let def = FlowDefinition::builder("bench")
+        .task(TaskDefinition::new("a", Action::rust("a")))
+        .task(TaskDefinition::new("b", Action::rust("b")).after(["a"]))
+        .task(TaskDefinition::new("c", Action::rust("c")).after(["b"]))
+        .task(TaskDefinition::new("d", Action::rust("d")).after(["c"]))
+        .build();
+    rt.block_on(flows.register(&def)).expect("register");
+
+    // Transitions per instance, from one instance run alone.
+    let per_instance = rt.block_on(async {
+        let before = flows.stats();
+        let workers = start_workers(&flows, 1);
+        run_instances(&flows, 1).await;
+        workers.cancel();
+        (flows.stats().transitions - before.transitions).max(1)
+    });
+    println!("one instance of the 4-step flow takes {per_instance} transitions");
+
+    let mut g = c.benchmark_group("flow");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1));
+    let mut per_statement = Vec::new();
+    for workers in [1usize, 4] {
+        // Workers keep running across samples, as in production.
+        let running = rt.block_on(async { start_workers(&flows, workers) });
+        let before = flows.stats();
+        g.bench_function(BenchmarkId::new("dcbflow", workers), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let flows = flows.clone();
+                async move {
+                    let instances = iters.div_ceil(per_instance).max(1);
+                    let t0 = flows.stats().transitions;
+                    let elapsed = run_instances(&flows, instances).await;
+                    let done = (flows.stats().transitions - t0).max(1);
+                    elapsed.mul_f64(iters as f64 / done as f64)
+                }
+            })
+        });
+        running.cancel();
+        let after = flows.stats();
+        per_statement.push((
+            workers,
+            (after.statements - before.statements) as f64
+                / (after.transitions - before.transitions).max(1) as f64,
+            (after.events - before.events) as f64
+                / (after.transitions - before.transitions).max(1) as f64,
+        ));
+        // Each client moves its own instances, `per_instance` transitions each, so
+        // reads see as many events as a flow instance has.
+        let counter = std::sync::Arc::new(AtomicU64::new(0));
+        g.bench_function(BenchmarkId::new("raw_transition", workers), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let (pool, counter) = (pool.clone(), counter.clone());
+                common::concurrent(workers, iters, move |i| {
+                    let (pool, counter) = (pool.clone(), counter.clone());
+                    async move {
+                        let n = counter.fetch_add(1, Ordering::Relaxed);
+                        raw_transition(&pool, &format!("i:{workers}:{i}:{}", n / per_instance))
+                            .await
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+    c.final_summary();
+    common::print_ratios(&[
+        Ratio {
+            label: "transitions, 1 worker",
+            ours: ("flow", "dcbflow", "1"),
+            baseline: ("flow", "raw_transition", "1"),
+        },
+        Ratio {
+            label: "transitions, 4 workers",
+            ours: ("flow", "dcbflow", "4"),
+            baseline: ("flow", "raw_transition", "4"),
+        },
+    ]);
+    println!();
+    for (workers, statements, events) in per_statement {
+        println!(
+            "{workers} worker(s): {statements:.2} SQL statements per transition, {events:.2} events per transition"
+        );
+    }
+    setup.finish();
+}
+
+/// `n` workers running until the token is cancelled.
+fn start_workers(flows: &Flows, n: usize) -> CancellationToken {
+    let cancel = CancellationToken::new();
+    for i in 0..n {
+        let mut o = WorkerOptions::default().id(format!("bench-{i}"));
+        o.poll_interval = Duration::from_millis(20);
+        o.concurrency = 32;
+        let (w, c) = (flows.worker(o), cancel.clone());
+        tokio::spawn(async move { w.run(c).await });
+    }
+    cancel
+}
+
+/// Starts `n` instances and waits until every one completed; the wall time.
+async fn run_instances(flows: &Flows, n: u64) -> Duration {
+    // Completions arrive by subscription (LISTEN/NOTIFY), not by polling.
+    let store = flows.store();
+    let head = store.head().await.expect("head");
+    let completed = Query::items_of(["FlowCompleted"], Vec::<String>::new());
+    let mut sub = store
+        .subscribe(completed, head, SubscriptionOptions::default())
+        .await
+        .expect("subscribe");
+    let start = Instant::now();
+    let mut ids = std::collections::HashSet::with_capacity(n as usize);
+    for _ in 0..n {
+        let id = flows
+            .start("bench", None, json!({}))
+            .await
+            .expect("start")
+            .instance;
+        ids.insert(format!("flow_instance:{id}"));
+    }
+    let mut done = 0;
+    while done < ids.len() {
+        for e in sub.next_batch().await.expect("completions") {
+            if e.tags().iter().any(|t| ids.contains(t)) {
+                done += 1;
+            }
+        }
+    }
+    start.elapsed()
+}
+
+/// The floor of a transition: read the instance's events, append one, move a state row.
+async fn raw_transition(pool: &deadpool_postgres::Pool, instance: &str) {
+    let mut client = pool.get().await.expect("connection");
+    let tx = client.transaction().await.expect("begin");
+    let read = tx
+        .prepare_cached(&format!("SELECT position, type, data FROM {RAW}.events WHERE tags @> ARRAY[$1::text] ORDER BY position"))
+        .await
+        .expect("prepare");
+    let rows = tx.query(&read, &[&instance]).await.expect("read");
+    let insert = tx
+        .prepare_cached(&format!("INSERT INTO {RAW}.events (type, tags, data) VALUES ('FlowStepSucceeded', ARRAY[$1::text], $2)"))
+        .await
+        .expect("prepare");
+    tx.execute(&insert, &[&instance, &json!({"step": rows.len()})])
+        .await
+        .expect("insert");
+    let state = tx
+        .prepare_cached(&format!(
+            "INSERT INTO {RAW}.state VALUES ($1, 1) ON CONFLICT (instance) DO UPDATE SET step = {RAW}.state.step + 1"
+        ))
+        .await
+        .expect("prepare");
+    tx.execute(&state, &[&instance]).await.expect("state");
+    tx.commit().await.expect("commit");
+}

@@ -1,0 +1,504 @@
+//! Flow definitions: tasks, dependencies, executors, retries, compensation.
+//!
+//! A definition is plain data (serde): build it with [`FlowDefinition::builder`] or
+//! load it from YAML, JSON or TOML. It is validated when registered
+//! ([`validate`](super::validate)) and identified by the hash of its content, so an
+//! instance keeps running on the version it started with.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::error::DefinitionError;
+
+/// A flow: named tasks with dependencies (a task runs when all it depends on have
+/// succeeded; tasks with no path between them run in parallel).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowDefinition {
+    /// The flow's name (instances are started by name).
+    pub name: String,
+    /// The instance must finish within this many milliseconds of its start, or it
+    /// is compensated. `None`: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// The flow input's fields and their types, checked when an instance starts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input: BTreeMap<String, ValueType>,
+    /// The tasks, in any order.
+    pub tasks: Vec<TaskDefinition>,
+}
+
+/// The type of a flow input field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueType {
+    /// A JSON string.
+    String,
+    /// Any JSON number.
+    Number,
+    /// A JSON number without fraction.
+    Integer,
+    /// `true` or `false`.
+    Boolean,
+    /// A JSON object.
+    Object,
+    /// A JSON array.
+    Array,
+    /// Anything (but it must be present).
+    Any,
+}
+
+impl ValueType {
+    /// Whether `value` has this type.
+    pub fn admits(self, value: &Value) -> bool {
+        match self {
+            ValueType::String => value.is_string(),
+            ValueType::Number => value.is_number(),
+            ValueType::Integer => value.is_i64() || value.is_u64(),
+            ValueType::Boolean => value.is_boolean(),
+            ValueType::Object => value.is_object(),
+            ValueType::Array => value.is_array(),
+            ValueType::Any => !value.is_null(),
+        }
+    }
+}
+
+/// One task of a flow: either an `action` (optionally with a `compensate` action,
+/// for sagas) or a `tcc` group of participants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDefinition {
+    /// Unique within the flow.
+    pub name: String,
+    /// Tasks that must succeed before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Named input values: JSON, where strings may hold templates
+    /// (`{{flow.input.x}}`, `{{tasks.<task>.output.x}}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input: BTreeMap<String, Value>,
+    /// What the task does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    /// How to undo it when the flow is compensated (saga).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<Action>,
+    /// Try/confirm/cancel participants (instead of `action`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcc: Option<Tcc>,
+    /// Retries of each attempt.
+    #[serde(default)]
+    pub retry: TaskRetry,
+    /// Time allowed for one attempt, in milliseconds (default 30 s).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// What happens when the retries are exhausted.
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+/// A try/confirm/cancel task: every participant's `try` (within `try_deadline_ms`),
+/// then every `confirm`; or, if a try fails or the deadline passes, `cancel` for
+/// each participant whose try was attempted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tcc {
+    /// The participants, tried in parallel.
+    pub participants: Vec<TccParticipant>,
+    /// All tries must succeed within this many milliseconds of the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub try_deadline_ms: Option<u64>,
+}
+
+/// One participant of a [`Tcc`] task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TccParticipant {
+    /// Unique within the task.
+    pub name: String,
+    /// Reserve.
+    #[serde(rename = "try")]
+    pub try_action: Action,
+    /// Make the reservation final (retried until it succeeds).
+    pub confirm: Action,
+    /// Release the reservation (retried until it succeeds).
+    pub cancel: Action,
+}
+
+/// What an attempt runs, by executor. Strings may hold templates: `{{input.k}}`
+/// (the task's resolved input), `{{flow.input.x}}`, `{{tasks.<task>.output.x}}`,
+/// `{{instance}}`, `{{idempotency_key}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "executor", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// An HTTP request; 2xx succeeds (the JSON response is the output), 408, 429,
+    /// 5xx and connection errors are retryable, other statuses fatal.
+    Http {
+        /// HTTP method (default POST).
+        #[serde(default = "default_method")]
+        method: String,
+        /// URL (templated).
+        url: String,
+        /// Extra headers (templated values).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        /// JSON body (templated); none for no body.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<Value>,
+    },
+    /// SQL statements run on the store's database in the same transaction as the
+    /// task's completion event: exactly once.
+    Sql {
+        /// Run in order.
+        statements: Vec<SqlStatement>,
+    },
+    /// A message published to NATS through the outbox (at least once): the
+    /// message is an event appended with the task's completion.
+    Nats {
+        /// Subject (templated).
+        subject: String,
+        /// JSON payload (templated).
+        #[serde(default)]
+        payload: Value,
+    },
+    /// A Rust function registered with the engine under this name.
+    Rust {
+        /// Registered name.
+        function: String,
+    },
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+/// One SQL statement and its parameters. Parameters are passed as text (cast them
+/// in the SQL: `$1::int`); JSON values other than strings are passed as JSON text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlStatement {
+    /// The statement.
+    pub sql: String,
+    /// Parameters `$1..` (templated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<Value>,
+}
+
+/// Retry policy of a task's attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskRetry {
+    /// Attempts in all, the first included (default 3).
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds (default 100).
+    pub initial_backoff_ms: u64,
+    /// Longest delay, in milliseconds (default 10,000).
+    pub max_backoff_ms: u64,
+    /// Growth of the delay per retry (default 2).
+    pub multiplier: f64,
+    /// Only errors with these codes are retried (default: every error the
+    /// executor classifies as retryable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<String>>,
+}
+
+impl Default for TaskRetry {
+    fn default() -> Self {
+        TaskRetry {
+            max_attempts: 3,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 10_000,
+            multiplier: 2.0,
+            retry_on: None,
+        }
+    }
+}
+
+impl TaskRetry {
+    /// The ceiling of the delay before retry number `retry` (1-based); the actual
+    /// delay is drawn uniformly below it (full jitter).
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(retry.saturating_sub(1).min(64) as i32);
+        let ms = (self.initial_backoff_ms as f64 * exp).min(self.max_backoff_ms as f64);
+        Duration::from_millis(ms as u64)
+    }
+
+    /// A jittered delay before retry number `retry`.
+    pub fn delay(&self, retry: u32) -> Duration {
+        use rand::Rng;
+        self.ceiling(retry)
+            .mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+/// What happens when a task's retries are exhausted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Compensate the completed tasks in reverse order (default).
+    #[default]
+    Compensate,
+    /// Pause the instance with an incident until an operator acts.
+    Pause,
+    /// Fail the instance without compensation (it stays as an incident).
+    Fail,
+}
+
+impl FlowDefinition {
+    /// A builder for a flow named `name`.
+    pub fn builder(name: impl Into<String>) -> FlowBuilder {
+        FlowBuilder {
+            flow: FlowDefinition {
+                name: name.into(),
+                deadline_ms: None,
+                input: BTreeMap::new(),
+                tasks: Vec::new(),
+            },
+        }
+    }
+
+    /// Parses YAML.
+    ///
+    /// # Errors
+    /// [`DefinitionError`] with the parser's message.
+    pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
+        serde_yaml::from_str(text).map_err(|e| DefinitionError::parse("YAML", e))
+    }
+
+    /// Parses JSON.
+    ///
+    /// # Errors
+    /// [`DefinitionError`] with the parser's message.
+    pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
+        serde_json::from_str(text).map_err(|e| DefinitionError::parse("JSON", e))
+    }
+
+    /// Parses TOML.
+    ///
+    /// # Errors
+    /// [`DefinitionError`] with the parser's message.
+    pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
+        toml::from_str(text).map_err(|e| DefinitionError::parse("TOML", e))
+    }
+
+    /// Reads a `.yaml`/`.yml`, `.json` or `.toml` file.
+    ///
+    /// # Errors
+    /// [`DefinitionError`] for an unreadable file, an unknown extension or a parse error.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, DefinitionError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DefinitionError::parse(&path.display().to_string(), e))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Self::from_yaml(&text),
+            Some("json") => Self::from_json(&text),
+            Some("toml") => Self::from_toml(&text),
+            _ => Err(DefinitionError::parse(
+                &path.display().to_string(),
+                "unknown extension (expected .yaml, .yml, .json or .toml)",
+            )),
+        }
+    }
+
+    /// The version: the first 16 hex digits of the SHA-256 of the definition's
+    /// canonical JSON. Equal definitions have equal versions, whatever the source.
+    pub fn version(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a definition serializes");
+        let digest = Sha256::digest(&json);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The task named `name`.
+    pub fn task(&self, name: &str) -> Option<&TaskDefinition> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+}
+
+impl TaskDefinition {
+    /// A task running `action`.
+    pub fn new(name: impl Into<String>, action: Action) -> Self {
+        TaskDefinition {
+            name: name.into(),
+            depends_on: Vec::new(),
+            input: BTreeMap::new(),
+            action: Some(action),
+            compensate: None,
+            tcc: None,
+            retry: TaskRetry::default(),
+            timeout_ms: default_timeout_ms(),
+            on_exhausted: OnExhausted::default(),
+        }
+    }
+
+    /// A try/confirm/cancel task over `participants`.
+    pub fn tcc(name: impl Into<String>, participants: Vec<TccParticipant>) -> Self {
+        TaskDefinition {
+            tcc: Some(Tcc {
+                participants,
+                try_deadline_ms: None,
+            }),
+            action: None,
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// Runs after `tasks` have succeeded.
+    #[must_use]
+    pub fn after<I, S>(mut self, tasks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.depends_on.extend(tasks.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds an input value (may hold templates).
+    #[must_use]
+    pub fn input(mut self, name: impl Into<String>, value: Value) -> Self {
+        self.input.insert(name.into(), value);
+        self
+    }
+
+    /// Sets the compensation action.
+    #[must_use]
+    pub fn compensate(mut self, action: Action) -> Self {
+        self.compensate = Some(action);
+        self
+    }
+
+    /// Sets the retry policy.
+    #[must_use]
+    pub fn retry(mut self, retry: TaskRetry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets the per-attempt timeout.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout_ms = timeout.as_millis() as u64;
+        self
+    }
+
+    /// Sets what happens when retries are exhausted.
+    #[must_use]
+    pub fn on_exhausted(mut self, on_exhausted: OnExhausted) -> Self {
+        self.on_exhausted = on_exhausted;
+        self
+    }
+
+    /// Sets the TCC try deadline.
+    #[must_use]
+    pub fn try_deadline(mut self, deadline: Duration) -> Self {
+        if let Some(tcc) = &mut self.tcc {
+            tcc.try_deadline_ms = Some(deadline.as_millis() as u64);
+        }
+        self
+    }
+}
+
+impl TaskRetry {
+    /// `max_attempts` attempts with the default backoff.
+    pub fn attempts(max_attempts: u32) -> Self {
+        TaskRetry {
+            max_attempts,
+            ..TaskRetry::default()
+        }
+    }
+
+    /// Sets the backoff: `initial` doubling up to `max`.
+    #[must_use]
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff_ms = initial.as_millis() as u64;
+        self.max_backoff_ms = max.as_millis() as u64;
+        self
+    }
+}
+
+impl Action {
+    /// A registered Rust function.
+    pub fn rust(function: impl Into<String>) -> Self {
+        Action::Rust {
+            function: function.into(),
+        }
+    }
+
+    /// An HTTP request with a JSON body.
+    pub fn http(method: &str, url: impl Into<String>, body: Option<Value>) -> Self {
+        Action::Http {
+            method: method.to_owned(),
+            url: url.into(),
+            headers: BTreeMap::new(),
+            body,
+        }
+    }
+
+    /// SQL statements with their parameters.
+    pub fn sql<I, S>(statements: I) -> Self
+    where
+        I: IntoIterator<Item = (S, Vec<Value>)>,
+        S: Into<String>,
+    {
+        Action::Sql {
+            statements: statements
+                .into_iter()
+                .map(|(sql, params)| SqlStatement {
+                    sql: sql.into(),
+                    params,
+                })
+                .collect(),
+        }
+    }
+
+    /// A NATS message through the outbox.
+    pub fn nats(subject: impl Into<String>, payload: Value) -> Self {
+        Action::Nats {
+            subject: subject.into(),
+            payload,
+        }
+    }
+}
+
+/// Builds a [`FlowDefinition`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct FlowBuilder {
+    flow: FlowDefinition,
+}
+
+impl FlowBuilder {
+    /// Declares a flow input field.
+    pub fn input(mut self, name: impl Into<String>, ty: ValueType) -> Self {
+        self.flow.input.insert(name.into(), ty);
+        self
+    }
+
+    /// Sets the flow deadline.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.flow.deadline_ms = Some(deadline.as_millis() as u64);
+        self
+    }
+
+    /// Adds a task.
+    pub fn task(mut self, task: TaskDefinition) -> Self {
+        self.flow.tasks.push(task);
+        self
+    }
+
+    /// The definition (validated when registered).
+    pub fn build(self) -> FlowDefinition {
+        self.flow
+    }
+}

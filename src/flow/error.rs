@@ -1,0 +1,84 @@
+//! Errors of the flow layer.
+
+use std::fmt;
+
+use crate::Position;
+
+/// A definition that cannot be registered: every problem found, not just the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DefinitionError {
+    /// The flow's name (empty if it could not be parsed).
+    pub flow: String,
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl DefinitionError {
+    pub(crate) fn parse(source: &str, error: impl fmt::Display) -> Self {
+        DefinitionError {
+            flow: String::new(),
+            problems: vec![format!("cannot parse {source}: {error}")],
+        }
+    }
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid flow definition {:?} ({} problem{}):",
+            self.flow,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a flow operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// The definition is invalid.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    /// No flow of this name (or version) is registered.
+    #[error("unknown flow {0:?}")]
+    UnknownFlow(String),
+    /// No instance with this id.
+    #[error("unknown flow instance {0}")]
+    UnknownInstance(uuid::Uuid),
+    /// The flow input does not match the definition's input fields. Nothing was written.
+    #[error("invalid flow input: {}", .0.join("; "))]
+    InvalidInput(Vec<String>),
+    /// A manual operation was refused because the instance changed since the
+    /// operator looked at it (at `expected`); look again and decide again.
+    #[error("the instance moved since version {expected} (now {actual})")]
+    Moved {
+        /// The version the operator saw.
+        expected: Position,
+        /// The instance's current version.
+        actual: Position,
+    },
+    /// The operation does not apply to the instance or task in its current state.
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::Error),
+}
+
+impl From<tokio_postgres::Error> for FlowError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        FlowError::Store(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for FlowError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        FlowError::Store(e.into())
+    }
+}

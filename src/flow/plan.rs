@@ -1,0 +1,359 @@
+//! Deciding what an instance needs next, from its definition and state alone
+//! (pure: the worker applies the plan as conditional appends).
+
+use chrono::{DateTime, Utc};
+
+use super::definition::{FlowDefinition, OnExhausted, TaskDefinition};
+use super::events::{Phase, StepId, types};
+use super::state::{InstanceState, InstanceStatus, StepState, StepStatus};
+
+/// What to do now.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Plan {
+    /// Steps whose attempt should start now.
+    pub start: Vec<StepId>,
+    /// Running steps whose lease expired (their worker is gone or late).
+    pub timeouts: Vec<StepId>,
+    /// One instance-level transition: (event type, reason).
+    pub instance: Option<(&'static str, String)>,
+    /// When to look again (retries, leases, deadlines); `None`: only on events.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+impl Plan {
+    fn due(&mut self, at: Option<DateTime<Utc>>) {
+        if let Some(at) = at {
+            self.next_due = Some(self.next_due.map_or(at, |d| d.min(at)));
+        }
+    }
+
+    /// Nothing to do right now.
+    pub fn is_idle(&self) -> bool {
+        self.start.is_empty() && self.timeouts.is_empty() && self.instance.is_none()
+    }
+}
+
+/// Where a task is, derived from its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum TaskOutcome {
+    NotStarted,
+    InProgress,
+    /// Succeeded, or skipped by an operator.
+    Done,
+    /// Failed for good (for TCC: cancelled after a failed try).
+    Failed(String),
+}
+
+fn done(s: &StepState) -> bool {
+    matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped)
+}
+
+/// TCC progress of a task.
+struct TccView {
+    tries: Vec<StepState>,
+    confirms: Vec<StepState>,
+    cancels: Vec<StepState>,
+    /// Cancels are needed: a try failed, the try deadline passed, or the instance
+    /// is compensating before every try succeeded.
+    cancelling: bool,
+    try_deadline: Option<DateTime<Utc>>,
+}
+
+fn tcc_view(task: &TaskDefinition, s: &InstanceState, now: DateTime<Utc>) -> Option<TccView> {
+    let tcc = task.tcc.as_ref()?;
+    let step = |p: &str, phase| s.step(&StepId::participant(&task.name, p, phase));
+    let tries: Vec<_> = tcc
+        .participants
+        .iter()
+        .map(|p| step(&p.name, Phase::Try))
+        .collect();
+    let confirms: Vec<_> = tcc
+        .participants
+        .iter()
+        .map(|p| step(&p.name, Phase::Confirm))
+        .collect();
+    let cancels: Vec<_> = tcc
+        .participants
+        .iter()
+        .map(|p| step(&p.name, Phase::Cancel))
+        .collect();
+    let all_tried = tries.iter().all(done);
+    let first_try = tries.iter().filter_map(|t| t.first_started).min();
+    let try_deadline = match (tcc.try_deadline_ms, first_try) {
+        (Some(ms), Some(at)) => Some(at + chrono::Duration::milliseconds(ms as i64)),
+        _ => None,
+    };
+    let confirming = all_tried || confirms.iter().any(|c| c.attempts > 0);
+    let cancelling = cancels.iter().any(|c| c.attempts > 0)
+        || (!confirming
+            && (tries.iter().any(|t| t.status == StepStatus::Failed)
+                || try_deadline.is_some_and(|d| now >= d)
+                || (s.status == InstanceStatus::Compensating && first_try.is_some())));
+    Some(TccView {
+        tries,
+        confirms,
+        cancels,
+        cancelling,
+        try_deadline,
+    })
+}
+
+/// Where `task` is.
+pub(crate) fn task_outcome(
+    task: &TaskDefinition,
+    s: &InstanceState,
+    now: DateTime<Utc>,
+) -> TaskOutcome {
+    let action = s.step(&StepId::new(&task.name, Phase::Action));
+    if action.status == StepStatus::Skipped {
+        return TaskOutcome::Done;
+    }
+    let Some(v) = tcc_view(task, s, now) else {
+        return match action.status {
+            StepStatus::Succeeded => TaskOutcome::Done,
+            StepStatus::Failed => TaskOutcome::Failed(action.error.unwrap_or_default()),
+            StepStatus::Pending => TaskOutcome::NotStarted,
+            _ => TaskOutcome::InProgress,
+        };
+    };
+    if v.cancelling {
+        let needed = v
+            .tries
+            .iter()
+            .zip(&v.cancels)
+            .filter(|(t, _)| t.attempts > 0);
+        let mut all = true;
+        for (_, c) in needed {
+            all &= done(c);
+        }
+        if all {
+            let why = v
+                .tries
+                .iter()
+                .find_map(|t| t.error.clone())
+                .unwrap_or_else(|| "try deadline passed".into());
+            return TaskOutcome::Failed(format!("cancelled: {why}"));
+        }
+        return TaskOutcome::InProgress;
+    }
+    if v.confirms.iter().all(done) {
+        return TaskOutcome::Done;
+    }
+    if v.tries.iter().all(|t| t.attempts == 0) {
+        TaskOutcome::NotStarted
+    } else {
+        TaskOutcome::InProgress
+    }
+}
+
+/// Whether a step should start now; otherwise notes when it is due.
+fn consider(step: &StepState, plan: &mut Plan, now: DateTime<Utc>) {
+    match step.status {
+        StepStatus::Pending => plan.start.push(step.step.clone()),
+        StepStatus::RetryDue => match step.due_at {
+            Some(at) if at > now => plan.due(Some(at)),
+            _ => plan.start.push(step.step.clone()),
+        },
+        StepStatus::Running => plan.due(step.lease_until),
+        _ => {}
+    }
+}
+
+/// The plan for `s` at `now`.
+pub(crate) fn plan(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>) -> Plan {
+    let mut plan = Plan::default();
+    for step in s.steps.values() {
+        if step.status == StepStatus::Running {
+            match step.lease_until {
+                Some(at) if at <= now => plan.timeouts.push(step.step.clone()),
+                at => plan.due(at),
+            }
+        }
+    }
+    match s.status {
+        InstanceStatus::Running => forward(def, s, now, &mut plan),
+        InstanceStatus::Compensating => compensate(def, s, now, &mut plan),
+        _ => {}
+    }
+    plan
+}
+
+fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &mut Plan) {
+    if let Some(deadline) = s.deadline_at {
+        if now >= deadline {
+            plan.instance = Some((types::COMPENSATING, "flow deadline passed".into()));
+            return;
+        }
+        plan.due(Some(deadline));
+    }
+    let outcomes: Vec<_> = def.tasks.iter().map(|t| task_outcome(t, s, now)).collect();
+    let outcome_of = |name: &str| {
+        def.tasks
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| &outcomes[i])
+    };
+    for (task, outcome) in def.tasks.iter().zip(&outcomes) {
+        if let TaskOutcome::Failed(error) = outcome {
+            let reason = format!("task {:?} failed: {error}", task.name);
+            plan.instance = Some(match task.on_exhausted {
+                OnExhausted::Compensate => (types::COMPENSATING, reason),
+                OnExhausted::Pause => (types::PAUSED, reason),
+                OnExhausted::Fail => (types::FAILED, reason),
+            });
+            plan.start.clear();
+            return;
+        }
+        let ready = task
+            .depends_on
+            .iter()
+            .all(|d| outcome_of(d) == Some(&TaskOutcome::Done));
+        if !ready || *outcome == TaskOutcome::Done {
+            continue;
+        }
+        match tcc_view(task, s, now) {
+            None => consider(&s.step(&StepId::new(&task.name, Phase::Action)), plan, now),
+            Some(v) if v.cancelling => {
+                for (t, c) in v.tries.iter().zip(&v.cancels) {
+                    if t.attempts > 0 {
+                        if c.status == StepStatus::Failed {
+                            plan.instance = Some((
+                                types::COMPENSATION_FAILED,
+                                format!(
+                                    "cancel {} failed: {}",
+                                    c.step,
+                                    c.error.clone().unwrap_or_default()
+                                ),
+                            ));
+                            plan.start.clear();
+                            return;
+                        }
+                        consider(c, plan, now);
+                    }
+                }
+            }
+            Some(v) if v.tries.iter().all(done) => {
+                for c in &v.confirms {
+                    if c.status == StepStatus::Failed {
+                        plan.instance = Some((
+                            types::PAUSED,
+                            format!(
+                                "confirm {} failed: {}",
+                                c.step,
+                                c.error.clone().unwrap_or_default()
+                            ),
+                        ));
+                        plan.start.clear();
+                        return;
+                    }
+                    consider(c, plan, now);
+                }
+            }
+            Some(v) => {
+                for t in &v.tries {
+                    consider(t, plan, now);
+                }
+                plan.due(v.try_deadline);
+            }
+        }
+    }
+    if outcomes.iter().all(|o| *o == TaskOutcome::Done) {
+        plan.instance = Some((types::COMPLETED, String::new()));
+        plan.start.clear();
+    }
+}
+
+/// A task whose effects are settled for compensation: never done by its action,
+/// or nothing to undo, or undone.
+fn settled(task: &TaskDefinition, s: &InstanceState, now: DateTime<Utc>) -> bool {
+    if let Some(v) = tcc_view(task, s, now) {
+        let running = v
+            .tries
+            .iter()
+            .chain(&v.confirms)
+            .chain(&v.cancels)
+            .any(|x| matches!(x.status, StepStatus::Running | StepStatus::RetryDue));
+        return !running && task_outcome(task, s, now) != TaskOutcome::InProgress;
+    }
+    let action = s.step(&StepId::new(&task.name, Phase::Action));
+    match action.status {
+        StepStatus::Succeeded if task.compensate.is_some() => {
+            done(&s.step(&StepId::new(&task.name, Phase::Compensate)))
+        }
+        StepStatus::Running => false,
+        _ => true,
+    }
+}
+
+fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &mut Plan) {
+    // Attempts still running finish (or time out) first: their effects count.
+    let forward_running = s.steps.values().any(|x| {
+        x.status == StepStatus::Running && matches!(x.step.phase, Phase::Action | Phase::Try)
+    });
+    if forward_running {
+        return;
+    }
+    for task in &def.tasks {
+        if let Some(v) = tcc_view(task, s, now) {
+            // Tries that may have reserved something are cancelled; confirms
+            // already under way are finished (a confirmed reservation stays).
+            let targets: Vec<&StepState> = if v.cancelling {
+                v.tries
+                    .iter()
+                    .zip(&v.cancels)
+                    .filter(|(t, _)| t.attempts > 0)
+                    .map(|(_, c)| c)
+                    .collect()
+            } else if v.confirms.iter().any(|c| c.attempts > 0) {
+                v.confirms.iter().collect()
+            } else {
+                Vec::new()
+            };
+            for c in targets {
+                if c.status == StepStatus::Failed {
+                    plan.instance = Some((
+                        types::COMPENSATION_FAILED,
+                        format!("{} failed: {}", c.step, c.error.clone().unwrap_or_default()),
+                    ));
+                    plan.start.clear();
+                    return;
+                }
+                consider(c, plan, now);
+            }
+            continue;
+        }
+        let action = s.step(&StepId::new(&task.name, Phase::Action));
+        if action.status != StepStatus::Succeeded || task.compensate.is_none() {
+            continue;
+        }
+        let comp = s.step(&StepId::new(&task.name, Phase::Compensate));
+        if done(&comp) {
+            continue;
+        }
+        // Reverse dependency order: everything that depends on this task first.
+        let dependents_settled = def
+            .tasks
+            .iter()
+            .filter(|t| t.depends_on.contains(&task.name))
+            .all(|t| settled(t, s, now));
+        if !dependents_settled {
+            continue;
+        }
+        if comp.status == StepStatus::Failed {
+            plan.instance = Some((
+                types::COMPENSATION_FAILED,
+                format!(
+                    "compensation of {:?} failed: {}",
+                    task.name,
+                    comp.error.clone().unwrap_or_default()
+                ),
+            ));
+            plan.start.clear();
+            return;
+        }
+        consider(&comp, plan, now);
+    }
+    if plan.start.is_empty() && def.tasks.iter().all(|t| settled(t, s, now)) {
+        plan.instance = Some((types::COMPENSATED, s.reason.clone().unwrap_or_default()));
+    }
+}

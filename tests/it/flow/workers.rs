@@ -1,0 +1,234 @@
+//! Several workers (each with its own pool, as separate processes would be):
+//! no attempt runs twice, a killed worker's step is taken over after its lease,
+//! and a SQL step commits exactly once even when its worker dies mid-transaction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dcbflow::{
+    Action, CancellationToken, FlowDefinition, Flows, InstanceStatus, Phase, StepId, Store,
+    TaskContext, TaskDefinition, TaskError, TaskRetry,
+};
+use serde_json::{Value, json};
+
+use super::{Workers, fast, wait_for};
+use crate::support::TestStore;
+
+/// Another "process": its own pool and engine on the test's schema.
+async fn process(t: &TestStore) -> Flows {
+    let store = Store::builder_for_url(&t.url, Some(8))
+        .unwrap()
+        .schema(&t.schema)
+        .build()
+        .await
+        .unwrap();
+    Flows::new(store)
+}
+
+type Runs = Arc<Mutex<HashMap<(uuid::Uuid, String, u32), u32>>>;
+
+fn counting(flows: &Flows, runs: &Runs) {
+    for name in ["a", "b", "c"] {
+        let runs = runs.clone();
+        flows.function(name, move |ctx: TaskContext| {
+            let runs = runs.clone();
+            async move {
+                *runs
+                    .lock()
+                    .unwrap()
+                    .entry((ctx.instance, ctx.step.key(), ctx.attempt))
+                    .or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, TaskError>(Value::Null)
+            }
+        });
+    }
+}
+
+/// 4 workers, 40 instances of a → (b ∥ c): every step runs exactly once, and
+/// the work is shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn competing_workers_never_run_the_same_attempt() {
+    let t = TestStore::new().await;
+    let runs: Runs = Arc::default();
+    let mut engines = Vec::new();
+    for _ in 0..4 {
+        let f = process(&t).await;
+        counting(&f, &runs);
+        engines.push(f);
+    }
+    let def = FlowDefinition::builder("fanout")
+        .task(TaskDefinition::new("a", Action::rust("a")))
+        .task(TaskDefinition::new("b", Action::rust("b")).after(["a"]))
+        .task(TaskDefinition::new("c", Action::rust("c")).after(["a"]))
+        .build();
+    engines[0].register(&def).await.unwrap();
+    let workers = Workers::start(&engines.iter().collect::<Vec<_>>());
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            engines[i % 4]
+                .start("fanout", None, json!({}))
+                .await
+                .unwrap()
+                .instance,
+        );
+    }
+    for id in &ids {
+        wait_for(&engines[0], *id, InstanceStatus::Completed, 60).await;
+    }
+    workers.stop().await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(
+        runs.len(),
+        120,
+        "three steps per instance, first attempts only"
+    );
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "an attempt ran twice: {runs:?}"
+    );
+    let mut by_worker: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        for e in engines[0].timeline(*id).await.unwrap() {
+            if e.event_type() == "FlowStepStarted" {
+                *by_worker
+                    .entry(e.data()["worker"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    assert!(by_worker.len() >= 2, "work was shared: {by_worker:?}");
+}
+
+/// A worker dies while its step runs; after the step's lease another worker times
+/// the attempt out and runs attempt 2. The dead worker's late result is never
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_workers_step_is_retried_by_another_after_its_lease() {
+    let t = TestStore::new().await;
+    let (a, b) = (process(&t).await, process(&t).await);
+    a.function("work", |_ctx: TaskContext| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, TaskError>(json!("from the dead"))
+    });
+    b.function("work", |ctx: TaskContext| async move {
+        Ok::<_, TaskError>(json!({"attempt": ctx.attempt}))
+    });
+    let def = FlowDefinition::builder("takeover")
+        .task(TaskDefinition::new("work", Action::rust("work")).timeout(Duration::from_secs(1)))
+        .build();
+    a.register(&def).await.unwrap();
+    let cancel = CancellationToken::new();
+    let dying = {
+        let w = a.worker(fast("doomed"));
+        let c = cancel.clone();
+        tokio::spawn(async move { w.run(c).await })
+    };
+    let id = a.start("takeover", None, json!({})).await.unwrap().instance;
+    let step = StepId::new("work", Phase::Action);
+    while a.instance(id).await.unwrap().unwrap().step(&step).attempts == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dying.abort(); // killed: no release, no completion
+    let workers = Workers::start(&[&b]);
+    let state = wait_for(&b, id, InstanceStatus::Completed, 20).await;
+    workers.stop().await;
+    assert_eq!(state.outputs["work"], json!({"attempt": 2}));
+    let types: Vec<String> = b
+        .timeline(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_type().to_owned())
+        .collect();
+    assert!(types.contains(&"FlowStepTimedOut".to_owned()), "{types:?}");
+}
+
+/// The SQL executor: the statements commit with the step's completion event.
+/// The first worker's transaction is killed after the INSERT ran (its backend is
+/// terminated mid-statement and the worker is killed); after the lease another
+/// worker runs the step again: exactly one row, and the step succeeded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sql_step_commits_exactly_once_when_its_worker_dies_mid_transaction() {
+    let t = TestStore::new().await;
+    let raw = t.raw().await;
+    let s = &t.schema;
+    raw.batch_execute(&format!(
+        "CREATE TABLE \"{s}\".payments (instance uuid NOT NULL, amount int NOT NULL);
+         CREATE TABLE \"{s}\".flags (slow boolean NOT NULL); INSERT INTO \"{s}\".flags VALUES (true);"
+    ))
+    .await
+    .unwrap();
+    let (a, b) = (process(&t).await, process(&t).await);
+    let def = FlowDefinition::builder("ledger")
+        .input("amount", dcbflow::ValueType::Integer)
+        .task(
+            TaskDefinition::new(
+                "book",
+                Action::sql([
+                    (
+                        format!("INSERT INTO \"{s}\".payments VALUES ($1::uuid, $2::int)"),
+                        vec![json!("{{instance}}"), json!("{{flow.input.amount}}")],
+                    ),
+                    (
+                        format!("SELECT pg_sleep(CASE WHEN (SELECT slow FROM \"{s}\".flags) THEN 30 ELSE 0 END)"),
+                        vec![],
+                    ),
+                ]),
+            )
+            .timeout(Duration::from_secs(2))
+            .retry(TaskRetry::attempts(3)),
+        )
+        .build();
+    a.register(&def).await.unwrap();
+    let cancel = CancellationToken::new();
+    let dying = {
+        let w = a.worker(fast("doomed"));
+        let c = cancel.clone();
+        tokio::spawn(async move { w.run(c).await })
+    };
+    let id = a
+        .start("ledger", None, json!({"amount": 42}))
+        .await
+        .unwrap()
+        .instance;
+    // Wait until the INSERT has run and the transaction sleeps, then kill both.
+    let sleeping = format!(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' AND query LIKE '%{s}%' AND pid <> pg_backend_pid()"
+    );
+    let pid: i32 = loop {
+        if let Some(row) = raw.query_opt(&sleeping, &[]).await.unwrap() {
+            break row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    dying.abort();
+    raw.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    raw.batch_execute(&format!("UPDATE \"{s}\".flags SET slow = false"))
+        .await
+        .unwrap();
+
+    let workers = Workers::start(&[&b]);
+    wait_for(&b, id, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+    let rows: i64 = raw
+        .query_one(
+            &format!("SELECT count(*) FROM \"{s}\".payments WHERE instance = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the payment was booked exactly once");
+    let timeline = b.timeline(id).await.unwrap();
+    let succeeded: Vec<_> = timeline
+        .iter()
+        .filter(|e| e.event_type() == "FlowStepSucceeded")
+        .collect();
+    assert_eq!(succeeded.len(), 1);
+    assert_eq!(succeeded[0].data()["attempt"], json!(2));
+}
