@@ -11,6 +11,7 @@
 //! | conditional | `append` of 1 event with a condition on its own tag, after the position of that tag's previous append | one `INSERT` of one row |
 //! | append_concurrent/{1,4,16,64} | N tasks on N pooled connections appending 1 event each, with and without group commit | N tasks each running one single-row `INSERT` transaction |
 //! | append_concurrent/dcbflow_conditional/{1,4,16,64} | N tasks each appending 1 event with a condition on its own tag (disjoint scopes) after its previous append; any conflict fails the bench | the same raw `INSERT` at N clients |
+//! | append_concurrent/dcbflow_conditional_group_commit/{1,4,16,64} | the same conditional appends through a group-commit store | the same raw `INSERT` at N clients |
 //!
 //! After criterion's own report, a table of dcbflow/baseline ratios is printed
 //! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
@@ -154,32 +155,37 @@ fn main() {
         // Conditional on disjoint scopes: client i only ever decides on `disjoint:i`,
         // after the cursor of its own previous append; a conflict fails the bench.
         let run = next();
-        group.bench_function(BenchmarkId::new("dcbflow_conditional", clients), |b| {
-            b.to_async(rt).iter_custom(|iters| {
-                let s = store.clone();
-                let cursors: std::sync::Arc<Vec<std::sync::Mutex<Option<Cursor>>>> =
-                    std::sync::Arc::new((0..clients).map(|_| Default::default()).collect());
-                let sample = next();
-                common::concurrent(clients, iters, move |i| {
-                    let (s, cursors) = (s.clone(), cursors.clone());
-                    async move {
-                        let tag = format!("disjoint:{run}:{sample}:{i}");
-                        let mut condition =
-                            AppendCondition::new(Query::items_of(["Deposited"], [tag.clone()]));
-                        let last = cursors[i].lock().unwrap().clone();
-                        if let Some(c) = last {
-                            condition = condition.after(c);
+        for (id, s) in [
+            ("dcbflow_conditional", store),
+            ("dcbflow_conditional_group_commit", &grouped),
+        ] {
+            group.bench_function(BenchmarkId::new(id, clients), |b| {
+                b.to_async(rt).iter_custom(|iters| {
+                    let s = s.clone();
+                    let cursors: std::sync::Arc<Vec<std::sync::Mutex<Option<Cursor>>>> =
+                        std::sync::Arc::new((0..clients).map(|_| Default::default()).collect());
+                    let sample = next();
+                    common::concurrent(clients, iters, move |i| {
+                        let (s, cursors) = (s.clone(), cursors.clone());
+                        async move {
+                            let tag = format!("disjoint:{run}:{sample}:{i}");
+                            let mut condition =
+                                AppendCondition::new(Query::items_of(["Deposited"], [tag.clone()]));
+                            let last = cursors[i].lock().unwrap().clone();
+                            if let Some(c) = last {
+                                condition = condition.after(c);
+                            }
+                            let e = Event::new("Deposited", [tag], payload(i as u64));
+                            let r = s
+                                .append(vec![e], Some(condition))
+                                .await
+                                .expect("no conflicts on disjoint scopes");
+                            *cursors[i].lock().unwrap() = Some(Cursor::at(r.last_position()));
                         }
-                        let e = Event::new("Deposited", [tag], payload(i as u64));
-                        let r = s
-                            .append(vec![e], Some(condition))
-                            .await
-                            .expect("no conflicts on disjoint scopes");
-                        *cursors[i].lock().unwrap() = Some(Cursor::at(r.last_position()));
-                    }
+                    })
                 })
-            })
-        });
+            });
+        }
         for (id, s) in [("dcbflow", store), ("dcbflow_group_commit", &grouped)] {
             group.bench_function(BenchmarkId::new(id, clients), |b| {
                 b.to_async(rt).iter_custom(|iters| {
@@ -241,6 +247,26 @@ fn main() {
         concurrent("4 clients, conditional", "dcbflow_conditional", "4"),
         concurrent("16 clients, conditional", "dcbflow_conditional", "16"),
         concurrent("64 clients, conditional", "dcbflow_conditional", "64"),
+        concurrent(
+            "1 client, conditional, group commit",
+            "dcbflow_conditional_group_commit",
+            "1",
+        ),
+        concurrent(
+            "4 clients, conditional, group commit",
+            "dcbflow_conditional_group_commit",
+            "4",
+        ),
+        concurrent(
+            "16 clients, conditional, group commit",
+            "dcbflow_conditional_group_commit",
+            "16",
+        ),
+        concurrent(
+            "64 clients, conditional, group commit",
+            "dcbflow_conditional_group_commit",
+            "64",
+        ),
         concurrent("1 client, group commit", "dcbflow_group_commit", "1"),
         concurrent("4 clients, group commit", "dcbflow_group_commit", "4"),
         concurrent("16 clients, group commit", "dcbflow_group_commit", "16"),

@@ -59,11 +59,15 @@ BEGIN
         -- For an item with tags the tag index leads: the type test is kept
         -- out of index use (`type || ''`), because a type shared by much of
         -- the log would otherwise be bitmap-scanned in full whenever the
-        -- planner misjudges how common it is (e.g. before ANALYZE).
+        -- planner misjudges how common it is (e.g. before ANALYZE). For the
+        -- same reason `min(position + 0)`: a plain min(position) may be
+        -- planned as a walk of the primary key in order, stopping at the first
+        -- match, and when nothing matches (the usual answer: "no such event
+        -- yet") that walk reads the whole log.
         EXECUTE format(
             'SELECT least('
-            || '(SELECT min(e.position) FROM events e WHERE $6 AND e.position > $1 AND %1$s),'
-            || '(SELECT min(e.position) FROM events e WHERE $2 IS NOT NULL'
+            || '(SELECT min(%2$s) FROM events e WHERE $6 AND e.position > $1 AND %1$s),'
+            || '(SELECT min(%2$s) FROM events e WHERE $2 IS NOT NULL'
             || '   AND (e.transaction_id >= $2 OR e.transaction_id = ANY($5)) AND %1$s))',
             CASE
                 WHEN cardinality(v_tags) > 0 AND cardinality(v_types) > 0
@@ -71,7 +75,8 @@ BEGIN
                 WHEN cardinality(v_tags) > 0 THEN 'e.tags @> $4'
                 WHEN cardinality(v_types) > 0 THEN 'e.type = ANY($3)'
                 ELSE 'true'
-            END)
+            END,
+            CASE WHEN cardinality(v_tags) > 0 THEN 'e.position + 0' ELSE 'e.position' END)
             INTO v_conflict
             USING coalesce(p_after, 0), v_xmax, v_types, v_tags, coalesce(v_xip, '{}'), v_full;
         IF v_conflict IS NOT NULL THEN
