@@ -193,6 +193,7 @@ impl CommandExecutor {
                 .append_and_record(&tx, command, decided.events, condition, attempt)
                 .await?;
             tx.commit().await?;
+            self.store.wake_subscribers();
             Ok::<_, Error>(outcome)
         }
         .await;
@@ -222,6 +223,7 @@ impl CommandExecutor {
                 .append_and_record(&tx, command, decided.events, condition, attempt)
                 .await?;
             tx.commit().await?;
+            self.store.wake_subscribers();
             Ok::<_, Error>(Some(outcome))
         }
         .await;
@@ -248,7 +250,11 @@ impl CommandExecutor {
             let row = tx.query_one("SELECT pg_current_xact_id()", &[]).await?;
             (Vec::new(), row.get::<_, TransactionId>(0))
         } else {
-            let r = self.store.append_in_tx(tx, events, Some(condition)).await?;
+            // The wake-up is sent after the commit, by the callers below.
+            let r = self
+                .store
+                .append_in_tx_quiet(tx, events, Some(condition))
+                .await?;
             (r.positions, r.transaction_id)
         };
         let raw: Vec<i64> = positions.iter().map(|p| p.0).collect();

@@ -617,7 +617,7 @@ impl Flows {
                 }
                 let condition = AppendCondition::new(q.clone()).after(read.cursor);
                 let r = store
-                    .append_in_tx(&tx, events.clone(), Some(condition))
+                    .append_in_tx_quiet(&tx, events.clone(), Some(condition))
                     .await?;
                 let appended = sequenced(events.clone(), &r.positions, r.transaction_id, now);
                 let mut next = state;
@@ -626,6 +626,7 @@ impl Flows {
                 }
                 sync(&tx, store, &def, &next, now).await?;
                 tx.commit().await?;
+                store.wake_subscribers();
                 let stats = &self.inner.stats;
                 stats.statements(2); // append, read models
                 stats.transitions.fetch_add(1, Ordering::Relaxed);

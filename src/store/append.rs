@@ -73,7 +73,12 @@ impl Store {
             return group.append(prepared).await;
         }
         let client = self.inner.pool.get().await?;
-        let result = self.append_with(&client, events, condition).await;
+        // Committed by the statement itself: no notification inside it (see
+        // `wake`), the wake-up is sent after the commit.
+        let result = self.append_with(&client, events, condition, false).await;
+        if matches!(&result, Ok(r) if !r.replayed) {
+            self.wake_subscribers();
+        }
         super::release(client, result)
     }
 
@@ -94,7 +99,26 @@ impl Store {
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
         let _permit = self.permit()?;
-        self.append_with(tx, events, condition).await
+        self.append_with(tx, events, condition, true).await
+    }
+
+    /// Like [`append_in_tx`](Self::append_in_tx), but the caller wakes the
+    /// subscribers after committing ([`wake_subscribers`](Self::wake_subscribers)),
+    /// so that its commit does not take PostgreSQL's notification lock.
+    pub(crate) async fn append_in_tx_quiet(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
+        let _permit = self.permit()?;
+        self.append_with(tx, events, condition, false).await
+    }
+
+    /// Asks for a wake-up of the store's subscribers, sent after this call on
+    /// another connection and coalesced with other requests.
+    pub(crate) fn wake_subscribers(&self) {
+        self.inner.waker.wake();
     }
 
     /// Takes, inside the caller's transaction, the exclusive scope locks an append
@@ -137,10 +161,13 @@ impl Store {
         client: &C,
         events: Vec<Event>,
         condition: Option<AppendCondition>,
+        notify: bool,
     ) -> Result<AppendResult> {
         let prepared = self.prepare_append(events, condition)?;
         let stmt = client.prepare_cached(&self.inner.sql.append).await?;
-        let row = client.query_one(&stmt, &prepared.params(true)).await?;
+        let row = client
+            .query_one(&stmt, &prepared.params(true, notify))
+            .await?;
         decode(&row)
     }
 
@@ -216,8 +243,9 @@ const NO_MODES: &[bool] = &[];
 
 impl PreparedAppend {
     /// The statement parameters; without `locks`, the scope locks are left to the
-    /// caller (group commit holds the store lock exclusively instead).
-    pub(crate) fn params(&self, locks: bool) -> [&(dyn ToSql + Sync); 12] {
+    /// caller (group commit holds the store lock exclusively instead); without
+    /// `notify`, waking subscribers is left to the caller, after the commit.
+    pub(crate) fn params(&self, locks: bool, notify: bool) -> [&(dyn ToSql + Sync); 13] {
         let (keys, modes): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = if locks {
             (&self.lock_keys, &self.lock_modes)
         } else {
@@ -236,6 +264,7 @@ impl PreparedAppend {
             &self.condition,
             &self.after,
             &self.snapshot,
+            if notify { &true } else { &false },
         ]
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::append::{PreparedAppend, decode};
+use super::wake::Waker;
 use super::{AppendResult, Event, Pool, Position, TransactionId};
 use crate::error::{Error, InvalidInput, Result};
 
@@ -42,6 +43,7 @@ struct Writer {
     pool: Pool,
     schema: String,
     append_sql: String,
+    waker: Waker,
     store_key: i64,
     max_batch: usize,
 }
@@ -51,6 +53,7 @@ impl GroupCommit {
         pool: Pool,
         schema: String,
         append_sql: String,
+        waker: Waker,
         store_key: i64,
         max_batch: usize,
     ) -> Self {
@@ -59,6 +62,7 @@ impl GroupCommit {
             pool,
             schema,
             append_sql,
+            waker,
             store_key,
             max_batch,
         };
@@ -293,18 +297,13 @@ impl Writer {
             positions.sort_unstable();
             xid = rows[0].get(1);
         }
-        // One round trip: wake subscribers (if anything was written) and commit.
-        let commit = if inserted > 0 {
-            format!(
-                "SELECT pg_notify('dcbflow_' || left(md5('{}'), 16), ''); COMMIT",
-                self.schema
-            )
-        } else {
-            "COMMIT".to_owned()
-        };
-        tx.batch_execute(&commit)
+        tx.batch_execute("COMMIT")
             .await
             .map_err(|e| Failed::Unknown(e.to_string()))?;
+        // Subscribers are woken after the commit (see `wake`).
+        if inserted > 0 {
+            self.waker.wake();
+        }
 
         let result_of = |fate: &Fate| -> Result<AppendResult> {
             match fate {
@@ -342,10 +341,15 @@ impl Writer {
             let result = async {
                 let client = self.pool.get().await?;
                 let stmt = client.prepare_cached(&self.append_sql).await?;
-                let row = client.query_one(&stmt, &r.append.params(true)).await?;
+                let row = client
+                    .query_one(&stmt, &r.append.params(true, false))
+                    .await?;
                 decode(&row)
             }
             .await;
+            if matches!(&result, Ok(r) if !r.replayed) {
+                self.waker.wake();
+            }
             let _ = r.reply.send(result);
         }
     }

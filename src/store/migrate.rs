@@ -43,6 +43,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005_flows.sql",
         sql: include_str!("../../sql/0005_flows.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_deferred_notify.sql",
+        sql: include_str!("../../sql/0006_deferred_notify.sql"),
+    },
 ];
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object, schema: &str) -> Result<()> {

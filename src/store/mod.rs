@@ -8,6 +8,7 @@ mod migrate;
 mod query;
 mod read;
 mod validate;
+mod wake;
 
 use std::sync::Arc;
 
@@ -81,6 +82,7 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     listen: Option<tokio_postgres::Config>,
     group_commit: Option<group_commit::GroupCommit>,
+    waker: wake::Waker,
     sql: Sql,
 }
 
@@ -294,16 +296,18 @@ impl StoreBuilder {
         let s = &self.schema;
         let sql = Sql {
             append: format!(
-                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot)"
+                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot, $13)"
             ),
             head: format!("SELECT max(position) FROM \"{s}\".events"),
             events: format!("\"{s}\".events"),
         };
+        let waker = wake::Waker::start(self.pool.clone(), self.schema.clone());
         let group_commit = self.group_commit.map(|max| {
             group_commit::GroupCommit::start(
                 self.pool.clone(),
                 self.schema.clone(),
                 sql.append.clone(),
+                waker.clone(),
                 locks::key(&self.schema, locks::Kind::Store, ""),
                 max,
             )
@@ -317,6 +321,7 @@ impl StoreBuilder {
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 listen: self.listen,
                 group_commit,
+                waker,
                 sql,
             }),
         };

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::{TestStore, race};
 
 /// Takes the next number of a counter, up to a limit.
-struct Take {
+pub(crate) struct Take {
     counter: String,
     limit: i64,
     key: Option<String>,
@@ -17,7 +17,7 @@ struct Take {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("counter {0} is exhausted")]
-struct Exhausted(String);
+pub(crate) struct Exhausted(String);
 
 impl Command for Take {
     type Model = Projector<i64>;
@@ -56,7 +56,7 @@ impl Command for Take {
     }
 }
 
-fn take(counter: &str, limit: i64) -> Take {
+pub(crate) fn take(counter: &str, limit: i64) -> Take {
     Take {
         counter: counter.into(),
         limit,

@@ -320,3 +320,63 @@ async fn competing_consumers_take_turns_and_fail_over() {
     assert_eq!(read_model_count(&t, &table).await, 150);
     tasks[1 - active].abort();
 }
+
+/// Appends commit without notifying and the wake-up follows the commit: through
+/// the pool, group commit, the command executor and a caller's transaction, each
+/// append wakes a subscriber (of another store handle, as in another process) whose
+/// fallback poll would not come for a minute.
+#[tokio::test]
+async fn every_append_path_wakes_a_sleeping_subscriber() {
+    let t = TestStore::new().await;
+    let mut options = SubscriptionOptions::default();
+    options.poll_interval = Duration::from_secs(60);
+    let mut sub = t
+        .store
+        .subscribe(Query::all(), None, options)
+        .await
+        .unwrap();
+    assert!(sub.poll_batch().await.unwrap().is_empty());
+    let writer = || {
+        Store::builder_for_url(&t.url, Some(4))
+            .unwrap()
+            .schema(&t.schema)
+            .migrate(false)
+    };
+    let plain = writer().build().await.unwrap();
+    let grouped = writer().group_commit(8).build().await.unwrap();
+    let executor = dcbflow::CommandExecutor::new(plain.clone());
+    for path in ["pool", "group commit", "command", "caller's transaction"] {
+        // The append comes once the subscriber is waiting.
+        let (plain, grouped, executor) = (plain.clone(), grouped.clone(), executor.clone());
+        let append = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match path {
+                "pool" => drop(plain.append(vec![ev("E", &["p:1"])], None).await.unwrap()),
+                "group commit" => {
+                    drop(grouped.append(vec![ev("E", &["p:2"])], None).await.unwrap())
+                }
+                "command" => drop(
+                    executor
+                        .execute(&crate::command::take("woken", 10))
+                        .await
+                        .unwrap(),
+                ),
+                _ => {
+                    let mut client = plain.pool().get().await.unwrap();
+                    let tx = client.transaction().await.unwrap();
+                    plain
+                        .append_in_tx(&tx, vec![ev("E", &["p:3"])], None)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+            }
+        });
+        let batch = tokio::time::timeout(Duration::from_secs(10), sub.next_batch())
+            .await
+            .unwrap_or_else(|_| panic!("an append through {path} did not wake the subscriber"))
+            .unwrap();
+        append.await.unwrap();
+        assert_eq!(batch.len(), 1, "{path}");
+    }
+}
