@@ -6,8 +6,10 @@ mod error;
 pub mod events;
 mod executor;
 mod messages;
+mod ops;
 mod participant;
 mod plan;
+mod query;
 mod state;
 pub mod template;
 mod validate;
@@ -17,13 +19,13 @@ pub use definition::{
     Action, FlowBuilder, FlowDefinition, OnExhausted, SqlStatement, TaskDefinition, TaskRetry, Tcc,
     TccParticipant, ValueType,
 };
-pub use engine::{
-    FlowStats, Flows, IncidentGroup, InstanceFilter, InstanceSummary, Operator, StartedInstance,
-};
+pub use engine::{FlowStats, Flows, StartedInstance};
 pub use error::{DefinitionError, FlowError};
 pub use events::{Phase, StepId};
 pub use executor::{TaskContext, TaskError, TaskExecutor};
+pub use ops::Operator;
 pub use participant::{BarrierOutcome, TccBarrier, TccPhase};
+pub use query::{IncidentGroup, InstanceFilter, InstanceSummary};
 pub use state::{InstanceState, InstanceStatus, StepState, StepStatus};
 pub use validate::validate;
 pub use worker::{Worker, WorkerOptions};

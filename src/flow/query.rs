@@ -1,0 +1,173 @@
+//! Queries of the flow engine: instances, timelines, incidents.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::FlowError;
+use super::engine::{Flows, instance_query};
+use super::state::{InstanceState, InstanceStatus};
+use crate::{ReadOptions, SequencedEvent};
+
+/// A row of [`Flows::instances`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSummary {
+    /// Instance id.
+    pub id: Uuid,
+    /// Flow name.
+    pub flow: String,
+    /// Definition version.
+    pub version: String,
+    /// Business key.
+    pub business_key: Option<String>,
+    /// Status.
+    pub status: String,
+    /// Start time.
+    pub started_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Filter of [`Flows::instances`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct InstanceFilter {
+    /// Only this flow.
+    pub flow: Option<String>,
+    /// Only this status.
+    pub status: Option<InstanceStatus>,
+    /// Only this business key.
+    pub business_key: Option<String>,
+    /// At most this many (default 100), newest first.
+    pub limit: Option<i64>,
+}
+
+impl InstanceFilter {
+    /// Instances of `flow`.
+    pub fn flow(flow: impl Into<String>) -> Self {
+        InstanceFilter {
+            flow: Some(flow.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Only those with `status`.
+    #[must_use]
+    pub fn status(mut self, status: InstanceStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+}
+
+/// A group of [`Flows::incidents`]: open incidents of one flow, task, kind and error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncidentGroup {
+    /// Flow name.
+    pub flow: String,
+    /// Task name.
+    pub task: String,
+    /// `exhausted`, `compensation_failed`, `timed_out`, `paused`.
+    pub kind: String,
+    /// The error.
+    pub error: String,
+    /// Instances affected.
+    pub instances: Vec<Uuid>,
+    /// Failed attempts in all.
+    pub occurrences: i64,
+    /// First seen.
+    pub first_seen: DateTime<Utc>,
+    /// Last seen.
+    pub last_seen: DateTime<Utc>,
+}
+
+impl Flows {
+    /// The instance's state, folded from its events.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn instance(&self, id: Uuid) -> Result<Option<InstanceState>, FlowError> {
+        let events = self.timeline(id).await?;
+        Ok(InstanceState::fold(&events))
+    }
+
+    /// Every event of the instance, oldest first (its audit trail).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn timeline(&self, id: Uuid) -> Result<Vec<SequencedEvent>, FlowError> {
+        Ok(self
+            .inner
+            .store
+            .read_all(&instance_query(id), ReadOptions::default())
+            .await?
+            .events)
+    }
+
+    /// Instances by flow, status and business key, newest first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn instances(
+        &self,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceSummary>, FlowError> {
+        let client = self.inner.store.pool().get().await?;
+        let sql = format!(
+            "SELECT id, flow, version, business_key, status, started_at, updated_at FROM {} \
+             WHERE ($1::text IS NULL OR flow = $1) AND ($2::text IS NULL OR status = $2) \
+               AND ($3::text IS NULL OR business_key = $3) \
+             ORDER BY started_at DESC LIMIT $4",
+            self.inner.store.table("flow_instances")
+        );
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &filter.flow,
+                    &filter.status.map(InstanceStatus::as_str),
+                    &filter.business_key,
+                    &filter.limit.unwrap_or(100),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| InstanceSummary {
+                id: r.get(0),
+                flow: r.get(1),
+                version: r.get(2),
+                business_key: r.get(3),
+                status: r.get(4),
+                started_at: r.get(5),
+                updated_at: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Open incidents grouped by flow, task, kind and error, most recent first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn incidents(&self) -> Result<Vec<IncidentGroup>, FlowError> {
+        let client = self.inner.store.pool().get().await?;
+        let sql = format!(
+            "SELECT flow, task, kind, error, array_agg(instance ORDER BY instance), \
+                    sum(occurrences)::bigint, min(first_seen), max(last_seen) \
+             FROM {} GROUP BY flow, task, kind, error ORDER BY max(last_seen) DESC",
+            self.inner.store.table("flow_incidents")
+        );
+        let rows = client.query(&sql, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| IncidentGroup {
+                flow: r.get(0),
+                task: r.get(1),
+                kind: r.get(2),
+                error: r.get(3),
+                instances: r.get(4),
+                occurrences: r.get(5),
+                first_seen: r.get(6),
+                last_seen: r.get(7),
+            })
+            .collect())
+    }
+}
