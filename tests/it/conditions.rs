@@ -317,11 +317,12 @@ async fn disjoint_scopes_never_conflict() {
     assert_eq!(t.count().await, 16 * 25);
 }
 
-/// The condition check scans the events after a near cursor (at most 32 behind the
-/// head) by position, and uses the tag index for a cursor further behind: a match
-/// near and far, and none at all near and far, are each decided correctly, for a
-/// typed and a match-all item. Cursors are bare positions, so only the position
-/// test can catch the match.
+/// The condition check scans the events after a near cursor (at most 64 behind the
+/// head) by position, uses the tag index for a cursor further behind, and probes
+/// the tag index alone when there is no cursor: a match near, far and anywhere, and
+/// none at all near, far and anywhere, are each decided correctly, for a typed and
+/// a match-all item. Cursors are bare positions, so only the position test can
+/// catch the match.
 #[tokio::test]
 async fn condition_is_decided_inside_and_beyond_the_scan_window() {
     let t = TestStore::new().await;
@@ -352,6 +353,22 @@ async fn condition_is_decided_inside_and_beyond_the_scan_window() {
     t.append_if(booked(), &q, cursor)
         .await
         .expect("no matching event after the cursor");
+
+    // No cursor: any matching event at all conflicts (the first is named), and a
+    // tag with no events, or only events of other types, does not.
+    let none = |q: &Query| Some(dcbflow::AppendCondition::new(q.clone()));
+    let first_booked = t.events(&q).await[0].position;
+    assert_conflict_at(t.store.append(booked(), none(&q)).await, first_booked);
+    let fresh = Query::items_of(["Booked"], ["seat:fresh"]);
+    t.store
+        .append(vec![ev("Other", &["seat:fresh"])], None)
+        .await
+        .unwrap();
+    t.store
+        .append(vec![ev("Booked", &["seat:fresh"])], none(&fresh))
+        .await
+        .expect("no Booked event on a fresh seat");
+    assert!(t.store.append(booked(), none(&fresh)).await.is_err());
 
     // A match-all item conflicts on any event after the cursor, far or near.
     let cursor = head().await;
