@@ -215,6 +215,9 @@ impl CommandExecutor {
                 Ok(d) => d,
                 Err(e) => {
                     rejected = Some(e);
+                    // Release the scope lock now, not when the dropped
+                    // transaction's rollback gets through.
+                    tx.rollback().await?;
                     return Ok(None);
                 }
             };
