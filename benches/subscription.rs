@@ -77,10 +77,11 @@ fn main() {
     // dcbflow: a live subscription forwarding positions.
     let (tx, rx) = mpsc::unbounded_channel::<Position>();
     let rx = Arc::new(Mutex::new(rx));
+    // The start is read before the first append, so that no append precedes it.
+    let head = rt.block_on(store.head()).expect("head");
     let live = {
         let store = store.clone();
         rt.spawn(async move {
-            let head = store.head().await.expect("head");
             let mut sub = store
                 .subscribe(
                     Query::items_of(["Live"], Vec::<String>::new()),
@@ -120,15 +121,12 @@ fn main() {
     // Baseline: poll every 5 ms.
     let (tx, rx) = mpsc::unbounded_channel::<i64>();
     let rx = Arc::new(Mutex::new(rx));
+    let start = rt.block_on(store.head()).expect("head").map_or(0, |p| p.0);
     let poller = {
         let pool = pool.clone();
         rt.spawn(async move {
             let c = pool.get().await.expect("connection");
-            let mut after: i64 = c
-                .query_one(&format!("SELECT coalesce(max(position), 0) FROM {SCHEMA}.events"), &[])
-                .await
-                .expect("head")
-                .get(0);
+            let mut after: i64 = start;
             loop {
                 let rows = c
                     .query(&format!("SELECT position FROM {SCHEMA}.events WHERE position > $1 AND type = 'Raw' ORDER BY position"), &[&after])
