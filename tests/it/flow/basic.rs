@@ -186,3 +186,54 @@ async fn bad_input_and_bad_definitions_are_refused() {
     }
     assert_eq!(t.count().await, before, "nothing was written");
 }
+
+/// Registering a changed definition makes a new version; an instance started on
+/// the old one finishes on it (its tasks, not the new ones), and new instances run
+/// the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_instance_keeps_the_version_it_started_with() {
+    let (_t, flows) = engine().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    {
+        let gate = gate.clone();
+        flows.function("gated", move |_ctx: TaskContext| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Ok::<_, TaskError>(json!({}))
+            }
+        });
+    }
+    flows.function("noop", |_ctx: TaskContext| async move {
+        Ok::<_, TaskError>(json!({}))
+    });
+    let v1 = FlowDefinition::builder("evolving")
+        .task(TaskDefinition::new("first", Action::rust("gated")))
+        .build();
+    let v1_version = flows.register(&v1).await.unwrap();
+    let workers = Workers::start(&[&flows]);
+    let old = flows.start("evolving", None, json!({})).await.unwrap();
+    assert_eq!(old.version, v1_version);
+
+    let v2 = FlowDefinition::builder("evolving")
+        .task(TaskDefinition::new("first", Action::rust("gated")))
+        .task(TaskDefinition::new("second", Action::rust("noop")).after(["first"]))
+        .build();
+    let v2_version = flows.register(&v2).await.unwrap();
+    assert_ne!(v1_version, v2_version, "new content, new version");
+    let new = flows.start("evolving", None, json!({})).await.unwrap();
+    assert_eq!(new.version, v2_version);
+
+    gate.add_permits(2);
+    let old_state = wait_for(&flows, old.instance, InstanceStatus::Completed, 20).await;
+    let new_state = wait_for(&flows, new.instance, InstanceStatus::Completed, 20).await;
+    workers.stop().await;
+    assert_eq!(old_state.version, v1_version);
+    assert!(old_state.outputs.contains_key("first"));
+    assert!(
+        !old_state.outputs.contains_key("second"),
+        "the old instance ran only its version's tasks"
+    );
+    assert_eq!(new_state.version, v2_version);
+    assert!(new_state.outputs.contains_key("second"));
+}
