@@ -88,6 +88,9 @@ impl Flows {
 /// A finished attempt: step, attempt, the task's timeout (ms), result.
 type Outcome = (StepId, u32, u64, Result<Effect, (TaskError, bool)>);
 
+/// The shortest time between two looks of a worker's wake-up subscription.
+const WAKE_GAP: Duration = Duration::from_millis(5);
+
 impl Worker {
     /// Runs until `cancel` fires. Woken by a subscription to the flow events that
     /// create work (starts, operator actions) and by the earliest due time.
@@ -112,12 +115,18 @@ impl Worker {
             let after = store.head().await?;
             let mut options = SubscriptionOptions::default();
             options.poll_interval = self.options.poll_interval;
-            let mut sub = store.subscribe(q, after, options).await?;
+            // Only a hint: the work itself is claimed from `flow_wakeups`, which
+            // the poll below finds even if a late-committing start is skipped here.
+            let mut sub = store.subscribe(q, after, options).await?.wake_signal();
             tokio::spawn(async move {
                 while let Ok(Some(batch)) = sub.next_batch_or_cancel(&cancel).await {
                     if !batch.is_empty() {
                         wake.notify_one();
                     }
+                    // Every commit in the store notifies; a busy store would have
+                    // each worker re-read the log after each one. Looking at most
+                    // every WAKE_GAP lets a burst of commits count as one.
+                    tokio::time::sleep(WAKE_GAP).await;
                 }
             })
         };

@@ -55,6 +55,9 @@ pub struct Subscription {
     horizon: Horizon,
     wake: Arc<Notify>,
     listener: Option<Listener>,
+    /// Whether events are handed out only below the writer horizon (always, for
+    /// users; see [`Subscription::wake_signal`]).
+    gap_free: bool,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -121,6 +124,7 @@ impl Store {
             },
             wake,
             listener,
+            gap_free: true,
         })
     }
 }
@@ -164,6 +168,16 @@ async fn listen(
 }
 
 impl Subscription {
+    /// Turns this subscription into a wake-up signal: it reads up to the head of
+    /// the log, without waiting for writers in flight, so an event that commits
+    /// late may be skipped. For callers that only use the events as a hint to look
+    /// elsewhere (flow workers, which claim their work from a table), this saves
+    /// the horizon checks a gap-free subscription repeats while writers are busy.
+    pub(crate) fn wake_signal(mut self) -> Self {
+        self.gap_free = false;
+        self
+    }
+
     /// The position up to which this subscription has handed out events (or found
     /// none matching): resume from here.
     pub fn position(&self) -> Position {
@@ -176,7 +190,9 @@ impl Subscription {
     /// Database errors.
     pub async fn poll_batch(&mut self) -> Result<Vec<SequencedEvent>> {
         // While catching up below a known horizon, no need to ask for a new one.
-        let horizon = if self.position.0 < self.horizon.safe {
+        let horizon = if !self.gap_free {
+            self.store.head().await?.map_or(0, |p| p.0)
+        } else if self.position.0 < self.horizon.safe {
             self.horizon.safe
         } else {
             self.advance_horizon().await?
