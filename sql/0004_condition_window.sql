@@ -10,8 +10,10 @@
 -- order instead, for each item, whatever the statistics say, and when fewer
 -- than c_window events follow the cursor that scan decides alone. A condition
 -- with no cursor on a tagged item is a probe of the tag index, planned once
--- per connection. A cursor further behind, or a snapshot, uses the per-item
--- index query planned for its values, as before.
+-- per connection. With a near cursor that carries a snapshot, the events of
+-- transactions the snapshot did not see are found through the transaction-id
+-- index. A cursor further behind, or a window that overflows, uses the
+-- per-item index query planned for its values, as before.
 CREATE OR REPLACE FUNCTION condition_conflict(p_condition jsonb, p_after bigint, p_snapshot pg_snapshot)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -29,6 +31,7 @@ DECLARE
     v_types    text[];
     v_tags     text[];
     v_near     boolean := false;
+    v_over     boolean;
 BEGIN
     IF p_condition IS NULL THEN
         RETURN NULL;
@@ -63,12 +66,14 @@ BEGIN
             -- The window held every event after the cursor: decided.
             CONTINUE;
         END IF;
-        IF p_after IS NULL AND v_xmax IS NULL AND cardinality(v_tags) > 0 THEN
+        IF p_after IS NULL AND cardinality(v_tags) > 0 THEN
             -- "No such event at all", the condition of a first decision on a
-            -- new tag: a probe of the tag index decides it. This statement is
-            -- planned once per connection (plan_cache_mode below), as the tag
-            -- index lookup, which costs a few microseconds where planning it
-            -- for its values, as EXECUTE does, costs about a hundred.
+            -- new tag: a probe of the tag index decides it (every matching
+            -- event is one the reader did not see, late committers included).
+            -- This statement is planned once per connection (plan_cache_mode
+            -- below), as the tag index lookup, which costs a few microseconds
+            -- where planning it for its values, as EXECUTE does, costs about
+            -- a hundred.
             SELECT min(e.position + 0) INTO v_conflict FROM events e
              WHERE e.tags @> v_tags
                AND (cardinality(v_types) = 0 OR e.type || '' = ANY(v_types));
@@ -76,6 +81,36 @@ BEGIN
                 RETURN v_conflict;
             END IF;
             CONTINUE;
+        END IF;
+        IF NOT v_full AND v_xmax IS NOT NULL THEN
+            -- The window decided the events after the cursor. Left are the
+            -- events of transactions the reader's snapshot did not see, which
+            -- may sit below the cursor (late committers): found by transaction
+            -- id, those of transactions started after the snapshot in id
+            -- order, and those of transactions in flight at it. If either
+            -- holds more than c_window events, the planned query decides.
+            SELECT min(w.position) FILTER (WHERE w.tags @> v_tags
+                                             AND (cardinality(v_types) = 0 OR w.type = ANY(v_types))),
+                   count(*) > c_window
+              INTO v_conflict, v_over
+              FROM (SELECT e.position, e.type, e.tags FROM events e
+                     WHERE e.transaction_id >= v_xmax
+                     ORDER BY e.transaction_id LIMIT c_window + 1) w;
+            IF NOT v_over AND cardinality(v_xip) > 0 THEN
+                SELECT least(v_conflict,
+                             min(w.position) FILTER (WHERE w.tags @> v_tags
+                                                       AND (cardinality(v_types) = 0 OR w.type = ANY(v_types)))),
+                       count(*) > c_window
+                  INTO v_conflict, v_over
+                  FROM (SELECT e.position, e.type, e.tags FROM events e
+                         WHERE e.transaction_id = ANY(v_xip) LIMIT c_window + 1) w;
+            END IF;
+            IF NOT v_over THEN
+                IF v_conflict IS NOT NULL THEN
+                    RETURN v_conflict;
+                END IF;
+                CONTINUE;
+            END IF;
         END IF;
         -- EXECUTE: planned for these very values every time (no generic plan).
         -- For an item with tags the tag index leads: the type test is kept
