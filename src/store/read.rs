@@ -87,6 +87,11 @@ pub struct EventStream {
     position: Option<Position>,
     backwards: bool,
     finished: bool,
+    /// The read covers every matching event up to the log's head as of its
+    /// snapshot (forward, no limit, no upper bound).
+    whole: bool,
+    /// The log's head as of the read's snapshot.
+    head: Option<i64>,
 }
 
 impl std::fmt::Debug for EventStream {
@@ -114,6 +119,8 @@ impl EventStream {
             position: options.after,
             backwards: options.backwards,
             finished: false,
+            whole: !options.backwards && options.limit.is_none() && options.up_to.is_none(),
+            head: None,
         }
     }
 
@@ -123,6 +130,10 @@ impl EventStream {
     ///
     /// For a forward read this is the last yielded position; for a backwards read the
     /// first (newest) one. With nothing yielded it is the read's `after` option.
+    /// Once a forward read without `limit` or `up_to` has ended, it is the log's head
+    /// as of the read's snapshot: every matching event up to there was yielded, and
+    /// events the snapshot could not see are caught by the snapshot itself. An append
+    /// condition after a cursor close to the head is the cheapest to check.
     pub fn cursor(&self) -> Option<Cursor> {
         self.snapshot.as_ref().map(|s| Cursor {
             position: self.position,
@@ -176,6 +187,12 @@ impl Stream for EventStream {
             let row = match ready!(self.rows.as_mut().poll_next(cx)) {
                 None => {
                     self.finished = true;
+                    if self.whole
+                        && let Some(head) = self.head
+                        && self.position.is_none_or(|p| p.0 < head)
+                    {
+                        self.position = Some(Position(head));
+                    }
                     return Poll::Ready(None);
                 }
                 Some(Err(e)) => {
@@ -191,7 +208,10 @@ impl Stream for EventStream {
                 Some(Ok(row)) => row,
             };
             match decode(&row) {
-                Ok(Decoded::Snapshot(s)) => self.snapshot = Some(s),
+                Ok(Decoded::Snapshot(s, head)) => {
+                    self.snapshot = Some(s);
+                    self.head = head;
+                }
                 Ok(Decoded::Event(e)) => {
                     if !self.backwards || self.position.is_none_or(|p| e.position > p) {
                         self.position = Some(e.position);
@@ -208,7 +228,8 @@ impl Stream for EventStream {
 }
 
 enum Decoded {
-    Snapshot(Snapshot),
+    /// The read's snapshot and the log's head in it.
+    Snapshot(Snapshot, Option<i64>),
     Event(SequencedEvent),
 }
 
@@ -219,7 +240,12 @@ fn decode(row: &Row) -> Result<Decoded> {
         let snapshot = text.parse().map_err(|e: super::ParseCursorError| {
             Error::Config(format!("unexpected snapshot from the server: {e}"))
         })?;
-        return Ok(Decoded::Snapshot(snapshot));
+        // The head travels in the snapshot row's `data` column (see `read_sql`).
+        let head: Option<serde_json::Value> = row.try_get(4)?;
+        return Ok(Decoded::Snapshot(
+            snapshot,
+            head.as_ref().and_then(serde_json::Value::as_i64),
+        ));
     };
     Ok(Decoded::Event(SequencedEvent {
         position: Position(position),
@@ -343,9 +369,10 @@ impl Store {
             None => String::new(),
         };
         let sql = format!(
-            "(SELECT NULL::bigint, NULL::xid8, pg_current_snapshot()::text, NULL::text[], NULL::jsonb, NULL::jsonb, NULL::uuid, NULL::timestamptz) \
+            "(SELECT NULL::bigint, NULL::xid8, pg_current_snapshot()::text, NULL::text[], \
+                     to_jsonb((SELECT max(position) FROM {0})), NULL::jsonb, NULL::uuid, NULL::timestamptz) \
              UNION ALL \
-             (SELECT position, transaction_id, type, tags, data, metadata, id, recorded_at FROM {} \
+             (SELECT position, transaction_id, type, tags, data, metadata, id, recorded_at FROM {0} \
               WHERE {filter} ORDER BY position {order}{limit})",
             self.inner.sql.events
         );

@@ -388,3 +388,80 @@ async fn condition_is_decided_inside_and_beyond_the_scan_window() {
         .positions[0];
     assert_conflict_at(t.append_if(booked(), &Query::all(), cursor).await, first);
 }
+
+/// A complete forward read's cursor is the log's head as of its snapshot, past
+/// unrelated events: an append after it does not conflict with them, conflicts
+/// with a matching event appended since, and still catches a matching writer that
+/// was in flight during the read (below the cursor) once it commits.
+#[tokio::test]
+async fn a_complete_read_covers_up_to_the_head_of_its_snapshot() {
+    let t = TestStore::new().await;
+    let q = Query::items_of(["SeatBooked"], ["seat:h"]);
+    t.store
+        .append(vec![ev("SeatBooked", &["seat:h"])], None)
+        .await
+        .unwrap();
+    // In flight during the read: a matching event, taken before the unrelated ones.
+    let mut late = t.store.pool().get().await.unwrap();
+    let late_tx = late.transaction().await.unwrap();
+    let p_late = t
+        .store
+        .append_in_tx(&late_tx, vec![ev("SeatBooked", &["seat:h", "late"])], None)
+        .await
+        .unwrap()
+        .positions[0];
+    let unrelated = t
+        .store
+        .append(vec![ev("Other", &["x:1"]), ev("Other", &["x:2"])], None)
+        .await
+        .unwrap();
+    let head = *unrelated.positions.last().unwrap();
+
+    let read = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
+    assert_eq!(read.events.len(), 1);
+    assert_eq!(
+        read.cursor.position,
+        Some(head),
+        "past the unrelated events"
+    );
+    // A limited read covers only what it yielded.
+    let limited = t
+        .store
+        .read_all(&q, ReadOptions::default().limit(5))
+        .await
+        .unwrap();
+    assert_eq!(limited.cursor.position, Some(read.events[0].position));
+
+    // The in-flight writer commits below the cursor: the snapshot catches it.
+    late_tx.commit().await.unwrap();
+    assert_conflict_at(
+        t.append_if(vec![ev("SeatBooked", &["seat:h"])], &q, read.cursor.clone())
+            .await,
+        p_late,
+    );
+
+    // Without it, nothing matching after the read: holds; after a matching append: fails.
+    let q2 = Query::items_of(["SeatBooked"], ["seat:h2"]);
+    t.store
+        .append(vec![ev("SeatBooked", &["seat:h2"])], None)
+        .await
+        .unwrap();
+    t.store
+        .append(vec![ev("Other", &["x:3"])], None)
+        .await
+        .unwrap();
+    let read = t.store.read_all(&q2, ReadOptions::default()).await.unwrap();
+    let r = t
+        .append_if(
+            vec![ev("SeatBooked", &["seat:h2"])],
+            &q2,
+            read.cursor.clone(),
+        )
+        .await
+        .expect("nothing matching since the read");
+    assert_conflict_at(
+        t.append_if(vec![ev("SeatBooked", &["seat:h2"])], &q2, read.cursor)
+            .await,
+        r.positions[0],
+    );
+}
