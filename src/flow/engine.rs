@@ -434,10 +434,19 @@ impl Flows {
                             .map_err(TransitionError::Sql)?;
                     }
                 }
-                // The read is complete, so its cursor is the log's head as of its
-                // snapshot, not the instance's last event (far behind when many
-                // instances run at once): the cheap near-cursor check.
-                let condition = AppendCondition::new(q.clone()).after(read.cursor);
+                // The condition is checked after the log's head as a bare
+                // position, without the read's snapshot. The same guarantee: this
+                // transaction holds the instance's scope lock since before its
+                // read, so no event of the instance was in flight then or can be
+                // appended by anyone else until it commits. But the check is the
+                // cheapest one, a short scan after the head, where the snapshot
+                // would add a probe per transaction in flight (many, when many
+                // instances run at once).
+                let after = read
+                    .cursor
+                    .position
+                    .map_or(read.cursor.clone(), crate::Cursor::at);
+                let condition = AppendCondition::new(q.clone()).after(after);
                 let r = store
                     .append_in_tx_quiet(&tx, events.clone(), Some(condition))
                     .await?;
