@@ -90,7 +90,8 @@ pub struct EventStream {
     /// The read covers every matching event up to the log's head as of its
     /// snapshot (forward, no limit, no upper bound).
     whole: bool,
-    /// The log's head as of the read's snapshot.
+    /// The last position allocated when the read ran (the visible head, or past it
+    /// by positions of transactions the read's snapshot does not see).
     head: Option<i64>,
 }
 
@@ -130,9 +131,10 @@ impl EventStream {
     ///
     /// For a forward read this is the last yielded position; for a backwards read the
     /// first (newest) one. With nothing yielded it is the read's `after` option.
-    /// Once a forward read without `limit` or `up_to` has ended, it is the log's head
-    /// as of the read's snapshot: every matching event up to there was yielded, and
-    /// events the snapshot could not see are caught by the snapshot itself. An append
+    /// Once a forward read without `limit` or `up_to` has ended, it is the last
+    /// position allocated when the read ran: every matching event up to there that
+    /// the snapshot sees was yielded, and those it does not see (in flight, or
+    /// written later) are caught by the snapshot itself. An append
     /// condition after a cursor close to the head is the cheapest to check.
     pub fn cursor(&self) -> Option<Cursor> {
         self.snapshot.as_ref().map(|s| Cursor {
@@ -370,11 +372,12 @@ impl Store {
         };
         let sql = format!(
             "(SELECT NULL::bigint, NULL::xid8, pg_current_snapshot()::text, NULL::text[], \
-                     to_jsonb((SELECT max(position) FROM {0})), NULL::jsonb, NULL::uuid, NULL::timestamptz) \
+                     to_jsonb(pg_sequence_last_value('\"{1}\".events_position_seq'::regclass)), \
+                     NULL::jsonb, NULL::uuid, NULL::timestamptz) \
              UNION ALL \
              (SELECT position, transaction_id, type, tags, data, metadata, id, recorded_at FROM {0} \
               WHERE {filter} ORDER BY position {order}{limit})",
-            self.inner.sql.events
+            self.inner.sql.events, self.inner.schema
         );
         (sql, params)
     }
