@@ -116,15 +116,14 @@ impl Flows {
                     def.name
                 )));
             }
-            if !matches!(
-                state.status,
-                InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Failed
-            ) {
-                return Err(FlowError::NotAllowed(format!(
-                    "the instance is {}",
-                    state.status.as_str()
-                )));
-            }
+            require(
+                state,
+                &[
+                    InstanceStatus::Running,
+                    InstanceStatus::Paused,
+                    InstanceStatus::Failed,
+                ],
+            )?;
             let step = StepId::new(task, Phase::Action);
             let busy = state
                 .steps
@@ -163,15 +162,14 @@ impl Flows {
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
         self.operate(id, seen, |state, _| {
-            if !matches!(
-                state.status,
-                InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Failed
-            ) {
-                return Err(FlowError::NotAllowed(format!(
-                    "the instance is {}",
-                    state.status.as_str()
-                )));
-            }
+            require(
+                state,
+                &[
+                    InstanceStatus::Running,
+                    InstanceStatus::Paused,
+                    InstanceStatus::Failed,
+                ],
+            )?;
             Ok(vec![operator_event(id, types::ABORTED, by)])
         })
         .await
@@ -188,15 +186,10 @@ impl Flows {
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
         self.operate(id, seen, |state, _| {
-            if !matches!(
-                state.status,
-                InstanceStatus::Running | InstanceStatus::Compensating
-            ) {
-                return Err(FlowError::NotAllowed(format!(
-                    "the instance is {}",
-                    state.status.as_str()
-                )));
-            }
+            require(
+                state,
+                &[InstanceStatus::Running, InstanceStatus::Compensating],
+            )?;
             Ok(vec![operator_event(id, types::PAUSED, by)])
         })
         .await
@@ -213,12 +206,7 @@ impl Flows {
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
         self.operate(id, seen, |state, _| {
-            if state.status != InstanceStatus::Paused {
-                return Err(FlowError::NotAllowed(format!(
-                    "the instance is {}",
-                    state.status.as_str()
-                )));
-            }
+            require(state, &[InstanceStatus::Paused])?;
             Ok(vec![operator_event(id, types::RESUMED, by)])
         })
         .await
@@ -235,4 +223,15 @@ fn operator_event(id: Uuid, ty: &str, by: &Operator) -> Event {
             step: None,
         },
     )
+}
+
+/// Refuses an operation unless the instance is in one of `allowed`.
+fn require(state: &InstanceState, allowed: &[InstanceStatus]) -> Result<(), FlowError> {
+    if allowed.contains(&state.status) {
+        return Ok(());
+    }
+    Err(FlowError::NotAllowed(format!(
+        "the instance is {}",
+        state.status.as_str()
+    )))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use dcbflow::deadpool_postgres::Pool;
 use dcbflow::{BarrierOutcome, TccBarrier, TccPhase};
 
-use crate::support::db;
+use crate::support::{self, db};
 
 /// A barrier and a small business table in a schema of their own, dropped afterwards.
 struct Fixture {
@@ -99,28 +99,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let url = db::Database::shared_url().to_string();
-        let schema = self.schema.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                let _ = client
-                    .batch_execute(&format!(
-                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                    ))
-                    .await;
-            });
-        })
-        .join()
-        .unwrap();
+        support::drop_schema(&self.schema);
     }
 }
 

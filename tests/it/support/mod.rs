@@ -105,35 +105,43 @@ impl TestStore {
 
 impl Drop for TestStore {
     fn drop(&mut self) {
-        let url = db::Database::shared_url().to_string();
-        let schema = self.schema.clone();
-        let app = schema.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                let _ = client
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                        &[&app],
-                    )
-                    .await;
-                let _ = client
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .await;
-            });
-        })
-        .join()
-        .unwrap();
+        drop_schema(&self.schema);
     }
+}
+
+/// Drops a test's schema, on a connection of its own (the test's runtime may be
+/// shutting down): first ends the sessions tagged with the schema as application
+/// name, then waits at most 10 s for locks.
+pub fn drop_schema(schema: &str) {
+    let url = db::Database::shared_url().to_string();
+    let schema = schema.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            let _ = client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    &[&schema],
+                )
+                .await;
+            let _ = client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                ))
+                .await;
+        });
+    })
+    .join()
+    .unwrap();
 }
 
 fn with_app_name(url: &str, name: &str) -> String {
