@@ -17,7 +17,7 @@ mod common;
 use common::{Ratio, Setup};
 use criterion::{BenchmarkId, Throughput};
 use dcbflow::{
-    Command, CommandExecutor, Concurrency, Decided, Event, Projector, Query, RetryPolicy,
+    Command, CommandExecutor, CommandRetry, Concurrency, Decided, Event, Projector, Query,
 };
 use deadpool_postgres::Pool;
 use serde_json::json;
@@ -82,7 +82,7 @@ fn main() {
         ("hot/16/pessimistic", 16, true, Concurrency::Pessimistic),
     ] {
         let exec = CommandExecutor::new(store.clone())
-            .retry(RetryPolicy::attempts(10_000))
+            .retry(CommandRetry::attempts(10_000))
             .concurrency(mode);
         let tag = move |i: usize| {
             if hot {
@@ -141,8 +141,12 @@ fn main() {
             ),
         );
         g.bench_function(BenchmarkId::new("dcbflow", n), |b| {
-            b.to_async(rt)
-                .iter(|| async { store.project(&model).await.expect("project").states })
+            b.to_async(rt).iter(|| async {
+                dcbflow::project(&store, &model)
+                    .await
+                    .expect("project")
+                    .states
+            })
         });
         g.bench_function(BenchmarkId::new("raw_select", n), |b| {
             b.to_async(rt).iter(|| async {

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::{Ratio, Setup};
 use criterion::{BenchmarkId, Throughput};
-use dcbflow::{
-    Action, CancellationToken, FlowDefinition, Flows, Query, SubscriptionOptions, TaskContext,
-    TaskDefinition, TaskError, WorkerOptions,
+use dcbflow::flow::{
+    Action, FlowDefinition, Flows, TaskContext, TaskDefinition, TaskError, WorkerOptions,
 };
+use dcbflow::{CancellationToken, Query, SubscriptionOptions};
 use serde_json::{Value, json};
 
 const SCHEMA: &str = "bench_flow";
@@ -157,10 +157,10 @@ async fn run_instances(flows: &Flows, n: u64) -> Duration {
     let store = flows.store();
     let head = store.head().await.expect("head");
     let completed = Query::items_of(["FlowCompleted"], Vec::<String>::new());
-    let mut sub = store
-        .subscribe(completed, head, SubscriptionOptions::default())
-        .await
-        .expect("subscribe");
+    let mut sub =
+        dcbflow::Subscription::connect(&store, completed, head, SubscriptionOptions::default())
+            .await
+            .expect("subscribe");
     let start = Instant::now();
     let mut ids = std::collections::HashSet::with_capacity(n as usize);
     for _ in 0..n {

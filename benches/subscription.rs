@@ -39,10 +39,14 @@ fn main() {
     g.throughput(Throughput::Elements(EVENTS as u64));
     g.bench_function(BenchmarkId::new("dcbflow", EVENTS), |b| {
         b.to_async(rt).iter(|| async {
-            let mut sub = store
-                .subscribe(Query::all(), None, SubscriptionOptions::default())
-                .await
-                .expect("subscribe");
+            let mut sub = dcbflow::Subscription::connect(
+                &store,
+                Query::all(),
+                None,
+                SubscriptionOptions::default(),
+            )
+            .await
+            .expect("subscribe");
             let mut n = 0;
             while n < EVENTS {
                 n += sub.next_batch().await.expect("batch").len();
@@ -82,14 +86,14 @@ fn main() {
     let live = {
         let store = store.clone();
         rt.spawn(async move {
-            let mut sub = store
-                .subscribe(
-                    Query::items_of(["Live"], Vec::<String>::new()),
-                    head,
-                    SubscriptionOptions::default(),
-                )
-                .await
-                .expect("subscribe");
+            let mut sub = dcbflow::Subscription::connect(
+                &store,
+                Query::items_of(["Live"], Vec::<String>::new()),
+                head,
+                SubscriptionOptions::default(),
+            )
+            .await
+            .expect("subscribe");
             loop {
                 for e in sub.next_batch().await.expect("batch") {
                     let _ = tx.send(e.position);

@@ -3,7 +3,7 @@
 //! May student s1 enrol in course c1? Three projectors answer it together: the
 //! course's capacity (from `CourseDefined` and `CourseCapacityChanged`), the number
 //! of students enrolled in the course, and the number of courses the student takes
-//! (at most 3). `store.project(&(capacity, enrolled, student_courses))` reads the
+//! (at most 3). `dcbflow::project(&store, &(capacity, enrolled, student_courses))` reads the
 //! union of their queries once and returns the three states with the append
 //! condition protecting a decision taken on them. The example shows a refused
 //! decision (course full), a capacity change, an accepted enrolment under the fresh
@@ -94,7 +94,7 @@ async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 3. First projection: c1 is full, so enrolling s1 is refused.
-    let first = store.project(&model).await?;
+    let first = dcbflow::project(&store, &model).await?;
     let (cap, enr, courses) = first.states;
     let stale = first.condition;
     println!(
@@ -132,7 +132,7 @@ async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 5. Second projection: there is room; enrol s1 under the fresh condition.
-    let second = store.project(&model).await?;
+    let second = dcbflow::project(&store, &model).await?;
     let (cap, enr, courses) = second.states;
     println!("projection 2: capacity {cap}, enrolled {enr}, s1 takes {courses} courses");
     if (cap, enr, courses) != (3, 2, 2) {
@@ -170,7 +170,7 @@ async fn run(store: Store) -> Result<(), Box<dyn std::error::Error>> {
 
     // 7. Check the final state: c1 has 3 of 3, s1 takes 3 courses, and the refused
     //    append wrote nothing.
-    let last = store.project(&model).await?;
+    let last = dcbflow::project(&store, &model).await?;
     let (cap, enr, courses) = last.states;
     println!("final: capacity {cap}, enrolled {enr}, s1 takes {courses} courses");
     if (cap, enr, courses) != (3, 3, 3) {

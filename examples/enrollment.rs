@@ -15,8 +15,8 @@ mod support;
 use std::collections::{HashMap, HashSet};
 
 use dcbflow::{
-    Command, CommandError, CommandExecutor, Decided, Event, Projector, Query, ReadOptions,
-    RetryPolicy, Store,
+    Command, CommandError, CommandExecutor, CommandRetry, Decided, Event, Projector, Query,
+    ReadOptions, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -126,7 +126,7 @@ async fn run(
         .collect();
     store.append(courses, None).await?;
 
-    let executor = CommandExecutor::new(store.clone()).retry(RetryPolicy::attempts(100));
+    let executor = CommandExecutor::new(store.clone()).retry(CommandRetry::attempts(100));
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
             let executor = executor.clone();

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use dcbflow::{CancellationToken, FlowDefinition, Flows, InstanceStatus, Store, WorkerOptions};
+use dcbflow::flow::{FlowDefinition, Flows, InstanceStatus, WorkerOptions};
+use dcbflow::{CancellationToken, Store};
 use serde_json::{Value, json};
 use support::BoxError;
 

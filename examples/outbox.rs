@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dcbflow::async_nats;
-use dcbflow::{CancellationToken, Event, NatsPublisher, OutboxRelay, Query, Store};
+use dcbflow::outbox::{NatsPublisher, OutboxRelay};
+use dcbflow::{CancellationToken, Event, Query, Store};
 use futures::StreamExt;
 use serde_json::json;
 use support::BoxError;
@@ -99,7 +100,7 @@ async fn relay_and_consume(
                 .ok_or("message without Nats-Msg-Id")?;
             let mut client = store2.pool().get().await?;
             let tx = client.transaction().await?;
-            if store2.mark_processed(&tx, "order-counter", &id).await? {
+            if dcbflow::outbox::mark_processed(&store2, &tx, "order-counter", &id).await? {
                 applied2.fetch_add(1, Ordering::SeqCst); // the "work", once per message
             } else {
                 duplicates2.fetch_add(1, Ordering::SeqCst);
@@ -134,7 +135,9 @@ async fn relay_and_consume(
         "placed {orders} orders in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    let lag = store.lag("orders-to-nats", &placed).await?;
+    let lag = dcbflow::Checkpoints::new(store.clone())
+        .lag("orders-to-nats", &placed)
+        .await?;
     println!(
         "relay lag right after placing: {} events behind",
         lag.events_behind
@@ -153,7 +156,9 @@ async fn relay_and_consume(
 
     let mut stream = stream.clone();
     let published = stream.info().await?.state.messages;
-    let lag = store.lag("orders-to-nats", &placed).await?;
+    let lag = dcbflow::Checkpoints::new(store.clone())
+        .lag("orders-to-nats", &placed)
+        .await?;
     let (applied, duplicates) = (
         applied.load(Ordering::SeqCst),
         duplicates.load(Ordering::SeqCst),

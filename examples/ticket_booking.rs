@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dcbflow::{
-    Command, CommandError, CommandExecutor, Concurrency, Decided, Event, Projector, Query,
-    ReadOptions, RetryPolicy, Store,
+    Command, CommandError, CommandExecutor, CommandRetry, Concurrency, Decided, Event, Projector,
+    Query, ReadOptions, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -96,7 +96,7 @@ async fn run(
     attempts: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let executor = CommandExecutor::new(store.clone())
-        .retry(RetryPolicy::attempts(1000))
+        .retry(CommandRetry::attempts(1000))
         .concurrency(mode);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use dcbflow::{
-    Command, CommandError, CommandExecutor, Decided, Event, Projector, Query, QueryItem,
-    ReadOptions, RetryPolicy, SequencedEvent, Store,
+    Command, CommandError, CommandExecutor, CommandRetry, Decided, Event, Projector, Query,
+    QueryItem, ReadOptions, SequencedEvent, Store,
 };
 use rand::Rng;
 use serde_json::json;
@@ -123,7 +123,7 @@ async fn run(
         .collect();
     store.append(opened, None).await?;
 
-    let executor = CommandExecutor::new(store.clone()).retry(RetryPolicy::attempts(100));
+    let executor = CommandExecutor::new(store.clone()).retry(CommandRetry::attempts(100));
     let started = Instant::now();
     let tasks: Vec<_> = (0..workers)
         .map(|_| {

@@ -1,14 +1,33 @@
-//! The command executor: decide on a decision model, append with its condition,
-//! retry on conflict, record the command, and make it idempotent.
+//! The command layer: decide on a decision model, append with its condition
+//! (optimistically, or under the scope lock), with extra work inside the same
+//! transaction, retry on conflict, record the command, and make it idempotent.
+//!
+//! Depends on the store and the projection layer. Owns `sql/command/` (the
+//! command log). The flow engine's transitions are commands run by this
+//! executor, so there is one implementation of pessimistic execution.
 
 mod executor;
 mod retry;
 pub mod testing;
 
-pub use executor::{CommandError, CommandExecutor, CommandOutcome, Concurrency};
-pub use retry::RetryPolicy;
+use std::future::Future;
 
-use crate::{DecisionModel, Event, Query};
+pub use executor::{CommandError, CommandExecutor, CommandOutcome, Concurrency};
+pub use retry::CommandRetry;
+
+use crate::projection::DecisionModel;
+use crate::store::migrate::{Layer, Migration};
+use crate::store::{AppendResult, Event, Query};
+
+/// The command layer's schema: the command log.
+pub(crate) const SCHEMA: Layer = Layer {
+    name: "command",
+    migrations: &[Migration {
+        version: 1,
+        name: "0001_commands.sql",
+        sql: include_str!("../../sql/command/0001_commands.sql"),
+    }],
+};
 
 /// A command: which decision model it needs, and how it decides.
 ///
@@ -67,6 +86,40 @@ pub trait Command: Send + Sync {
         &self,
         states: <Self::Model as DecisionModel>::States,
     ) -> Result<Decided, Self::Error>;
+
+    /// Whether the command log records this command (default `true`). Commands
+    /// whose events are their own record (the flow engine's transitions) say `false`.
+    fn logged(&self) -> bool {
+        true
+    }
+
+    /// Extra work inside the command's transaction, after the decision and before
+    /// the append: SQL that must commit with the events, or not at all (default:
+    /// none). `events` are the events about to be appended (possibly none). An
+    /// error rolls everything back and fails the command with
+    /// [`CommandError::Aborted`].
+    fn before_append(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = (tx, events);
+        async { Ok(()) }
+    }
+
+    /// Extra work inside the command's transaction, after the events were
+    /// appended (read models that must never be behind the log; default: none).
+    /// Not called when the decision appended nothing. An error rolls everything
+    /// back and fails the command with [`CommandError::Aborted`].
+    fn after_append(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: &[Event],
+        appended: &AppendResult,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = (tx, events, appended);
+        async { Ok(()) }
+    }
 }
 
 /// What a command decided: events to append, and optionally more events whose

@@ -1,42 +1,36 @@
-//! Retry with jittered exponential backoff.
+//! How the executor retries.
 
 use std::time::Duration;
 
-use rand::Rng;
+use crate::backoff::Backoff;
 
-/// How the executor retries a command whose append conflicted.
+/// How the [`CommandExecutor`](super::CommandExecutor) retries a command whose
+/// append conflicted, or that met a retryable store error.
 ///
 /// Defaults: 10 attempts, backoff from 2 ms doubling up to 250 ms, with full jitter
-/// (each delay drawn uniformly between 0 and the current ceiling), so contending
-/// commands spread out instead of colliding again in lockstep.
+/// (see [`Backoff`]).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct RetryPolicy {
+pub struct CommandRetry {
     /// Attempts in total, the first included (at least 1).
     pub max_attempts: u32,
-    /// Ceiling of the first delay.
-    pub initial_backoff: Duration,
-    /// Largest ceiling.
-    pub max_backoff: Duration,
-    /// Growth of the ceiling per attempt.
-    pub multiplier: f64,
+    /// Delay between attempts.
+    pub backoff: Backoff,
 }
 
-impl Default for RetryPolicy {
+impl Default for CommandRetry {
     fn default() -> Self {
-        RetryPolicy {
+        CommandRetry {
             max_attempts: 10,
-            initial_backoff: Duration::from_millis(2),
-            max_backoff: Duration::from_millis(250),
-            multiplier: 2.0,
+            backoff: Backoff::new(Duration::from_millis(2), Duration::from_millis(250)),
         }
     }
 }
 
-impl RetryPolicy {
+impl CommandRetry {
     /// A policy with `n` attempts and default backoff.
     pub fn attempts(n: u32) -> Self {
-        RetryPolicy {
+        CommandRetry {
             max_attempts: n.max(1),
             ..Self::default()
         }
@@ -47,13 +41,11 @@ impl RetryPolicy {
         Self::attempts(1)
     }
 
-    /// The delay after failed attempt `attempt` (1-based): uniform in `[0, ceiling]`.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(attempt.saturating_sub(1).min(64) as i32);
-        let ceiling = self.initial_backoff.mul_f64(exp).min(self.max_backoff);
-        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    /// Sets the backoff.
+    #[must_use]
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
     }
 }
 
@@ -62,15 +54,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_stays_under_its_growing_ceiling() {
-        let p = RetryPolicy::default();
-        for attempt in 1..20 {
-            let ceiling =
-                (p.initial_backoff.mul_f64(2f64.powi(attempt as i32 - 1))).min(p.max_backoff);
-            for _ in 0..50 {
-                assert!(p.backoff(attempt) <= ceiling);
-            }
-        }
-        assert_eq!(RetryPolicy::attempts(0).max_attempts, 1);
+    fn at_least_one_attempt() {
+        assert_eq!(CommandRetry::attempts(0).max_attempts, 1);
+        assert_eq!(CommandRetry::none().max_attempts, 1);
     }
 }

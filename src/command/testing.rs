@@ -22,7 +22,8 @@
 use chrono::Utc;
 
 use super::{Command, Decided};
-use crate::{DecisionModel, Event, Position, SequencedEvent, TransactionId};
+use crate::projection::DecisionModel;
+use crate::store::{Event, Position, SequencedEvent, TransactionId};
 
 /// Starts a test with the events already in the log.
 pub fn given(events: impl IntoIterator<Item = Event>) -> Given {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::Position;
+use crate::store::Position;
 
 /// A definition that cannot be registered: every problem found, not just the first.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,22 +38,23 @@ impl fmt::Display for DefinitionError {
     }
 }
 
-/// Why a flow operation failed.
+/// Why a flow operation failed. Each variant says what the caller can do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FlowError {
-    /// The definition is invalid.
+    /// The definition is invalid: fix every problem listed, then register again.
     #[error(transparent)]
     Definition(#[from] DefinitionError),
-    /// No flow of this name (or version) is registered.
+    /// No flow of this name (or version) is registered: register it first.
     #[error("unknown flow {0:?}")]
     UnknownFlow(String),
     /// No instance with this id.
     #[error("unknown flow instance {0}")]
     UnknownInstance(uuid::Uuid),
-    /// The flow input does not match the definition's input fields. Nothing was written.
-    #[error("invalid flow input: {}", .0.join("; "))]
-    InvalidInput(Vec<String>),
+    /// The flow input does not match the definition's input fields (one line
+    /// per problem): fix the input. Nothing was written.
+    #[error("flow input does not match the definition: {}", .0.join("; "))]
+    InputMismatch(Vec<String>),
     /// A manual operation was refused because the instance changed since the
     /// operator looked at it (at `expected`); look again and decide again.
     #[error("the instance moved since version {expected} (now {actual})")]
@@ -66,9 +67,18 @@ pub enum FlowError {
     /// The operation does not apply to the instance or task in its current state.
     #[error("not allowed: {0}")]
     NotAllowed(String),
-    /// The store failed.
+    /// Concurrent writers kept winning (for example many starts with one business
+    /// key at once): try again.
+    #[error("contended: {0}")]
+    Contended(String),
+    /// Something the log or the read models hold could not be read (a stored
+    /// definition or event this version cannot decode): nothing the caller can
+    /// fix by retrying; report it.
+    #[error("unreadable flow data: {0}")]
+    Unreadable(String),
+    /// The store failed (see [`Error::is_retryable`](crate::store::Error::is_retryable)).
     #[error(transparent)]
-    Store(#[from] crate::Error),
+    Store(#[from] crate::store::Error),
 }
 
 impl From<tokio_postgres::Error> for FlowError {

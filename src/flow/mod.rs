@@ -1,31 +1,44 @@
-//! The flow engine: distributed transactions as flows of tasks, all state in events.
+//! The flow engine: distributed transactions as flows of tasks, every instance
+//! and step transition an event in the store's log (feature `flow`).
+//!
+//! Three rooms, with arrows only downward:
+//! - `model`: the pure, database-free core: definitions, validation, templates,
+//!   events, the state fold and every planning decision;
+//! - `runtime`: the engine ([`Flows`]), transitions (commands of the command
+//!   layer), workers and executors;
+//! - `admin`: manual operations and queries.
+//!
+//! Depends on the command, projection, outbox and store layers. Owns
+//! `sql/flow/` (the read models) and its [`FlowError`].
 
-mod definition;
-mod engine;
+mod admin;
 mod error;
-pub mod events;
-mod executor;
-mod messages;
-mod ops;
-mod participant;
-mod plan;
-mod query;
-mod state;
-pub mod template;
-mod validate;
-mod worker;
+mod model;
+mod runtime;
 
-pub use definition::{
+pub use admin::{IncidentGroup, InstanceFilter, InstanceSummary, Operator};
+pub use error::{DefinitionError, FlowError};
+pub use model::definition::{
     Action, FlowBuilder, FlowDefinition, OnExhausted, SqlStatement, TaskDefinition, TaskRetry, Tcc,
     TccParticipant, ValueType,
 };
-pub use engine::{FlowStats, Flows, StartedInstance};
-pub use error::{DefinitionError, FlowError};
-pub use events::{Phase, StepId};
-pub use executor::{TaskContext, TaskError, TaskExecutor};
-pub use ops::Operator;
-pub use participant::{BarrierOutcome, TccBarrier, TccPhase};
-pub use query::{IncidentGroup, InstanceFilter, InstanceSummary};
-pub use state::{InstanceState, InstanceStatus, StepState, StepStatus};
-pub use validate::validate;
-pub use worker::{Worker, WorkerOptions};
+pub use model::events::{self, FlowEvent, Phase, StepId};
+pub use model::failure::TaskError;
+pub use model::state::{InstanceState, InstanceStatus, StepState, StepStatus};
+pub use model::template;
+pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
+pub use runtime::{
+    FlowStats, Flows, StartedInstance, TaskContext, TaskExecutor, Worker, WorkerOptions,
+};
+
+use crate::store::migrate::{Layer, Migration};
+
+/// The flow layer's schema: the read models of instances, wake-ups, incidents.
+pub(crate) const SCHEMA: Layer = Layer {
+    name: "flow",
+    migrations: &[Migration {
+        version: 1,
+        name: "0001_flows.sql",
+        sql: include_str!("../../sql/flow/0001_flows.sql"),
+    }],
+};

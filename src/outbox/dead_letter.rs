@@ -2,13 +2,13 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{OutboxMessage, Publisher};
-use crate::{Error, Position, Query, ReadOptions, Result, Store};
+use super::{Error, OutboxMessage, Publisher, Result};
+use crate::store::{Position, Query, ReadOptions, Store};
 
 /// An event the relay of `subscription` could not publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    /// Its id, for [`Store::replay_dead_letter`] and [`Store::discard_dead_letter`].
+    /// Its id, for [`DeadLetters::replay`] and [`DeadLetters::discard`].
     pub id: i64,
     /// The relay's subscription name.
     pub subscription: String,
@@ -24,19 +24,43 @@ pub struct DeadLetter {
     pub created_at: DateTime<Utc>,
 }
 
-impl Store {
+/// The dead letters of a store's relays: list, replay, discard.
+///
+/// ```no_run
+/// # async fn demo(store: dcbflow::Store, publisher: impl dcbflow::outbox::Publisher) -> dcbflow::outbox::Result<()> {
+/// use dcbflow::outbox::DeadLetters;
+/// let dead = DeadLetters::new(store);
+/// for letter in dead.list("orders-to-nats").await? {
+///     println!("{} failed {} times: {}", letter.position, letter.attempts, letter.error);
+///     dead.replay(letter.id, &publisher).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: Store,
+}
+
+impl DeadLetters {
+    /// The dead letters of `store`.
+    pub fn new(store: Store) -> Self {
+        DeadLetters { store }
+    }
+
     /// The dead letters of relay `subscription`, oldest first.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn dead_letters(&self, subscription: &str) -> Result<Vec<DeadLetter>> {
-        let client = self.pool().get().await?;
+    #[tracing::instrument(name = "dcbflow.dead_letters.list", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), relay = subscription))]
+    pub async fn list(&self, subscription: &str) -> Result<Vec<DeadLetter>> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
+        let client = self.store.pool().get().await?;
         let rows = client
             .query(
                 &format!(
                     "SELECT id, subscription, position, message_id, error, attempts, created_at \
                      FROM {} WHERE subscription = $1 ORDER BY position",
-                    self.table("dead_letters")
+                    self.store.table("dead_letters")
                 ),
                 &[&subscription],
             )
@@ -59,29 +83,42 @@ impl Store {
     /// Returns `false` if there is no such dead letter.
     ///
     /// # Errors
-    /// The publish error (the dead letter stays, with this error recorded), or
-    /// database errors.
-    pub async fn replay_dead_letter(&self, id: i64, publisher: &impl Publisher) -> Result<bool> {
-        let client = self.pool().get().await?;
-        let table = self.table("dead_letters");
-        let Some(row) = client
-            .query_opt(
-                &format!("SELECT position FROM {table} WHERE id = $1"),
-                &[&id],
-            )
-            .await?
-        else {
-            return Ok(false);
+    /// [`Error::Publish`] when the publisher refuses it again (the dead letter
+    /// stays, with this error recorded), or store errors.
+    #[tracing::instrument(name = "dcbflow.dead_letters.replay", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), id))]
+    pub async fn replay(&self, id: i64, publisher: &impl Publisher) -> Result<bool> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
+        let table = self.store.table("dead_letters");
+        // One connection at a time: never hold one while waiting for another.
+        let position = {
+            let client = self.store.pool().get().await?;
+            let row = client
+                .query_opt(
+                    &format!("SELECT position FROM {table} WHERE id = $1"),
+                    &[&id],
+                )
+                .await?;
+            match row {
+                Some(row) => Position(row.get(0)),
+                None => return Ok(false),
+            }
         };
-        let position = Position(row.get(0));
         let options = ReadOptions::default()
             .after(Position(position.0 - 1))
             .up_to(position);
-        let Some(event) = self.read_all(&Query::all(), options).await?.events.pop() else {
+        let Some(event) = self
+            .store
+            .read_all(&Query::all(), options)
+            .await?
+            .events
+            .pop()
+        else {
             return Ok(false);
         };
-        let message = OutboxMessage::new(self.schema(), event);
-        if let Err(f) = publisher.publish(std::slice::from_ref(&message)).await {
+        let message = OutboxMessage::new(self.store.schema(), event);
+        let published = publisher.publish(std::slice::from_ref(&message)).await;
+        let client = self.store.pool().get().await?;
+        if let Err(f) = published {
             client
                 .execute(
                     &format!(
@@ -102,49 +139,54 @@ impl Store {
     ///
     /// # Errors
     /// Database errors.
-    pub async fn discard_dead_letter(&self, id: i64) -> Result<bool> {
-        let client = self.pool().get().await?;
+    #[tracing::instrument(name = "dcbflow.dead_letters.discard", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), id))]
+    pub async fn discard(&self, id: i64) -> Result<bool> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
+        let client = self.store.pool().get().await?;
         let n = client
             .execute(
-                &format!("DELETE FROM {} WHERE id = $1", self.table("dead_letters")),
+                &format!(
+                    "DELETE FROM {} WHERE id = $1",
+                    self.store.table("dead_letters")
+                ),
                 &[&id],
             )
             .await?;
         Ok(n > 0)
     }
+}
 
-    /// Consumer-side deduplication: records `message_id` as processed by `consumer`
-    /// inside the consumer's own transaction. Returns `false` if it was processed
-    /// before (skip the message); the record commits or rolls back with the work.
-    ///
-    /// ```no_run
-    /// # async fn demo(store: dcbflow::Store, id: &str) -> dcbflow::Result<()> {
-    /// let mut client = store.pool().get().await?;
-    /// let tx = client.transaction().await?;
-    /// if store.mark_processed(&tx, "billing", id).await? {
-    ///     // ... apply the message ...
-    /// }
-    /// tx.commit().await?;
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn mark_processed(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        consumer: &str,
-        message_id: &str,
-    ) -> Result<bool> {
-        let n = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    self.table("processed_messages")
-                ),
-                &[&consumer, &message_id],
-            )
-            .await?;
-        Ok(n == 1)
-    }
+/// Consumer-side deduplication: records `message_id` as processed by `consumer`
+/// inside the consumer's own transaction `tx` on `store`'s database. Returns
+/// `false` if it was processed before (skip the message); the record commits or
+/// rolls back with the work.
+///
+/// ```no_run
+/// # async fn demo(store: dcbflow::Store, id: &str) -> dcbflow::outbox::Result<()> {
+/// let mut client = store.pool().get().await?;
+/// let tx = client.transaction().await?;
+/// if dcbflow::outbox::mark_processed(&store, &tx, "billing", id).await? {
+///     // ... apply the message ...
+/// }
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// Database errors.
+#[tracing::instrument(name = "dcbflow.mark_processed", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %store.schema(), consumer))]
+pub async fn mark_processed(
+    store: &Store,
+    tx: &deadpool_postgres::Transaction<'_>,
+    consumer: &str,
+    message_id: &str,
+) -> Result<bool> {
+    store.ensure_layer(&super::SCHEMA).await?;
+    let stmt = tx
+        .prepare_cached(&format!(
+            "INSERT INTO {} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            store.table("processed_messages")
+        ))
+        .await?;
+    Ok(tx.execute(&stmt, &[&consumer, &message_id]).await? == 1)
 }

@@ -1,49 +1,45 @@
 //! Where the relay publishes to.
 
 use std::future::Future;
+#[cfg(feature = "nats")]
 use std::sync::Arc;
+#[cfg(any(feature = "nats", feature = "http"))]
 use std::time::Duration;
 
-use crate::SequencedEvent;
+use super::Envelope;
+use crate::store::SequencedEvent;
 
-/// One event on its way out.
-///
-/// Two metadata keys of the event shape the message: `"idempotency_key"` (a
-/// string) replaces the default id, and `"publish": "data.payload"` sends only
-/// the event's `data.payload` instead of the whole event (the flow engine's
-/// NATS messages use both).
+/// One event on its way out, shaped by its [`Envelope`] (if it has one).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OutboxMessage {
-    /// Stable id, the same on every attempt: the event's `idempotency_key`
-    /// metadata, else `<schema>:<position>`. Sent as `Nats-Msg-Id` (JetStream
-    /// deduplicates) or `Idempotency-Key` (webhooks).
+    /// Stable id, the same on every attempt: the envelope's message id, else
+    /// `<schema>:<position>`. Sent as `Nats-Msg-Id` (JetStream deduplicates) or
+    /// `Idempotency-Key` (webhooks).
     pub id: String,
+    /// The envelope's subject, if it names one.
+    pub subject: Option<String>,
     /// The event.
     pub event: SequencedEvent,
-    /// The event serialized as JSON (a [`SequencedEvent`]), or its
-    /// `data.payload` (see above).
+    /// The body: the event serialized as JSON (a [`SequencedEvent`]), or the
+    /// part of it the envelope names.
     pub payload: Vec<u8>,
 }
 
 impl OutboxMessage {
-    pub(crate) fn new(schema: &str, event: SequencedEvent) -> Self {
-        let metadata = event.event.metadata.as_ref();
-        let payload = match metadata
-            .and_then(|m| m.get("publish"))
-            .and_then(|p| p.as_str())
-        {
-            Some("data.payload") => serde_json::to_vec(&event.event.data["payload"]),
-            _ => serde_json::to_vec(&event),
+    /// The message for `event` of the store in `schema`.
+    pub fn new(schema: &str, event: SequencedEvent) -> Self {
+        let envelope = Envelope::of(&event.event).unwrap_or_default();
+        let payload = envelope.render(&event);
+        let id = envelope
+            .message_id
+            .unwrap_or_else(|| format!("{schema}:{}", event.position));
+        OutboxMessage {
+            id,
+            subject: envelope.subject,
+            event,
+            payload,
         }
-        .expect("events serialize");
-        let id = match metadata
-            .and_then(|m| m.get("idempotency_key"))
-            .and_then(|k| k.as_str())
-        {
-            Some(key) => key.to_owned(),
-            None => format!("{schema}:{}", event.position),
-        };
-        OutboxMessage { id, event, payload }
     }
 }
 
@@ -83,6 +79,12 @@ impl PublishFailure {
 
 /// Publishes messages in order, reporting how far it got.
 pub trait Publisher: Send + Sync {
+    /// The messaging system, for traces (OpenTelemetry's `messaging.system`;
+    /// default `"other"`).
+    fn system(&self) -> &'static str {
+        "other"
+    }
+
     /// Publishes `messages` in order. On failure, says how many from the start were
     /// durably accepted; the relay retries from the first that was not.
     fn publish(
@@ -91,10 +93,14 @@ pub trait Publisher: Send + Sync {
     ) -> impl Future<Output = Result<(), PublishFailure>> + Send;
 }
 
+#[cfg(feature = "nats")]
 type SubjectFn = Arc<dyn Fn(&SequencedEvent) -> String + Send + Sync>;
 
 /// Publishes to NATS JetStream with `Nats-Msg-Id` set to the message id. A batch is
-/// sent in one go and its acknowledgements awaited in order.
+/// sent in one go and its acknowledgements awaited in order. A message whose
+/// envelope names a subject goes there; others to the subject this publisher
+/// chooses.
+#[cfg(feature = "nats")]
 #[derive(Clone)]
 pub struct NatsPublisher {
     client: async_nats::Client,
@@ -102,12 +108,14 @@ pub struct NatsPublisher {
     subject: SubjectFn,
 }
 
+#[cfg(feature = "nats")]
 impl std::fmt::Debug for NatsPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsPublisher").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "nats")]
 impl NatsPublisher {
     /// Publishes on `<prefix>.<event type>`, waiting at most `ack_timeout` for each
     /// acknowledgement.
@@ -134,6 +142,7 @@ impl NatsPublisher {
     }
 }
 
+#[cfg(feature = "nats")]
 impl NatsPublisher {
     /// A failure is the broker's, not the message's, when the client is not
     /// connected or the acknowledgement timed out.
@@ -147,7 +156,12 @@ impl NatsPublisher {
     }
 }
 
+#[cfg(feature = "nats")]
 impl Publisher for NatsPublisher {
+    fn system(&self) -> &'static str {
+        "nats"
+    }
+
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
         use async_nats::jetstream::context::PublishErrorKind;
         let mut acks = Vec::with_capacity(messages.len());
@@ -157,7 +171,13 @@ impl Publisher for NatsPublisher {
             headers.insert("Nats-Msg-Id", m.id.as_str());
             let sent = self
                 .jetstream
-                .publish_with_headers((self.subject)(&m.event), headers, m.payload.clone().into())
+                .publish_with_headers(
+                    m.subject
+                        .clone()
+                        .unwrap_or_else(|| (self.subject)(&m.event)),
+                    headers,
+                    m.payload.clone().into(),
+                )
                 .await;
             match sent {
                 Ok(ack) => acks.push(ack),
@@ -183,27 +203,47 @@ impl Publisher for NatsPublisher {
 }
 
 /// POSTs each message's JSON to a URL with an `Idempotency-Key` header, in order;
-/// any 2xx status is success.
+/// any 2xx status is success. `https://` URLs are verified against the
+/// platform's roots (rustls).
+#[cfg(feature = "http")]
 #[derive(Debug, Clone)]
 pub struct WebhookPublisher {
     client: reqwest::Client,
     url: String,
 }
 
+#[cfg(feature = "http")]
 impl WebhookPublisher {
     /// A publisher posting to `url` with a request timeout.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn new(url: impl Into<String>, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Self::with_client(crate::http::client_builder().timeout(timeout).build()?, url)
+    }
+
+    /// A publisher posting to `url` with `client` (for example one that trusts
+    /// a private certificate authority).
+    ///
+    /// # Errors
+    /// None today; kept fallible like [`new`](Self::new).
+    pub fn with_client(
+        client: reqwest::Client,
+        url: impl Into<String>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(WebhookPublisher {
-            client: reqwest::Client::builder().timeout(timeout).build()?,
+            client,
             url: url.into(),
         })
     }
 }
 
+#[cfg(feature = "http")]
 impl Publisher for WebhookPublisher {
+    fn system(&self) -> &'static str {
+        "webhook"
+    }
+
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
         for (delivered, m) in messages.iter().enumerate() {
             let response = self

@@ -4,17 +4,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{OutboxMessage, Publisher};
-use crate::projection::Lease;
-use crate::{
-    Error, Position, Query, Result, RetryPolicy, SequencedEvent, Store, SubscriptionOptions,
-};
+use super::{OutboxMessage, Publisher, Result};
+use crate::backoff::Backoff;
+use crate::projection::{Checkpoints, Lease, Subscription, SubscriptionOptions};
+use crate::store::{Position, Query, SequencedEvent, Store};
 
 /// Relay settings.
 ///
 /// | setting | default |
 /// |---|---|
-/// | `subscription` | [`SubscriptionOptions::default`] (batches of 500) |
+/// | `subscription` | [`SubscriptionOptions::default`](crate::SubscriptionOptions) (batches of 500) |
 /// | `max_attempts` per event before it becomes a dead letter | 10 |
 /// | `backoff` between attempts | 50 ms doubling to 5 s, full jitter |
 /// | `lease_retry` | 1 s |
@@ -24,26 +23,21 @@ pub struct RelayOptions {
     /// Batching and wake-ups.
     pub subscription: SubscriptionOptions,
     /// Attempts per event before it goes to the dead letters. Only refusals
-    /// count ([`PublishFailure::transient`](crate::PublishFailure) `false`); while
+    /// count ([`PublishFailure::transient`](super::PublishFailure) `false`); while
     /// the destination is unreachable the relay waits, backing off, indefinitely.
     pub max_attempts: u32,
-    /// Delay between attempts (its `max_attempts` is not used).
-    pub backoff: RetryPolicy,
+    /// Delay between attempts, and between looks at an unreachable destination.
+    pub backoff: Backoff,
     /// How often a standby relay tries to take over.
     pub lease_retry: Duration,
 }
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        let backoff = RetryPolicy {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(5),
-            ..RetryPolicy::default()
-        };
         RelayOptions {
             subscription: SubscriptionOptions::default(),
             max_attempts: 10,
-            backoff,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             lease_retry: Duration::from_secs(1),
         }
     }
@@ -55,7 +49,8 @@ impl Default for RelayOptions {
 ///
 /// ```no_run
 /// # async fn demo(store: dcbflow::Store) -> Result<(), Box<dyn std::error::Error>> {
-/// use dcbflow::{CancellationToken, NatsPublisher, OutboxRelay, Query, RelayOptions};
+/// use dcbflow::{CancellationToken, Query};
+/// use dcbflow::outbox::{NatsPublisher, OutboxRelay};
 /// let nats = async_nats::connect("127.0.0.1:4222").await?;
 /// let publisher = NatsPublisher::new(nats, "orders", std::time::Duration::from_secs(5));
 /// let relay = OutboxRelay::new(store, "orders-to-nats", Query::items_of(["OrderPlaced"], Vec::<String>::new()), publisher);
@@ -93,7 +88,10 @@ impl<P: Publisher> OutboxRelay<P> {
     ///
     /// # Errors
     /// Store errors (publish errors are retried, then dead-lettered).
+    #[tracing::instrument(name = "dcbflow.relay.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), messaging.system = self.publisher.system(), relay = %self.name))]
     pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        self.store.ensure_layer(&crate::projection::SCHEMA).await?;
+        self.store.ensure_layer(&super::SCHEMA).await?;
         loop {
             let Some(lease) =
                 Lease::acquire(&self.store, &self.name, self.options.lease_retry, &cancel).await?
@@ -109,15 +107,14 @@ impl<P: Publisher> OutboxRelay<P> {
 
     /// `true` when cancelled, `false` when the lease was lost.
     async fn run_with(&self, lease: &Lease, cancel: &CancellationToken) -> Result<bool> {
-        let mut checkpoint = self.store.checkpoint(&self.name).await?;
-        let mut sub = self
-            .store
-            .subscribe(
-                self.query.clone(),
-                Some(checkpoint),
-                self.options.subscription.clone(),
-            )
-            .await?;
+        let mut checkpoint = Checkpoints::new(self.store.clone()).get(&self.name).await?;
+        let mut sub = Subscription::connect(
+            &self.store,
+            self.query.clone(),
+            Some(checkpoint),
+            self.options.subscription.clone(),
+        )
+        .await?;
         loop {
             if cancel.is_cancelled() {
                 return Ok(true);
@@ -169,7 +166,7 @@ impl<P: Publisher> OutboxRelay<P> {
                         outage = (outage + 1).min(30);
                         tracing::warn!(relay = %self.name, id = %message.id, error = %failure.error, "destination unreachable");
                         tokio::select! {
-                            () = tokio::time::sleep(self.options.backoff.backoff(outage)) => {}
+                            () = tokio::time::sleep(self.options.backoff.delay(outage)) => {}
                             () = cancel.cancelled() => return None,
                         }
                         continue;
@@ -184,7 +181,7 @@ impl<P: Publisher> OutboxRelay<P> {
                         continue;
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(self.options.backoff.backoff(attempts)) => {}
+                        () = tokio::time::sleep(self.options.backoff.delay(attempts)) => {}
                         () = cancel.cancelled() => return None,
                     }
                 }
@@ -203,16 +200,7 @@ impl<P: Publisher> OutboxRelay<P> {
     ) -> Result<bool> {
         let mut client = self.store.pool().get().await?;
         let tx = client.transaction().await?;
-        let moved = tx
-            .execute(
-                &format!(
-                    "UPDATE {} SET position = $3, updated_at = now() WHERE name = $1 AND position = $2",
-                    self.store.table("subscriptions")
-                ),
-                &[&self.name, &from.0, &to.0],
-            )
-            .await?;
-        if moved == 0 {
+        if !Checkpoints::advance_in_tx(&self.store, &tx, &self.name, from, to).await? {
             return Ok(false);
         }
         for (message, error, attempts) in dead {
@@ -233,7 +221,7 @@ impl<P: Publisher> OutboxRelay<P> {
             )
             .await?;
         }
-        tx.commit().await.map_err(Error::from)?;
+        tx.commit().await?;
         Ok(true)
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{Query, SequencedEvent};
+use crate::store::{Query, SequencedEvent};
 
 type Fold<S> = Arc<dyn Fn(&mut S, &SequencedEvent) + Send + Sync>;
 
@@ -167,7 +167,7 @@ tuple_model!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Event, Position, QueryItem, TransactionId};
+    use crate::store::{Event, Position, QueryItem, TransactionId};
     use serde_json::json;
 
     fn seq(p: i64, ty: &str, tags: &[&str]) -> SequencedEvent {

@@ -4,12 +4,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
-use super::SubscriptionOptions;
-use crate::{Error, Position, Query, ReadOptions, Result, SequencedEvent, Store};
+use super::{Checkpoints, Subscription, SubscriptionOptions};
+use crate::store::{Error, Position, Query, Result, SequencedEvent, Store};
 
 /// A boxed error from user code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,7 +17,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// stores the subscription's checkpoint: the read model sees every event exactly once.
 ///
 /// ```
-/// use dcbflow::{ProjectionHandler, SequencedEvent, BoxError};
+/// use dcbflow::{BoxError, ProjectionHandler, SequencedEvent};
 /// struct CountOrders;
 /// impl ProjectionHandler for CountOrders {
 ///     async fn apply(&self, tx: &dcbflow::deadpool_postgres::Transaction<'_>, events: &[SequencedEvent]) -> Result<(), BoxError> {
@@ -171,7 +170,9 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
     /// # Errors
     /// [`RunnerError::Handler`] when the handler fails (its batch is rolled back);
     /// [`RunnerError::Store`] for store failures.
+    #[tracing::instrument(name = "dcbflow.projection.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), subscription = %self.name))]
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), RunnerError> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
         loop {
             let Some(lease) =
                 Lease::acquire(&self.store, &self.name, self.lease_retry, &cancel).await?
@@ -192,11 +193,14 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
         lease: &Lease,
         cancel: &CancellationToken,
     ) -> Result<Flow, RunnerError> {
-        let mut checkpoint = self.store.checkpoint(&self.name).await?;
-        let mut sub = self
-            .store
-            .subscribe(self.query.clone(), Some(checkpoint), self.options.clone())
-            .await?;
+        let mut checkpoint = Checkpoints::new(self.store.clone()).get(&self.name).await?;
+        let mut sub = Subscription::connect(
+            &self.store,
+            self.query.clone(),
+            Some(checkpoint),
+            self.options.clone(),
+        )
+        .await?;
         loop {
             if cancel.is_cancelled() {
                 return Ok(Flow::Cancelled);
@@ -229,17 +233,7 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
     ) -> Result<bool, RunnerError> {
         let mut client = self.store.pool().get().await.map_err(Error::from)?;
         let tx = client.transaction().await.map_err(Error::from)?;
-        let moved = tx
-            .execute(
-                &format!(
-                    "UPDATE {} SET position = $3, updated_at = now() WHERE name = $1 AND position = $2",
-                    self.store.table("subscriptions")
-                ),
-                &[&self.name, &from.0, &to.0],
-            )
-            .await
-            .map_err(Error::from)?;
-        if moved == 0 {
+        if !Checkpoints::advance_in_tx(&self.store, &tx, &self.name, from, to).await? {
             return Ok(false);
         }
         if !events.is_empty() {
@@ -260,108 +254,4 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
 enum Flow {
     Cancelled,
     LeaseLost,
-}
-
-/// How far a named subscription is behind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lag {
-    /// Its checkpoint.
-    pub checkpoint: Position,
-    /// The newest position in the log.
-    pub head: Option<Position>,
-    /// Matching events after the checkpoint.
-    pub events_behind: i64,
-    /// When the oldest matching event after the checkpoint was recorded.
-    pub oldest_undelivered: Option<DateTime<Utc>>,
-}
-
-impl Lag {
-    /// How long the oldest undelivered event has been waiting (zero if none).
-    pub fn oldest_age(&self) -> Duration {
-        self.oldest_undelivered
-            .and_then(|t| (Utc::now() - t).to_std().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Store {
-    /// The checkpoint of subscription `name`, created at 0 if new.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn checkpoint(&self, name: &str) -> Result<Position> {
-        let client = self.pool().get().await?;
-        let result = async {
-            let table = self.table("subscriptions");
-            client
-                .execute(
-                    &format!("INSERT INTO {table} (name) VALUES ($1) ON CONFLICT DO NOTHING"),
-                    &[&name],
-                )
-                .await?;
-            let row = client
-                .query_one(
-                    &format!("SELECT position FROM {table} WHERE name = $1"),
-                    &[&name],
-                )
-                .await?;
-            Ok(Position(row.get(0)))
-        }
-        .await;
-        crate::store::release(client, result)
-    }
-
-    /// Waits until subscription `name` has processed everything up to `position`
-    /// (read-your-writes after an append); `false` on timeout.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn wait_until_processed(
-        &self,
-        name: &str,
-        position: Position,
-        timeout: Duration,
-    ) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.checkpoint(name).await? >= position {
-                return Ok(true);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// How far subscription `name` over `query` is behind the log.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn lag(&self, name: &str, query: &Query) -> Result<Lag> {
-        let checkpoint = self.checkpoint(name).await?;
-        let head = self.head().await?;
-        let (filter, params) =
-            crate::store::filter_sql(query, &ReadOptions::default().after(checkpoint));
-        let client = self.pool().get().await?;
-        let result = async {
-            let row = client
-                .query_one(
-                    &format!(
-                        "SELECT count(*), min(recorded_at) FROM {} WHERE {filter}",
-                        self.table("events")
-                    ),
-                    &params.iter().map(|p| &**p as _).collect::<Vec<_>>(),
-                )
-                .await?;
-            Ok(Lag {
-                checkpoint,
-                head,
-                events_behind: row.get(0),
-                oldest_undelivered: row.get(1),
-            })
-        }
-        .await;
-        crate::store::release(client, result)
-    }
 }

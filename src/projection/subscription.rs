@@ -7,7 +7,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Position, Query, ReadOptions, Result, SequencedEvent, Store};
+use crate::store::{Position, Query, ReadOptions, Result, SequencedEvent, Store};
 
 /// Settings of a subscription.
 ///
@@ -45,8 +45,20 @@ impl Default for SubscriptionOptions {
 /// own writers, so a transaction left open elsewhere does not hold it back.
 ///
 /// New events wake the subscription through `LISTEN`/`NOTIFY` on a dedicated
-/// connection (when the store has a [listen config](crate::StoreBuilder::listen_config));
+/// connection (when the store has a [listen config](crate::store::StoreBuilder::listen_config));
 /// it also polls, so a lost notification only delays.
+///
+/// ```no_run
+/// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
+/// use dcbflow::{Query, Subscription, SubscriptionOptions};
+/// let mut sub = Subscription::connect(&store, Query::all(), None, SubscriptionOptions::default()).await?;
+/// loop {
+///     for event in sub.next_batch().await? {
+///         println!("{} {}", event.position, event.event_type());
+///     }
+/// }
+/// # }
+/// ```
 pub struct Subscription {
     store: Store,
     query: Query,
@@ -77,44 +89,34 @@ impl Drop for Subscription {
     }
 }
 
-/// Tracks the delivery horizon (see `writer_horizon` in `sql/0003_subscriptions.sql`).
+/// Tracks the delivery horizon (see `writer_horizon` in `sql/store/0003_horizon.sql`).
 struct Horizon {
     safe: i64,
     pending: Option<(i64, Vec<String>)>,
 }
 
-impl Store {
-    /// Subscribes to the events matching `query` with a position greater than
-    /// `after` (`None`: from the start of the log).
-    ///
-    /// ```no_run
-    /// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
-    /// use dcbflow::{Query, SubscriptionOptions};
-    /// let mut sub = store.subscribe(Query::all(), None, SubscriptionOptions::default()).await?;
-    /// loop {
-    ///     for event in sub.next_batch().await? {
-    ///         println!("{} {}", event.position, event.event_type());
-    ///     }
-    /// }
-    /// # }
-    /// ```
+impl Subscription {
+    /// Subscribes to the events of `store` matching `query` with a position
+    /// greater than `after` (`None`: from the start of the log). Opens the
+    /// dedicated `LISTEN` connection when the store has a listen config.
     ///
     /// # Errors
     /// Invalid query items; database errors while opening the listening connection.
-    pub async fn subscribe(
-        &self,
+    #[tracing::instrument(name = "dcbflow.subscribe", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %store.schema()))]
+    pub async fn connect(
+        store: &Store,
         query: Query,
         after: Option<Position>,
         options: SubscriptionOptions,
     ) -> Result<Subscription> {
-        self.check_query(&query)?;
+        store.check_query(&query)?;
         let wake = Arc::new(Notify::new());
-        let listener = match self.listen_config() {
-            Some(config) => Some(listen(self, config.clone(), wake.clone()).await?),
+        let listener = match store.listen_config() {
+            Some(config) => Some(listen(store, config.clone(), wake.clone()).await?),
             None => None,
         };
         Ok(Subscription {
-            store: self.clone(),
+            store: store.clone(),
             query,
             options,
             position: after.unwrap_or(Position(0)),
@@ -141,23 +143,22 @@ async fn listen(
     config: tokio_postgres::Config,
     wake: Arc<Notify>,
 ) -> Result<Listener> {
-    let channel: String = {
-        let c = store.pool().get().await?;
-        c.query_one("SELECT 'dcbflow_' || left(md5($1), 16)", &[&store.schema()])
-            .await?
-            .get(0)
-    };
+    let channel = store.channel().to_owned();
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                wake.notify_one();
+    let span = tracing::debug_span!("dcbflow.listen", db.system.name = "postgresql", messaging.destination.name = %channel);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    wake.notify_one();
+                }
             }
-        }
-        // Connection lost: polling goes on; wake once so nobody waits a full interval.
-        wake.notify_one();
-    });
+            // Connection lost: polling goes on; wake once so nobody waits a full interval.
+            wake.notify_one();
+        },
+        span,
+    ));
     client
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .await?;
@@ -173,6 +174,7 @@ impl Subscription {
     /// late may be skipped. For callers that only use the events as a hint to look
     /// elsewhere (flow workers, which claim their work from a table), this saves
     /// the horizon checks a gap-free subscription repeats while writers are busy.
+    #[cfg(feature = "flow")]
     pub(crate) fn wake_signal(mut self) -> Self {
         self.gap_free = false;
         self
@@ -266,37 +268,20 @@ impl Subscription {
     }
 
     async fn advance_horizon(&mut self) -> Result<i64> {
-        let key = self.store.store_key();
-        let client = self.store.pool().get().await?;
-        let result = async {
-            let schema = self.store.schema();
-            if let Some((allocated, writers)) = &self.horizon.pending {
-                let stmt = client
-                    .prepare_cached(&format!("SELECT \"{schema}\".writers_finished($1, $2)"))
-                    .await?;
-                let done: bool = client.query_one(&stmt, &[&key, writers]).await?.get(0);
-                if done {
-                    self.horizon.safe = self.horizon.safe.max(*allocated);
-                    self.horizon.pending = None;
-                }
-            }
-            if self.horizon.pending.is_none() {
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT allocated, writers FROM \"{schema}\".writer_horizon($1)"
-                    ))
-                    .await?;
-                let row = client.query_one(&stmt, &[&key]).await?;
-                let (allocated, writers): (i64, Vec<String>) = (row.get(0), row.get(1));
-                if writers.is_empty() {
-                    self.horizon.safe = self.horizon.safe.max(allocated);
-                } else if allocated > self.horizon.safe {
-                    self.horizon.pending = Some((allocated, writers));
-                }
-            }
-            Ok::<_, Error>(self.horizon.safe)
+        if let Some((allocated, writers)) = &self.horizon.pending
+            && self.store.writers_finished(writers).await?
+        {
+            self.horizon.safe = self.horizon.safe.max(*allocated);
+            self.horizon.pending = None;
         }
-        .await;
-        crate::store::release(client, result)
+        if self.horizon.pending.is_none() {
+            let (allocated, writers) = self.store.writer_horizon().await?;
+            if writers.is_empty() {
+                self.horizon.safe = self.horizon.safe.max(allocated);
+            } else if allocated > self.horizon.safe {
+                self.horizon.pending = Some((allocated, writers));
+            }
+        }
+        Ok(self.horizon.safe)
     }
 }

@@ -6,8 +6,8 @@ use serde_json::json;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::{AppendCondition, Event, Position, Store, TransactionId, locks, validate};
-use crate::error::{Error, Result};
+use super::error::{Error, Result};
+use super::{AppendCondition, Event, Position, Query, Store, TransactionId, locks, validate};
 
 /// What an append wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +62,7 @@ impl Store {
     /// - [`Error::InvalidInput`] for a refused request; nothing was written.
     /// - [`Error::Overloaded`] when too many operations are in flight.
     /// - [`Error::Database`] / [`Error::Pool`] for infrastructure failures.
+    #[tracing::instrument(name = "dcbflow.append", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema, db.operation.name = "append", events = events.len(), conditional = condition.is_some()))]
     pub async fn append(
         &self,
         events: Vec<Event>,
@@ -89,9 +90,10 @@ impl Store {
     /// The transaction must be READ COMMITTED (PostgreSQL's default).
     ///
     /// # Errors
-    /// As [`append`](Self::append), plus [`InvalidInput::IsolationLevel`](crate::InvalidInput::IsolationLevel).
+    /// As [`append`](Self::append), plus [`InvalidInput::IsolationLevel`](super::InvalidInput::IsolationLevel).
     /// After an error, the caller's transaction is aborted unless the error is a
     /// [`Conflict`](Error::Conflict) or was found before reaching the database.
+    #[tracing::instrument(name = "dcbflow.append_in_tx", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema, db.operation.name = "append", events = events.len(), conditional = condition.is_some()))]
     pub async fn append_in_tx(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -128,10 +130,11 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a bad query; database errors.
+    #[tracing::instrument(name = "dcbflow.lock_scope_in_tx", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
     pub async fn lock_scope_in_tx(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        query: &crate::Query,
+        query: &Query,
     ) -> Result<()> {
         validate::query(query, &self.inner.limits)?;
         let condition = AppendCondition::new(query.clone());
@@ -155,7 +158,6 @@ impl Store {
         Ok(())
     }
 
-    #[tracing::instrument(name = "dcbflow.append", level = "debug", skip_all, fields(events = events.len(), conditional = condition.is_some()))]
     async fn append_with<C: GenericClient>(
         &self,
         client: &C,
@@ -165,8 +167,9 @@ impl Store {
     ) -> Result<AppendResult> {
         let prepared = self.prepare_append(events, condition)?;
         let stmt = client.prepare_cached(&self.inner.sql.append).await?;
+        let channel = notify.then_some(self.channel());
         let row = client
-            .query_one(&stmt, &prepared.params(true, notify))
+            .query_one(&stmt, &prepared.params(true, &channel))
             .await?;
         decode(&row)
     }
@@ -232,7 +235,7 @@ pub(crate) struct PreparedAppend {
     lock_modes: Vec<bool>,
     pub(crate) cols: validate::Columns,
     /// The condition's query, for checks in memory (group commit).
-    pub(crate) query: Option<crate::Query>,
+    pub(crate) query: Option<Query>,
     pub(crate) condition: Option<serde_json::Value>,
     pub(crate) after: Option<i64>,
     pub(crate) snapshot: Option<String>,
@@ -244,8 +247,12 @@ const NO_MODES: &[bool] = &[];
 impl PreparedAppend {
     /// The statement parameters; without `locks`, the scope locks are left to the
     /// caller (group commit holds the store lock exclusively instead); without
-    /// `notify`, waking subscribers is left to the caller, after the commit.
-    pub(crate) fn params(&self, locks: bool, notify: bool) -> [&(dyn ToSql + Sync); 13] {
+    /// a `channel`, waking subscribers is left to the caller, after the commit.
+    pub(crate) fn params<'a>(
+        &'a self,
+        locks: bool,
+        channel: &'a Option<&'a str>,
+    ) -> [&'a (dyn ToSql + Sync); 13] {
         let (keys, modes): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = if locks {
             (&self.lock_keys, &self.lock_modes)
         } else {
@@ -264,7 +271,7 @@ impl PreparedAppend {
             &self.condition,
             &self.after,
             &self.snapshot,
-            if notify { &true } else { &false },
+            channel,
         ]
     }
 }

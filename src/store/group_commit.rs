@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::append::{PreparedAppend, decode};
+use super::error::{Error, InvalidInput, Result};
 use super::wake::Waker;
 use super::{AppendResult, Event, Pool, Position, TransactionId};
-use crate::error::{Error, InvalidInput, Result};
 
 struct Request {
     append: PreparedAppend,
@@ -58,6 +58,7 @@ impl GroupCommit {
         max_batch: usize,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(max_batch * 4);
+        let span = tracing::debug_span!("dcbflow.group_commit", db.system.name = "postgresql", db.namespace = %schema, max_batch);
         let writer = Writer {
             pool,
             schema,
@@ -66,7 +67,7 @@ impl GroupCommit {
             store_key,
             max_batch,
         };
-        tokio::spawn(writer.run(receiver));
+        tokio::spawn(tracing::Instrument::instrument(writer.run(receiver), span));
         GroupCommit { sender }
     }
 
@@ -342,7 +343,7 @@ impl Writer {
                 let client = self.pool.get().await?;
                 let stmt = client.prepare_cached(&self.append_sql).await?;
                 let row = client
-                    .query_one(&stmt, &r.append.params(true, false))
+                    .query_one(&stmt, &r.append.params(true, &None))
                     .await?;
                 decode(&row)
             }

@@ -1,27 +1,32 @@
 //! The event store: conditional append, streaming read, schema migrations.
+//!
+//! The bottom layer. It knows nothing of the layers above; they use its public
+//! API and a few crate-internal hooks (deferred wake-ups, the writer horizon,
+//! lease keys, the migrator), all defined here.
 
 mod append;
+pub(crate) mod error;
 mod event;
 mod group_commit;
 mod locks;
-mod migrate;
+pub(crate) mod migrate;
 mod query;
 mod read;
 mod validate;
 mod wake;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 pub use append::AppendResult;
+pub use error::{Error, InvalidInput, Result, sqlstate};
 pub use event::{Event, Position, SequencedEvent, TransactionId};
 pub use query::{AppendCondition, Cursor, ParseCursorError, Query, QueryItem, Snapshot};
-pub(crate) use read::filter_sql;
 pub use read::{EventStream, ReadOptions, ReadResult};
-
-use crate::error::{Error, Result};
 
 /// Default schema a store is installed into.
 pub const DEFAULT_SCHEMA: &str = "dcbflow";
@@ -84,6 +89,12 @@ struct Inner {
     group_commit: Option<group_commit::GroupCommit>,
     waker: wake::Waker,
     sql: Sql,
+    /// Whether `build` migrates (and so whether upper layers install their schema).
+    migrate: bool,
+    /// The layers whose schema this handle has installed or found current.
+    layers: Mutex<HashMap<&'static str, Arc<OnceCell<()>>>>,
+    /// The `NOTIFY` channel of this store (see [`Store::channel`]).
+    channel: String,
 }
 
 /// SQL texts with the schema name filled in, built once per store.
@@ -162,8 +173,16 @@ impl Store {
         self.inner.listen.as_ref()
     }
 
+    /// The `NOTIFY` channel on which this store announces new events:
+    /// `dcbflow_` and 16 hex digits of the SHA-256 of the schema name (channel
+    /// names are database-wide, so every store has its own). Built once, here;
+    /// appends, the wake-up task and subscribers all use it.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
     /// The advisory lock key every append holds shared until it ends.
-    pub(crate) fn store_key(&self) -> i64 {
+    fn store_key(&self) -> i64 {
         locks::key(&self.inner.schema, locks::Kind::Store, "")
     }
 
@@ -177,15 +196,80 @@ impl Store {
     ///
     /// # Errors
     /// Database errors, or a migration applied earlier whose file has changed.
+    #[tracing::instrument(name = "dcbflow.migrate", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
     pub async fn migrate(&self) -> Result<()> {
         let mut client = self.inner.pool.get().await?;
-        migrate::run(&mut client, &self.inner.schema).await
+        migrate::run(&mut client, &self.inner.schema, &migrate::STORE).await
+    }
+
+    /// Installs or upgrades the schema of an upper `layer` once per store handle
+    /// (clones share it): the first call migrates, the others return at once. A
+    /// store built with [`StoreBuilder::migrate`]`(false)` installs nothing.
+    pub(crate) async fn ensure_layer(&self, layer: &'static migrate::Layer) -> Result<()> {
+        if !self.inner.migrate {
+            return Ok(());
+        }
+        let cell = self
+            .inner
+            .layers
+            .lock()
+            .expect("layers lock")
+            .entry(layer.name)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            let mut client = self.inner.pool.get().await?;
+            migrate::run(&mut client, &self.inner.schema, layer).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A candidate delivery horizon: every position allocated so far, and the
+    /// (virtual) transaction ids of this store's writers still holding the store
+    /// lock. Once they have all ended, no event with a position up to the first
+    /// can still appear (see `sql/store/0003_horizon.sql`).
+    pub(crate) async fn writer_horizon(&self) -> Result<(i64, Vec<String>)> {
+        let client = self.inner.pool.get().await?;
+        let result = async {
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
+                    self.inner.schema
+                ))
+                .await?;
+            let row = client.query_one(&stmt, &[&self.store_key()]).await?;
+            Ok((row.get(0), row.get(1)))
+        }
+        .await;
+        release(client, result)
+    }
+
+    /// Whether every one of `writers` (from [`writer_horizon`](Self::writer_horizon))
+    /// has ended.
+    pub(crate) async fn writers_finished(&self, writers: &[String]) -> Result<bool> {
+        let client = self.inner.pool.get().await?;
+        let result = async {
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT \"{}\".writers_finished($1, $2)",
+                    self.inner.schema
+                ))
+                .await?;
+            Ok(client
+                .query_one(&stmt, &[&self.store_key(), &writers])
+                .await?
+                .get(0))
+        }
+        .await;
+        release(client, result)
     }
 
     /// The position of the last event in the log, if any.
     ///
     /// # Errors
     /// Database, pool or overload errors.
+    #[tracing::instrument(name = "dcbflow.head", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
     pub async fn head(&self) -> Result<Option<Position>> {
         let _permit = self.permit()?;
         let client = self.inner.pool.get().await?;
@@ -280,6 +364,7 @@ impl StoreBuilder {
     ///
     /// # Errors
     /// An invalid schema name or limit ([`Error::Config`]), or a failed migration.
+    #[tracing::instrument(name = "dcbflow.store.build", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.schema))]
     pub async fn build(self) -> Result<Store> {
         validate_schema_name(&self.schema)?;
         if self.limits.max_events_per_append == 0 || self.limits.max_lock_keys == 0 {
@@ -301,7 +386,8 @@ impl StoreBuilder {
             head: format!("SELECT max(position) FROM \"{s}\".events"),
             events: format!("\"{s}\".events"),
         };
-        let waker = wake::Waker::start(self.pool.clone(), self.schema.clone());
+        let channel = channel_name(&self.schema);
+        let waker = wake::Waker::start(self.pool.clone(), channel.clone());
         let group_commit = self.group_commit.map(|max| {
             group_commit::GroupCommit::start(
                 self.pool.clone(),
@@ -323,6 +409,9 @@ impl StoreBuilder {
                 group_commit,
                 waker,
                 sql,
+                migrate: self.migrate,
+                layers: Mutex::default(),
+                channel,
             }),
         };
         if self.migrate {
@@ -341,6 +430,13 @@ pub(crate) fn release<T>(client: deadpool_postgres::Object, result: Result<T>) -
         drop(deadpool_postgres::Object::take(client));
     }
     result
+}
+
+/// The `NOTIFY` channel of the store in `schema`.
+fn channel_name(schema: &str) -> String {
+    let digest = Sha256::digest(schema.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("dcbflow_{hex}")
 }
 
 fn parse_url(url: &str) -> Result<tokio_postgres::Config> {

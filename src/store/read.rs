@@ -9,8 +9,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, RowStream};
 
+use super::error::{Error, InvalidInput, Result};
 use super::{Cursor, Event, Position, Query, SequencedEvent, Snapshot, Store, validate};
-use crate::error::{Error, InvalidInput, Result};
 
 /// Options of a [`read`](Store::read).
 ///
@@ -287,6 +287,7 @@ impl Store {
     /// [`Error::InvalidInput`] for empty types or tags in the query or a zero limit;
     /// [`Error::Overloaded`]; database and pool errors. Errors while streaming come
     /// as stream items.
+    #[tracing::instrument(name = "dcbflow.read", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema, db.operation.name = "read", items = query.items().len()))]
     pub async fn read(&self, query: &Query, options: ReadOptions) -> Result<EventStream> {
         self.check_read(query, &options)?;
         let permit = self.permit()?;
@@ -311,6 +312,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`read`](Self::read).
+    #[tracing::instrument(name = "dcbflow.read_in_tx", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema, db.operation.name = "read", items = query.items().len()))]
     pub async fn read_in_tx(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -359,6 +361,32 @@ impl Store {
         stream.try_next().await
     }
 
+    /// How many events match `query` after `after`, and when the oldest of them
+    /// was recorded (a subscription's backlog).
+    pub(crate) async fn backlog(
+        &self,
+        query: &Query,
+        after: Position,
+    ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>)> {
+        self.check_query(query)?;
+        let (filter, params) = filter_sql(query, &ReadOptions::default().after(after));
+        let client = self.inner.pool.get().await?;
+        let result = async {
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*), min(recorded_at) FROM {} WHERE {filter}",
+                        self.inner.sql.events
+                    ),
+                    &params.iter().map(|p| &**p as _).collect::<Vec<_>>(),
+                )
+                .await?;
+            Ok((row.get(0), row.get(1)))
+        }
+        .await;
+        super::release(client, result)
+    }
+
     fn read_sql(
         &self,
         query: &Query,
@@ -384,11 +412,11 @@ impl Store {
 }
 
 /// Parameters of a generated statement.
-pub(crate) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
 /// The `WHERE` clause (and its parameters, numbered from `$1`) selecting the events
 /// that match `query` within the position bounds of `options`.
-pub(crate) fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
+fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
     let mut params: Params = Vec::new();
     let mut filter = String::new();
     // Only the bound a read starts from is indexable (`+ 0` hides the other): with

@@ -7,8 +7,8 @@ use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use uuid::Uuid;
 
+use super::error::{InvalidInput, Result};
 use super::{Event, Limits, Query};
-use crate::error::{InvalidInput, Result};
 
 /// JSON serialized once, sent as `jsonb` without another round of serialization.
 #[derive(Debug)]

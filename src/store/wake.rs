@@ -31,8 +31,9 @@ struct State {
 }
 
 impl Waker {
-    /// Starts the sending task for the store in `schema`, on the current runtime.
-    pub(crate) fn start(pool: Pool, schema: String) -> Waker {
+    /// Starts the sending task for the store whose channel is `channel`, on the
+    /// current runtime.
+    pub(crate) fn start(pool: Pool, channel: String) -> Waker {
         let stop = CancellationToken::new();
         let state = Arc::new(State {
             owed: AtomicBool::new(false),
@@ -40,21 +41,25 @@ impl Waker {
         });
         let task_state = state.clone();
         let task_stop = stop.clone();
-        tokio::spawn(async move {
-            let state = task_state;
-            loop {
-                let stopping = tokio::select! {
-                    () = state.poke.notified() => false,
-                    () = task_stop.cancelled() => true,
-                };
-                if state.owed.swap(false, Ordering::AcqRel) {
-                    send(&pool, &schema).await;
+        let span = tracing::debug_span!("dcbflow.wake", db.system.name = "postgresql", messaging.destination.name = %channel);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let state = task_state;
+                loop {
+                    let stopping = tokio::select! {
+                        () = state.poke.notified() => false,
+                        () = task_stop.cancelled() => true,
+                    };
+                    if state.owed.swap(false, Ordering::AcqRel) {
+                        send(&pool, &channel).await;
+                    }
+                    if stopping {
+                        return;
+                    }
                 }
-                if stopping {
-                    return;
-                }
-            }
-        });
+            },
+            span,
+        ));
         Waker {
             state,
             _stop: Arc::new(stop.drop_guard()),
@@ -69,17 +74,17 @@ impl Waker {
 }
 
 /// One notification on the store's channel; a failure only delays subscribers.
-async fn send(pool: &Pool, schema: &str) {
+async fn send(pool: &Pool, channel: &str) {
     let sent = async {
         let client = pool.get().await.ok()?;
         let stmt = client
-            .prepare_cached("SELECT pg_notify('dcbflow_' || left(md5($1), 16), '')")
+            .prepare_cached("SELECT pg_notify($1, '')")
             .await
             .ok()?;
-        client.execute(&stmt, &[&schema]).await.ok()
+        client.execute(&stmt, &[&channel]).await.ok()
     }
     .await;
     if sent.is_none() {
-        tracing::debug!(schema, "could not send a wake-up; subscribers will poll");
+        tracing::debug!(channel, "could not send a wake-up; subscribers will poll");
     }
 }

@@ -1,12 +1,12 @@
 //! The command executor: recording, idempotency, retries, rejections, both modes.
 
 use dcbflow::{
-    Command, CommandError, CommandExecutor, CommandOutcome, Concurrency, Decided, Event, Projector,
-    Query, RetryPolicy,
+    Command, CommandError, CommandExecutor, CommandOutcome, CommandRetry, Concurrency, Decided,
+    Event, Projector, Query,
 };
 use serde_json::json;
 
-use crate::support::{TestStore, race};
+use crate::support::{DEADLINE, TestStore, ev, eventually, race};
 
 /// Takes the next number of a counter, up to a limit.
 pub(crate) struct Take {
@@ -171,13 +171,47 @@ async fn race_take(
     .await
 }
 
+/// Runs `racers`, `n` executions of `Take` on `counter`, so that every one has read
+/// and decided before any appends: an open transaction holds a shared lock on the
+/// counter's tag (with an event of another type, which no decision reads) until
+/// all `n` wait for the exclusive lock of their condition; then it rolls back.
+async fn all_decided_first<T>(
+    t: &TestStore,
+    counter: &str,
+    n: i64,
+    racers: impl std::future::Future<Output = T>,
+) -> T {
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    t.store
+        .append_in_tx(
+            &held,
+            vec![ev("Held", &[&format!("counter:{counter}")])],
+            None,
+        )
+        .await
+        .unwrap();
+    let release = async {
+        eventually(
+            &format!("all {n} commands wait for the lock of counter {counter}"),
+            DEADLINE,
+            move || async move { (t.lock_waits().await == n).then_some(()) },
+        )
+        .await;
+        held.rollback().await.unwrap();
+    };
+    tokio::join!(racers, release).0
+}
+
 /// Optimistic: contended commands re-read and re-decide until they succeed; every
 /// number is taken exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicts_are_retried_with_a_fresh_decision() {
     let t = TestStore::new().await;
-    let exec = CommandExecutor::new(t.store.clone()).retry(RetryPolicy::attempts(50));
-    let attempts: u32 = race_take(&exec, 12, "hot", None)
+    let exec = CommandExecutor::new(t.store.clone()).retry(CommandRetry::attempts(50));
+    // All twelve decide on the same (empty) counter before any appends, so eleven
+    // conflict with the first at least once, whatever the scheduling.
+    let attempts: u32 = all_decided_first(&t, "hot", 12, race_take(&exec, 12, "hot", None))
         .await
         .into_iter()
         .map(|r| r.unwrap().attempts)
@@ -194,16 +228,20 @@ async fn conflicts_are_retried_with_a_fresh_decision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exhausted_retries_report_conflict() {
     let t = TestStore::new().await;
-    let exec = CommandExecutor::new(t.store.clone()).retry(RetryPolicy::none());
+    let exec = CommandExecutor::new(t.store.clone()).retry(CommandRetry::none());
     let (mut ok, mut conflicts) = (0, 0);
-    for r in race_take(&exec, 12, "once", None).await {
+    let results = all_decided_first(&t, "once", 12, race_take(&exec, 12, "once", None)).await;
+    for r in results {
         match r {
             Ok(_) => ok += 1,
             Err(CommandError::Conflict { attempts: 1 }) => conflicts += 1,
             Err(e) => panic!("{e:?}"),
         }
     }
+    // All twelve decided on the same empty counter: exactly one wins, the others
+    // conflict with it (a check that missed the winner's event lets a second through).
     assert!(ok >= 1 && conflicts >= 1, "ok {ok}, conflicts {conflicts}");
+    assert_eq!((ok, conflicts), (1, 11));
     assert_eq!(
         numbers(&t, "once").await,
         (1..=ok as i64).collect::<Vec<_>>()
@@ -216,7 +254,7 @@ async fn exhausted_retries_report_conflict() {
 async fn pessimistic_mode_queues_instead_of_conflicting() {
     let t = TestStore::new().await;
     let exec = CommandExecutor::new(t.store.clone())
-        .retry(RetryPolicy::none())
+        .retry(CommandRetry::none())
         .concurrency(Concurrency::Pessimistic);
     for r in race_take(&exec, 16, "queue", None).await {
         assert_eq!(r.unwrap().attempts, 1);

@@ -1,10 +1,8 @@
 //! The append-condition properties of DESIGN.md, each raced on real connections.
 
-use std::time::Duration;
-
 use dcbflow::{AppendCondition, Cursor, Error, Position, Query, QueryItem, ReadOptions};
 
-use crate::support::{TestStore, assert_conflict_at, ev, race};
+use crate::support::{DEADLINE, TestStore, assert_conflict_at, ev, eventually, race};
 
 fn enrol(student: &str, course: &str) -> dcbflow::Event {
     ev(
@@ -201,7 +199,22 @@ async fn late_committer_makes_the_condition_fail() {
             .append(vec![ev("SeatBooked", &["seat:2"])], Some(condition))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It must block on the in-flight writer's scope lock, and not finish before.
+    eventually(
+        "the conditional append waits on the in-flight writer's lock",
+        DEADLINE,
+        {
+            let (t, waiting) = (&t, &waiting);
+            move || async move {
+                assert!(
+                    !waiting.is_finished(),
+                    "the conditional append must wait for the in-flight writer"
+                );
+                (t.lock_waits().await == 1).then_some(())
+            }
+        },
+    )
+    .await;
     assert!(
         !waiting.is_finished(),
         "the conditional append must wait for the in-flight writer"

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use dcbflow::{AppendCondition, Error, InvalidInput, Query, Store};
 use uuid::Uuid;
 
-use crate::support::{TestStore, ev, race};
+use crate::support::{DEADLINE, TestStore, ev, eventually, race};
 
 async fn grouped(t: &TestStore) -> Store {
     Store::builder_for_url(&t.url, Some(8))
@@ -18,30 +18,74 @@ async fn grouped(t: &TestStore) -> Store {
         .unwrap()
 }
 
+/// Awaits `append`, a grouped append, counting it in `queued` as soon as it is
+/// queued: its first poll hands the request to the writer's channel (or it is done).
+async fn counted<T>(
+    append: impl std::future::Future<Output = T>,
+    queued: &std::sync::atomic::AtomicUsize,
+) -> T {
+    let mut append = std::pin::pin!(append);
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(append.as_mut(), cx))
+    })
+    .await;
+    queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    match first {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => append.await,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_share_transactions_and_keep_their_conditions() {
     let t = TestStore::new().await;
     let store = grouped(&t).await;
-    let results = race(64, |i| {
-        let store = store.clone();
+    // An open transaction that appended holds the store lock (shared) until all 64
+    // appends are queued, so the writer cannot commit them one by one, however the
+    // racers are scheduled: a writer that does not batch fails this test.
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    t.store
+        .append_in_tx(&held, vec![ev("Held", &[])], None)
+        .await
+        .unwrap();
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let racers = race(64, |i| {
+        let (store, queued) = (store.clone(), queued.clone());
         async move {
             let q = Query::items_of(["Deposited"], [format!("account:{i}")]);
             let cursor = store.read_all(&q, Default::default()).await?.cursor;
-            store
-                .append(
-                    vec![ev("Deposited", &[&format!("account:{i}")])],
-                    Some(AppendCondition::new(q).after(cursor)),
-                )
-                .await
+            let append = store.append(
+                vec![ev("Deposited", &[&format!("account:{i}")])],
+                Some(AppendCondition::new(q).after(cursor)),
+            );
+            counted(append, &queued).await
         }
-    })
-    .await;
+    });
+    let release = async {
+        eventually("all 64 appends are queued", DEADLINE, {
+            let queued = &queued;
+            move || async move {
+                let n = queued.load(std::sync::atomic::Ordering::SeqCst);
+                (n == 64).then_some(())
+            }
+        })
+        .await;
+        held.rollback().await.unwrap();
+    };
+    let (results, ()) = tokio::join!(racers, release);
     let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
     let positions: HashSet<_> = results.iter().flat_map(|r| r.positions.clone()).collect();
     assert_eq!(positions.len(), 64);
     let transactions: HashSet<_> = results.iter().map(|r| r.transaction_id).collect();
     assert!(
         transactions.len() < 64,
+        "appends were batched ({} transactions)",
+        transactions.len()
+    );
+    // The batch that was waiting for the lock, and one batch of all the others.
+    assert!(
+        transactions.len() <= 2,
         "appends were batched ({} transactions)",
         transactions.len()
     );
@@ -89,12 +133,27 @@ async fn a_failing_request_does_not_sink_its_batch() {
     let t = TestStore::new().await;
     let store = grouped(&t).await;
     let taken = Uuid::new_v4();
-    store
-        .append(vec![ev("A", &[]).with_id(taken)], None)
+    // The first append's batch waits for the store lock, held by an open
+    // transaction, while the 32 requests queue behind it: they are the next batch,
+    // all of them, however they are scheduled.
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    t.store
+        .append_in_tx(&held, vec![ev("Held", &[])], None)
         .await
         .unwrap();
-    let results = race(32, |i| {
+    let first = {
         let store = store.clone();
+        tokio::spawn(async move { store.append(vec![ev("A", &[]).with_id(taken)], None).await })
+    };
+    eventually("the first batch waits for the store lock", DEADLINE, {
+        let t = &t;
+        move || async move { (t.lock_waits().await == 1).then_some(()) }
+    })
+    .await;
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let racers = race(32, |i| {
+        let (store, queued) = (store.clone(), queued.clone());
         let events = if i == 7 {
             // Overlaps a stored id with a new one: refused by the database.
             vec![
@@ -104,18 +163,36 @@ async fn a_failing_request_does_not_sink_its_batch() {
         } else {
             vec![ev("B", &[&format!("k:{i}")])]
         };
-        async move { store.append(events, None).await }
-    })
-    .await;
+        async move { counted(store.append(events, None), &queued).await }
+    });
+    let release = async {
+        eventually("all 32 requests are queued", DEADLINE, {
+            let queued = &queued;
+            move || async move {
+                let n = queued.load(std::sync::atomic::Ordering::SeqCst);
+                (n == 32).then_some(())
+            }
+        })
+        .await;
+        held.rollback().await.unwrap();
+    };
+    let (results, ()) = tokio::join!(racers, release);
+    first.await.unwrap().unwrap();
+    let mut transactions = HashSet::new();
     for (i, r) in results.into_iter().enumerate() {
         match (i, r) {
             (7, Err(Error::InvalidInput(InvalidInput::IdsAlreadyStored))) => {}
             (7, other) => panic!("expected IdsAlreadyStored, got {other:?}"),
             (_, r) => {
-                r.unwrap();
+                transactions.insert(r.unwrap().transaction_id);
             }
         }
     }
+    assert_eq!(
+        transactions.len(),
+        1,
+        "the others were committed in one batch"
+    );
     assert_eq!(t.count().await, 1 + 31);
 }
 
@@ -169,31 +246,52 @@ async fn conflicts_inside_one_batch_fail_alone() {
         let store = store.clone();
         tokio::spawn(async move { store.append(vec![ev("Warmup", &[])], None).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Its batch is formed and waits for the store lock.
+    eventually("the warmup batch waits for the store lock", DEADLINE, {
+        let t = &t;
+        move || async move { (t.lock_waits().await == 1).then_some(()) }
+    })
+    .await;
     // These queue up behind the blocked batch and are committed together.
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let racers: Vec<_> = (0..8)
         .map(|i| {
-            let store = store.clone();
+            let (store, queued) = (store.clone(), queued.clone());
             let condition = AppendCondition::new(q.clone()).after(cursor.clone());
             let events = vec![
                 ev("SeatBooked", &["seat:1", &format!("buyer:{i}")]),
                 ev("Audit", &[&format!("a:{i}")]),
             ];
-            tokio::spawn(async move { store.append(events, Some(condition)).await })
+            tokio::spawn(
+                async move { counted(store.append(events, Some(condition)), &queued).await },
+            )
         })
         .collect();
     let unrelated = {
-        let store = store.clone();
+        let (store, queued) = (store.clone(), queued.clone());
         tokio::spawn(async move {
-            store
-                .append(vec![ev("SeatBooked", &["seat:2"])], None)
-                .await
+            counted(
+                store.append(vec![ev("SeatBooked", &["seat:2"])], None),
+                &queued,
+            )
+            .await
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    eventually(
+        "the racers and the unrelated append are queued",
+        DEADLINE,
+        {
+            let queued = &queued;
+            move || async move {
+                let n = queued.load(std::sync::atomic::Ordering::SeqCst);
+                (n == 9).then_some(())
+            }
+        },
+    )
+    .await;
     held.commit().await.unwrap();
     first.await.unwrap().unwrap();
-    unrelated.await.unwrap().unwrap();
+    let unrelated = unrelated.await.unwrap().unwrap();
     let mut winners = Vec::new();
     let mut conflicts = Vec::new();
     for r in racers {
@@ -207,5 +305,9 @@ async fn conflicts_inside_one_batch_fail_alone() {
     assert_eq!(conflicts.len(), 7);
     // The losers name the winner's booking, which shares their batch's transaction.
     assert!(conflicts.iter().all(|p| *p == winners[0].positions[0]));
+    assert_eq!(
+        winners[0].transaction_id, unrelated.transaction_id,
+        "the racers and the unrelated append were committed in one batch"
+    );
     assert_eq!(t.events(&q).await.len(), 1);
 }

@@ -5,13 +5,16 @@ mod support;
 mod append;
 mod command;
 mod conditions;
+#[cfg(feature = "flow")]
 mod flow;
 mod group_commit;
 mod input;
 mod migrate;
+#[cfg(feature = "nats")]
 mod outbox;
 mod read;
 mod resilience;
 mod send;
 mod subscription;
+#[cfg(feature = "tcc")]
 mod tcc_barrier;

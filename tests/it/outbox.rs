@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dcbflow::async_nats;
-use dcbflow::{
-    CancellationToken, Error, NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher,
-    Query, RelayOptions, SequencedEvent, Store, WebhookPublisher,
+use dcbflow::outbox::{
+    NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher, RelayOptions,
+    WebhookPublisher,
 };
+use dcbflow::{CancellationToken, Query, SequencedEvent, Store};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{TestStore, ev};
+use crate::support::{DEADLINE, TestStore, ev, eventually};
 
 /// NATS with JetStream: `NATS_URL`, else a server on 127.0.0.1:4222, else a
 /// throwaway `nats-server -js` started for this test process.
@@ -62,8 +63,7 @@ pub fn nats() -> &'static str {
 fn fast() -> RelayOptions {
     let mut o = RelayOptions::default();
     o.max_attempts = 3;
-    o.backoff.initial_backoff = Duration::from_millis(20);
-    o.backoff.max_backoff = Duration::from_millis(200);
+    o.backoff = dcbflow::Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
     o.lease_retry = Duration::from_millis(100);
     o.subscription.poll_interval = Duration::from_millis(100);
     o
@@ -123,7 +123,7 @@ fn start<P: Publisher + 'static>(
     relay: OutboxRelay<P>,
 ) -> (
     CancellationToken,
-    tokio::task::JoinHandle<dcbflow::Result<()>>,
+    tokio::task::JoinHandle<dcbflow::outbox::Result<()>>,
 ) {
     let cancel = CancellationToken::new();
     let token = cancel.clone();
@@ -149,8 +149,8 @@ async fn orders(store: &Store, n: usize) {
 async fn processed(t: &TestStore, name: &str) {
     let head = t.store.head().await.unwrap().unwrap();
     assert!(
-        t.store
-            .wait_until_processed(name, head, Duration::from_secs(20))
+        dcbflow::Checkpoints::new(t.store.clone())
+            .wait_until_processed(name, head, DEADLINE)
             .await
             .unwrap(),
         "relay {name} did not reach {head}"
@@ -184,7 +184,10 @@ async fn relay_publishes_in_order_with_stable_ids() {
         assert_eq!(*id, format!("{}:{}", t.schema, e.position));
         assert_eq!(e.event_type(), "OrderPlaced");
     }
-    let lag = t.store.lag("to-nats", &q).await.unwrap();
+    let lag = dcbflow::Checkpoints::new(t.store.clone())
+        .lag("to-nats", &q)
+        .await
+        .unwrap();
     assert_eq!(lag.events_behind, 0);
     cancel.cancel();
     task.await.unwrap().unwrap();
@@ -225,7 +228,11 @@ async fn killed_relay_restarts_without_loss_and_consumers_drop_duplicates() {
     };
     let (_cancel, task) =
         start(OutboxRelay::new(t.store.clone(), "relay", q.clone(), dying).options(fast()));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    eventually("the dying relay publishes 12 messages", DEADLINE, {
+        let stream = &stream;
+        move || async move { (stream.messages().await.len() >= 12).then_some(()) }
+    })
+    .await;
     task.abort(); // killed mid-batch: 12 published, checkpoint not moved
     let _ = task.await;
     assert_eq!(stream.messages().await.len(), 12);
@@ -244,7 +251,10 @@ async fn killed_relay_restarts_without_loss_and_consumers_drop_duplicates() {
     for (id, _) in &delivered {
         let mut client = t.store.pool().get().await.unwrap();
         let tx = client.transaction().await.unwrap();
-        if t.store.mark_processed(&tx, "billing", id).await.unwrap() {
+        if dcbflow::outbox::mark_processed(&t.store, &tx, "billing", id)
+            .await
+            .unwrap()
+        {
             applied += 1;
         }
         tx.commit().await.unwrap();
@@ -252,6 +262,22 @@ async fn killed_relay_restarts_without_loss_and_consumers_drop_duplicates() {
     assert_eq!(applied, 30);
     cancel.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Counts the publish attempts that failed: proof that the relay tried.
+struct CountsFailures {
+    inner: NatsPublisher,
+    failed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Publisher for CountsFailures {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
+        let result = self.inner.publish(messages).await;
+        if result.is_err() {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
 }
 
 /// A TCP proxy to NATS that can be cut and restored.
@@ -318,11 +344,17 @@ async fn nats_outage_is_retried_and_a_poison_event_goes_to_dead_letters() {
     let mut options = fast();
     options.max_attempts = 4;
     let q = Query::items_of(["OrderPlaced", "Poison"], Vec::<String>::new());
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = CountsFailures {
+        inner: publisher.clone(),
+        failed: failed.clone(),
+    };
     let (cancel, task) =
-        start(OutboxRelay::new(t.store.clone(), "flaky", q, publisher.clone()).options(options));
+        start(OutboxRelay::new(t.store.clone(), "flaky", q, counting).options(options));
     orders(&t.store, 5).await;
     processed(&t, "flaky").await;
 
+    let failed_before = failed.load(Ordering::SeqCst);
     proxy.cut();
     orders(&t.store, 5).await;
     let poison = t
@@ -332,7 +364,13 @@ async fn nats_outage_is_retried_and_a_poison_event_goes_to_dead_letters() {
         .unwrap()
         .positions[0];
     orders(&t.store, 5).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The relay had its chances: it tried to publish the new events, and failed,
+    // three times.
+    eventually("the relay tries to publish while NATS is unreachable", DEADLINE, {
+        let failed = &failed;
+        move || async move { (failed.load(Ordering::SeqCst) >= failed_before + 3).then_some(()) }
+    })
+    .await;
     assert_eq!(
         stream.messages().await.len(),
         5,
@@ -352,21 +390,41 @@ async fn nats_outage_is_retried_and_a_poison_event_goes_to_dead_letters() {
             .windows(2)
             .all(|w| w[0].1.position < w[1].1.position)
     );
-    let dead = t.store.dead_letters("flaky").await.unwrap();
+    let dead = dcbflow::outbox::DeadLetters::new(t.store.clone())
+        .list("flaky")
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].position, poison);
     assert_eq!(dead[0].attempts, 4);
     assert!(!dead[0].error.is_empty());
     // Replay still fails (no stream takes it) and keeps the dead letter; discard drops it.
-    let err = t
-        .store
-        .replay_dead_letter(dead[0].id, &publisher)
+    let err = dcbflow::outbox::DeadLetters::new(t.store.clone())
+        .replay(dead[0].id, &publisher)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Publish(_)), "{err:?}");
-    assert_eq!(t.store.dead_letters("flaky").await.unwrap()[0].attempts, 5);
-    assert!(t.store.discard_dead_letter(dead[0].id).await.unwrap());
-    assert!(t.store.dead_letters("flaky").await.unwrap().is_empty());
+    assert!(matches!(err, dcbflow::outbox::Error::Publish(_)), "{err:?}");
+    assert_eq!(
+        dcbflow::outbox::DeadLetters::new(t.store.clone())
+            .list("flaky")
+            .await
+            .unwrap()[0]
+            .attempts,
+        5
+    );
+    assert!(
+        dcbflow::outbox::DeadLetters::new(t.store.clone())
+            .discard(dead[0].id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        dcbflow::outbox::DeadLetters::new(t.store.clone())
+            .list("flaky")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
@@ -417,7 +475,13 @@ async fn webhook_receives_idempotency_keys_in_order_and_failures_are_retried() {
         s.0.values().any(|n| *n == 2),
         "some deliveries were retried with the same key"
     );
-    assert!(t.store.dead_letters("hook").await.unwrap().is_empty());
+    assert!(
+        dcbflow::outbox::DeadLetters::new(t.store.clone())
+            .list("hook")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     cancel.cancel();
     task.await.unwrap().unwrap();
 }

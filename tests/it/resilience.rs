@@ -5,7 +5,7 @@ use std::time::Duration;
 use dcbflow::{AppendCondition, Error, Query, QueryItem, ReadOptions};
 use rand::Rng;
 
-use crate::support::{TestStore, ev};
+use crate::support::{DEADLINE, TestStore, ev, eventually};
 
 async fn batch_sizes(t: &TestStore, batches: usize) -> Vec<usize> {
     let all = t
@@ -67,7 +67,26 @@ async fn dropped_appends_leave_no_partial_write_or_open_transaction() {
         task.abort();
         let _ = task.await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every aborted append has come to an end in the database (rolled back, or
+    // committed whole): no session of this test is inside a transaction any more,
+    // so the checks below see the final state.
+    let raw = t.raw().await;
+    eventually("the aborted appends' transactions end", DEADLINE, {
+        let (raw, schema) = (&raw, &t.schema);
+        move || async move {
+            let in_transaction: i64 = raw
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                     AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+                    &[schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (in_transaction == 0).then_some(())
+        }
+    })
+    .await;
     let sizes = batch_sizes(&t, batches + 50).await;
     assert!(
         sizes.iter().all(|n| *n == 0 || *n == 5),
@@ -103,22 +122,22 @@ async fn terminated_connection_writes_nothing() {
         store.append(events, Some(AppendCondition::new(q))).await
     });
     let raw = t.raw().await;
-    let mut killed = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        killed = raw
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                &[&t.schema],
-            )
-            .await
-            .unwrap()
-            .len();
-        if killed > 0 {
-            break;
+    let killed = eventually("the victim waits on its scope lock", DEADLINE, {
+        let (raw, schema) = (&raw, &t.schema);
+        move || async move {
+            let killed = raw
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    &[schema],
+                )
+                .await
+                .unwrap()
+                .len();
+            (killed > 0).then_some(killed)
         }
-    }
+    })
+    .await;
     assert_eq!(killed, 1, "the victim must be waiting on its scope lock");
     let err = victim.await.unwrap().unwrap_err();
     assert!(

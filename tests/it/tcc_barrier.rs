@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use dcbflow::deadpool_postgres::Pool;
-use dcbflow::{BarrierOutcome, TccBarrier, TccPhase};
+use dcbflow::tcc::{BarrierOutcome, TccBarrier, TccPhase};
 
 use crate::support::{self, db};
 

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dcbflow::{
+use dcbflow::flow::{
     Action, FlowDefinition, FlowError, InstanceStatus, TaskContext, TaskDefinition, TaskError,
     ValueType,
 };
@@ -17,12 +17,19 @@ use super::{Workers, engine, steps, wait_for};
 async fn serial_and_parallel_tasks_complete_with_outputs() {
     let (_t, flows) = engine().await;
     let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    // b and c each wait for the other to start (at most 10 s), so they overlap
+    // when run in parallel, however they are scheduled; run one after the other,
+    // they do not, and the order of the log says so.
+    let both = Arc::new(tokio::sync::Barrier::new(2));
     for name in ["a", "b", "c", "d"] {
-        let log = log.clone();
+        let (log, both) = (log.clone(), both.clone());
         flows.function(name, move |ctx: TaskContext| {
-            let log = log.clone();
+            let (log, both) = (log.clone(), both.clone());
             async move {
                 log.lock().unwrap().push(format!("start {}", ctx.step.task));
+                if ctx.step.task == "b" || ctx.step.task == "c" {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), both.wait()).await;
+                }
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 log.lock().unwrap().push(format!("end {}", ctx.step.task));
                 Ok::<_, TaskError>(json!({"task": ctx.step.task, "input": ctx.input}))
@@ -112,7 +119,7 @@ async fn a_yaml_flow_runs_end_to_end() {
     let state = wait_for(&flows, started.instance, InstanceStatus::Completed, 20).await;
     workers.stop().await;
     assert_eq!(state.outputs["shout"]["text"], json!("HELLO, Ada!"));
-    assert_eq!(state.version, version);
+    assert_eq!(state.definition_version, version);
 }
 
 /// Starting twice with one business key, even concurrently, gives one instance.
@@ -145,7 +152,7 @@ async fn start_with_a_business_key_is_idempotent() {
         .unwrap();
     assert!(other.created && other.instance != first);
     let listed = flows
-        .instances(&dcbflow::InstanceFilter::flow("once"))
+        .instances(&dcbflow::flow::InstanceFilter::flow("once"))
         .await
         .unwrap();
     assert_eq!(listed.len(), 2);
@@ -167,7 +174,7 @@ async fn bad_input_and_bad_definitions_are_refused() {
     flows.register(&def).await.unwrap();
     let before = t.count().await;
     match flows.start("typed", None, json!({"amount": "12"})).await {
-        Err(FlowError::InvalidInput(problems)) => {
+        Err(FlowError::InputMismatch(problems)) => {
             assert_eq!(problems.len(), 2, "{problems:?}");
         }
         other => panic!("expected invalid input, got {other:?}"),
@@ -213,7 +220,7 @@ async fn a_running_instance_keeps_the_version_it_started_with() {
     let v1_version = flows.register(&v1).await.unwrap();
     let workers = Workers::start(&[&flows]);
     let old = flows.start("evolving", None, json!({})).await.unwrap();
-    assert_eq!(old.version, v1_version);
+    assert_eq!(old.definition_version, v1_version);
 
     let v2 = FlowDefinition::builder("evolving")
         .task(TaskDefinition::new("first", Action::rust("gated")))
@@ -222,18 +229,18 @@ async fn a_running_instance_keeps_the_version_it_started_with() {
     let v2_version = flows.register(&v2).await.unwrap();
     assert_ne!(v1_version, v2_version, "new content, new version");
     let new = flows.start("evolving", None, json!({})).await.unwrap();
-    assert_eq!(new.version, v2_version);
+    assert_eq!(new.definition_version, v2_version);
 
     gate.add_permits(2);
     let old_state = wait_for(&flows, old.instance, InstanceStatus::Completed, 20).await;
     let new_state = wait_for(&flows, new.instance, InstanceStatus::Completed, 20).await;
     workers.stop().await;
-    assert_eq!(old_state.version, v1_version);
+    assert_eq!(old_state.definition_version, v1_version);
     assert!(old_state.outputs.contains_key("first"));
     assert!(
         !old_state.outputs.contains_key("second"),
         "the old instance ran only its version's tasks"
     );
-    assert_eq!(new_state.version, v2_version);
+    assert_eq!(new_state.definition_version, v2_version);
     assert!(new_state.outputs.contains_key("second"));
 }

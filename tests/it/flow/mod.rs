@@ -9,9 +9,8 @@ mod workers;
 
 use std::time::Duration;
 
-use dcbflow::{
-    CancellationToken, Flows, InstanceState, InstanceStatus, WorkerOptions, flow_events::types,
-};
+use dcbflow::CancellationToken;
+use dcbflow::flow::{Flows, InstanceState, InstanceStatus, WorkerOptions, events::types};
 use uuid::Uuid;
 
 use crate::support::TestStore;

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use dcbflow::{
-    Action, CancellationToken, FlowDefinition, InstanceStatus, TaskDefinition, async_nats,
-};
+use dcbflow::flow::{Action, FlowDefinition, InstanceStatus, TaskDefinition};
+use dcbflow::{CancellationToken, async_nats};
 use serde_json::json;
 
 use super::{Workers, engine, wait_for};
+use crate::support::{DEADLINE, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nats_step_publishes_through_the_outbox_with_its_idempotency_key() {
@@ -47,15 +47,15 @@ async fn a_nats_step_publishes_through_the_outbox_with_its_idempotency_key() {
         .unwrap()
         .instance;
     wait_for(&flows, id, InstanceStatus::Completed, 20).await;
-    let mut s = js.get_stream(&stream).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while s.info().await.unwrap().state.messages < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the message was not published"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the message is published", DEADLINE, {
+        let (js, stream) = (&js, &stream);
+        move || async move {
+            let mut s = js.get_stream(stream).await.unwrap();
+            (s.info().await.unwrap().state.messages >= 1).then_some(())
+        }
+    })
+    .await;
+    let s = js.get_stream(&stream).await.unwrap();
     let m = s.get_raw_message(1).await.unwrap();
     assert_eq!(m.subject.as_str(), format!("{prefix}.orders.o-7"));
     assert_eq!(

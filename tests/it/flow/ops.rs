@@ -3,15 +3,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use dcbflow::{
+use dcbflow::flow::{
     Action, FlowDefinition, FlowError, Flows, InstanceFilter, InstanceStatus, OnExhausted,
     Operator, Phase, StepId, TaskContext, TaskDefinition, TaskError, TaskRetry,
 };
 use serde_json::{Value, json};
 
 use super::{Workers, engine, wait_for};
+use crate::support::{DEADLINE, eventually};
 
 /// pay → ship, ship pausing the instance when exhausted; `broken` decides
 /// whether ship fails.
@@ -71,7 +71,7 @@ async fn skip_retry_and_abort_a_paused_instance() {
             a,
             "ship",
             json!({"shipped": "by hand"}),
-            paused.version_position,
+            paused.last_position,
             &ops,
         )
         .await
@@ -98,7 +98,7 @@ async fn skip_retry_and_abort_a_paused_instance() {
     broken.store(false, Ordering::SeqCst);
     let ship = StepId::new("ship", Phase::Action);
     flows
-        .retry_now(b, &ship, paused.version_position, &ops)
+        .retry_now(b, &ship, paused.last_position, &ops)
         .await
         .unwrap();
     let done = wait_for(&flows, b, InstanceStatus::Completed, 20).await;
@@ -113,15 +113,16 @@ async fn skip_retry_and_abort_a_paused_instance() {
         .instance;
     let paused = wait_for(&flows, c, InstanceStatus::Paused, 20).await;
     // A stale version is refused and writes nothing.
-    let stale = dcbflow::Position(paused.version_position.0 - 1);
+    let stale = dcbflow::Position(paused.last_position.0 - 1);
     assert!(matches!(
         flows.abort(c, stale, &ops).await,
         Err(FlowError::Moved { .. })
     ));
-    flows.abort(c, paused.version_position, &ops).await.unwrap();
+    flows.abort(c, paused.last_position, &ops).await.unwrap();
     let done = wait_for(&flows, c, InstanceStatus::Compensated, 20).await;
     assert!(
-        done.step(&StepId::new("pay", Phase::Compensate)).status == dcbflow::StepStatus::Succeeded
+        done.step(&StepId::new("pay", Phase::Compensate)).status
+            == dcbflow::flow::StepStatus::Succeeded
     );
     workers.stop().await;
 
@@ -157,6 +158,11 @@ async fn pause_and_resume() {
         .task(TaskDefinition::new("second", Action::rust("second")).after(["first"]))
         .build();
     flows.register(&def).await.unwrap();
+    // An instance of its own, to show that the worker keeps working.
+    let probe = FlowDefinition::builder("probe")
+        .task(TaskDefinition::new("probe", Action::rust("second")))
+        .build();
+    flows.register(&probe).await.unwrap();
     let workers = Workers::start(&[&flows]);
     let id = flows
         .start("pausable", None, json!({}))
@@ -165,46 +171,50 @@ async fn pause_and_resume() {
         .instance;
     let ops = Operator::new("bob", "maintenance window");
     // Wait until `first` runs, then pause.
-    let running = loop {
-        let s = flows.instance(id).await.unwrap().unwrap();
-        if s.step(&StepId::new("first", Phase::Action)).status == dcbflow::StepStatus::Running {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let paused = flows
-        .pause(id, running.version_position, &ops)
-        .await
-        .unwrap();
+    let running = step_reaches(&flows, id, "first", dcbflow::flow::StepStatus::Running).await;
+    let paused = flows.pause(id, running.last_position, &ops).await.unwrap();
     assert!(matches!(
-        flows.resume(id, running.version_position, &ops).await,
+        flows.resume(id, running.last_position, &ops).await,
         Err(FlowError::Moved { .. })
     ));
     gate.notify_one();
     // `first` finishes while paused; `second` must not start.
-    let after_first = loop {
-        let s = flows.instance(id).await.unwrap().unwrap();
-        if s.step(&StepId::new("first", Phase::Action)).status == dcbflow::StepStatus::Succeeded {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_first = step_reaches(&flows, id, "first", dcbflow::flow::StepStatus::Succeeded).await;
+    // The worker had its chance to start `second`: an instance started after
+    // `first` finished has completed (the worker claims due instances oldest first).
+    let later = flows
+        .start("probe", None, json!({}))
+        .await
+        .unwrap()
+        .instance;
+    wait_for(&flows, later, InstanceStatus::Completed, 60).await;
     let still = flows.instance(id).await.unwrap().unwrap();
     assert_eq!(still.status, InstanceStatus::Paused);
     assert_eq!(
         still.step(&StepId::new("second", Phase::Action)).attempts,
         0
     );
-    assert!(after_first.version_position > paused.version_position);
+    assert!(after_first.last_position > paused.last_position);
     assert!(matches!(
-        flows.pause(id, still.version_position, &ops).await,
+        flows.pause(id, still.last_position, &ops).await,
         Err(FlowError::NotAllowed(_))
     ));
-    flows
-        .resume(id, still.version_position, &ops)
-        .await
-        .unwrap();
+    flows.resume(id, still.last_position, &ops).await.unwrap();
     wait_for(&flows, id, InstanceStatus::Completed, 20).await;
     workers.stop().await;
+}
+
+/// The instance's state once its step `task` (action) has `status`.
+async fn step_reaches(
+    flows: &Flows,
+    id: uuid::Uuid,
+    task: &str,
+    status: dcbflow::flow::StepStatus,
+) -> dcbflow::flow::InstanceState {
+    let what = format!("step {task} of {id} is {status:?}");
+    eventually(&what, DEADLINE, move || async move {
+        let s = flows.instance(id).await.unwrap().unwrap();
+        (s.step(&StepId::new(task, Phase::Action)).status == status).then_some(s)
+    })
+    .await
 }

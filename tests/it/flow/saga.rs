@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use dcbflow::{
+use dcbflow::flow::{
     Action, FlowDefinition, InstanceStatus, OnExhausted, TaskContext, TaskDefinition, TaskError,
     TaskRetry,
 };
@@ -161,7 +161,10 @@ async fn http_executor_retries_honours_retry_after_and_sends_idempotency_keys() 
         "Retry-After honoured"
     );
     assert_eq!(state.outputs["charge"]["charged"], json!(42));
-    let notify = state.step(&dcbflow::StepId::new("notify", dcbflow::Phase::Action));
+    let notify = state.step(&dcbflow::flow::StepId::new(
+        "notify",
+        dcbflow::flow::Phase::Action,
+    ));
     assert_eq!(notify.attempts, 1, "a 400 is not retried");
     assert!(notify.error.unwrap().contains("400"));
     assert_eq!(
@@ -308,10 +311,10 @@ async fn a_failing_compensation_is_visible_and_can_be_retried() {
     );
 
     broken.store(false, Ordering::SeqCst);
-    let step = dcbflow::StepId::new("pay", dcbflow::Phase::Compensate);
-    let by = dcbflow::Operator::new("ops@example.com", "refund service is back");
+    let step = dcbflow::flow::StepId::new("pay", dcbflow::flow::Phase::Compensate);
+    let by = dcbflow::flow::Operator::new("ops@example.com", "refund service is back");
     flows
-        .retry_now(id, &step, state.version_position, &by)
+        .retry_now(id, &step, state.last_position, &by)
         .await
         .unwrap();
     wait_for(&flows, id, InstanceStatus::Compensated, 20).await;

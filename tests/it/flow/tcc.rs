@@ -5,14 +5,15 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dcbflow::{
-    Action, BarrierOutcome, FlowDefinition, Flows, InstanceStatus, TaskContext, TaskDefinition,
-    TaskError, TaskRetry, TccBarrier, TccParticipant, TccPhase,
+use dcbflow::flow::{
+    Action, FlowDefinition, Flows, InstanceStatus, TaskContext, TaskDefinition, TaskError,
+    TaskRetry, TccParticipant,
 };
+use dcbflow::tcc::{BarrierOutcome, TccBarrier, TccPhase};
 use serde_json::{Value, json};
 
 use super::{Workers, engine, wait_for};
-use crate::support::TestStore;
+use crate::support::{DEADLINE, TestStore, eventually};
 
 /// How the fake participants behave.
 #[derive(Default)]
@@ -61,6 +62,18 @@ async fn serve(
     match (phase, outcome) {
         (TccPhase::Try, BarrierOutcome::Run) => {
             if script.lock().unwrap().failing.contains(&participant) {
+                // Fail once both participants' tries got past their barriers, so
+                // that the other has a reservation to cancel, however the tries are
+                // scheduled (a cancel that overtakes its try is a test of its own).
+                eventually("both tries get past their barriers", DEADLINE, {
+                    let script = &script;
+                    move || async move {
+                        let script = script.lock().unwrap();
+                        let tries = script.outcomes.iter().filter(|o| o.1 == TccPhase::Try);
+                        (tries.count() >= 2).then_some(())
+                    }
+                })
+                .await;
                 return Err(TaskError::fatal(format!("{participant}: sold out")));
             }
             tx.execute(&write("reserved"), &[&participant, &branch])
@@ -115,13 +128,23 @@ async fn setup(t: &TestStore, flows: &Flows, script: Shared) {
         );
         async move {
             let participant = ctx.step.participant.clone().unwrap_or_default();
-            let late = ctx.step.phase == dcbflow::Phase::Try
+            let late = ctx.step.phase == dcbflow::flow::Phase::Try
                 && script.lock().unwrap().late.contains(&participant);
             if late {
                 // The request is delayed in the network: it reaches the service
                 // after the engine timed the try out and cancelled it.
                 let handle = tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    eventually("the engine cancels the late try", DEADLINE, {
+                        let (script, participant) = (&script, &participant);
+                        move || async move {
+                            let script = script.lock().unwrap();
+                            let mut outcomes = script.outcomes.iter();
+                            let cancelled =
+                                outcomes.any(|o| o.0 == *participant && o.1 == TccPhase::Cancel);
+                            cancelled.then_some(())
+                        }
+                    })
+                    .await;
                     serve(pool, barrier, schema, script, ctx).await
                 });
                 return handle.await.unwrap();
@@ -139,7 +162,8 @@ async fn setup(t: &TestStore, flows: &Flows, script: Shared) {
         .task(
             TaskDefinition::tcc("book", vec![p("hotel"), p("flight")])
                 .retry(TaskRetry::attempts(1))
-                .timeout(Duration::from_millis(300))
+                // Ample for a try, even on a loaded machine; a late try exceeds it.
+                .timeout(Duration::from_secs(2))
                 .try_deadline(Duration::from_secs(5)),
         )
         .build();
@@ -220,7 +244,16 @@ async fn a_cancel_that_overtakes_its_try_blocks_the_late_try() {
     let id = flows.start("trip", None, json!({})).await.unwrap().instance;
     wait_for(&flows, id, InstanceStatus::Compensated, 20).await;
     // Let the delayed try arrive.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    eventually("the delayed try arrives", DEADLINE, {
+        let script = &script;
+        move || async move {
+            let script = script.lock().unwrap();
+            let mut outcomes = script.outcomes.iter();
+            let tried = outcomes.any(|o| o.0 == "flight" && o.1 == TccPhase::Try);
+            tried.then_some(())
+        }
+    })
+    .await;
     workers.stop().await;
     let outcomes = script.lock().unwrap().outcomes.clone();
     let flight: Vec<_> = outcomes

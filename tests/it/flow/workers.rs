@@ -6,14 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dcbflow::{
-    Action, CancellationToken, FlowDefinition, Flows, InstanceStatus, Phase, StepId, Store,
-    TaskContext, TaskDefinition, TaskError, TaskRetry,
+use dcbflow::flow::{
+    Action, FlowDefinition, Flows, InstanceStatus, Phase, StepId, TaskContext, TaskDefinition,
+    TaskError, TaskRetry,
 };
+use dcbflow::{CancellationToken, Store};
 use serde_json::{Value, json};
 
 use super::{Workers, fast, wait_for};
-use crate::support::TestStore;
+use crate::support::{DEADLINE, TestStore, eventually};
 
 /// Another "process": its own pool and engine on the test's schema.
 async fn process(t: &TestStore) -> Flows {
@@ -28,17 +29,28 @@ async fn process(t: &TestStore) -> Flows {
 
 type Runs = Arc<Mutex<HashMap<(uuid::Uuid, String, u32), u32>>>;
 
-fn counting(flows: &Flows, runs: &Runs) {
+/// The engines that have run a step, one bit each.
+type Engines = Arc<tokio::sync::watch::Sender<u32>>;
+
+/// Counts the attempts of engine number `engine` in `runs`. Its steps wait until
+/// another engine has run a step too (at most 20 s, well within their lease): an
+/// engine claims at most as many instances as it has slots, so the others find
+/// the rest, and the work is shared however the workers are scheduled.
+fn counting(flows: &Flows, runs: &Runs, engine: usize, engines: &Engines) {
     for name in ["a", "b", "c"] {
-        let runs = runs.clone();
+        let (runs, engines) = (runs.clone(), engines.clone());
         flows.function(name, move |ctx: TaskContext| {
-            let runs = runs.clone();
+            let (runs, engines) = (runs.clone(), engines.clone());
             async move {
                 *runs
                     .lock()
                     .unwrap()
                     .entry((ctx.instance, ctx.step.key(), ctx.attempt))
                     .or_default() += 1;
+                engines.send_modify(|bits| *bits |= 1u32 << engine);
+                let mut seen = engines.subscribe();
+                let shared = seen.wait_for(|bits| bits.count_ones() >= 2);
+                let _ = tokio::time::timeout(Duration::from_secs(20), shared).await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 Ok::<_, TaskError>(Value::Null)
             }
@@ -52,10 +64,11 @@ fn counting(flows: &Flows, runs: &Runs) {
 async fn competing_workers_never_run_the_same_attempt() {
     let t = TestStore::new().await;
     let runs: Runs = Arc::default();
+    let working: Engines = Arc::default();
     let mut engines = Vec::new();
-    for _ in 0..4 {
+    for i in 0..4 {
         let f = process(&t).await;
-        counting(&f, &runs);
+        counting(&f, &runs, i, &working);
         engines.push(f);
     }
     let def = FlowDefinition::builder("fanout")
@@ -128,9 +141,14 @@ async fn a_killed_workers_step_is_retried_by_another_after_its_lease() {
     };
     let id = a.start("takeover", None, json!({})).await.unwrap().instance;
     let step = StepId::new("work", Phase::Action);
-    while a.instance(id).await.unwrap().unwrap().step(&step).attempts == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the doomed worker starts the step", DEADLINE, {
+        let (a, step) = (&a, &step);
+        move || async move {
+            let state = a.instance(id).await.unwrap().unwrap();
+            (state.step(step).attempts > 0).then_some(())
+        }
+    })
+    .await;
     dying.abort(); // killed: no release, no completion
     let workers = Workers::start(&[&b]);
     let state = wait_for(&b, id, InstanceStatus::Completed, 20).await;
@@ -163,7 +181,7 @@ async fn a_sql_step_commits_exactly_once_when_its_worker_dies_mid_transaction() 
     .unwrap();
     let (a, b) = (process(&t).await, process(&t).await);
     let def = FlowDefinition::builder("ledger")
-        .input("amount", dcbflow::ValueType::Integer)
+        .input("amount", dcbflow::flow::ValueType::Integer)
         .task(
             TaskDefinition::new(
                 "book",
@@ -198,12 +216,18 @@ async fn a_sql_step_commits_exactly_once_when_its_worker_dies_mid_transaction() 
     let sleeping = format!(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' AND query LIKE '%{s}%' AND pid <> pg_backend_pid()"
     );
-    let pid: i32 = loop {
-        if let Some(row) = raw.query_opt(&sleeping, &[]).await.unwrap() {
-            break row.get(0);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid: i32 = eventually(
+        "the step's transaction sleeps after its INSERT",
+        DEADLINE,
+        {
+            let (raw, sleeping) = (&raw, &sleeping);
+            move || async move {
+                let row = raw.query_opt(sleeping, &[]).await.unwrap();
+                row.map(|row| row.get::<_, i32>(0))
+            }
+        },
+    )
+    .await;
     dying.abort();
     raw.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await

@@ -5,6 +5,7 @@ pub mod db;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dcbflow::{
     AppendCondition, AppendResult, Cursor, Error, Event, Limits, Position, Query, ReadOptions,
@@ -101,6 +102,20 @@ impl TestStore {
         .unwrap()
         .get(0)
     }
+
+    /// Sessions of this test waiting for a lock (an advisory scope lock, a row, a
+    /// transaction).
+    pub async fn lock_waits(&self) -> i64 {
+        let c = self.raw().await;
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            &[&self.schema],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
 }
 
 impl Drop for TestStore {
@@ -189,4 +204,28 @@ where
         results.push(h.await.expect("task panicked"));
     }
     results
+}
+
+/// How long a test waits for something that must happen: generous, so that a
+/// loaded machine does not fail a test, yet finite.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `probe` every 15 ms until it yields a value, and returns that; panics
+/// naming `what` once `deadline` has passed. The wait for a condition, instead of
+/// a fixed sleep: as short as the machine allows, and never too short.
+pub async fn eventually<F, Fut, T>(what: &str, deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("{what}: not within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
 }

@@ -5,12 +5,12 @@
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::FlowError;
-use super::definition::FlowDefinition;
-use super::engine::{Flows, TransitionError, TxWork, step_event};
-use super::events::{self, Phase, StepEvent, StepId, types};
-use super::state::{InstanceState, InstanceStatus, StepStatus};
-use crate::Event;
+use crate::flow::FlowError;
+use crate::flow::model::definition::FlowDefinition;
+use crate::flow::model::events::{FlowEvent, InstanceChange, Phase, StepId, StepIntervention};
+use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
+use crate::flow::runtime::Flows;
+use crate::store::Position;
 
 /// Who does a manual operation, and why (recorded in its event).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,32 +33,31 @@ impl Operator {
 
 impl Flows {
     /// A manual operation: refused with [`FlowError::Moved`] unless the instance
-    /// is still at `seen` (its `version_position` when the operator looked).
+    /// is still at `seen` (its `last_position` when the operator looked).
     async fn operate<D>(
         &self,
+        operation: &'static str,
         id: Uuid,
-        seen: crate::Position,
+        seen: Position,
         decide: D,
     ) -> Result<InstanceState, FlowError>
     where
-        D: Fn(&InstanceState, &FlowDefinition) -> Result<Vec<Event>, FlowError>,
+        D: Fn(&InstanceState, &FlowDefinition) -> Result<FlowEvent, FlowError> + Send + Sync,
     {
+        tracing::info!(operation, instance = %id, "operator action");
+        self.ready().await?;
         let result = self
-            .transition(id, TxWork::None, |state, def, _| {
-                if state.version_position != seen {
+            .transition(id, None, |state, def, _| {
+                if state.last_position != seen {
                     return Err(FlowError::Moved {
                         expected: seen,
-                        actual: state.version_position,
+                        actual: state.last_position,
                     });
                 }
-                decide(state, def)
+                Ok(vec![decide(state, def)?])
             })
             .await;
-        match result {
-            Ok((state, _)) => Ok(state),
-            Err(TransitionError::Flow(e)) => Err(e),
-            Err(TransitionError::Sql(e)) => Err(e.into()),
-        }
+        result.map(|(state, _)| state).map_err(|e| e.into_flow())
     }
 
     /// Retries `step` now (a failed, exhausted or waiting step), with a fresh
@@ -71,10 +70,10 @@ impl Flows {
         &self,
         id: Uuid,
         step: &StepId,
-        seen: crate::Position,
+        seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate(id, seen, |state, _| {
+        self.operate("retry_now", id, seen, |state, _| {
             let s = state.step(step);
             if !matches!(s.status, StepStatus::Failed | StepStatus::RetryDue) {
                 return Err(FlowError::NotAllowed(format!(
@@ -82,16 +81,12 @@ impl Flows {
                     s.status
                 )));
             }
-            Ok(vec![step_event(
-                id,
-                types::RETRY_REQUESTED,
-                StepEvent {
-                    step: Some(step.clone()),
-                    actor: Some(by.actor.clone()),
-                    reason: Some(by.reason.clone()),
-                    ..Default::default()
-                },
-            )])
+            Ok(FlowEvent::RetryRequested(StepIntervention {
+                step: step.clone(),
+                output: None,
+                actor: Some(by.actor.clone()),
+                reason: Some(by.reason.clone()),
+            }))
         })
         .await
     }
@@ -106,10 +101,10 @@ impl Flows {
         id: Uuid,
         task: &str,
         output: Value,
-        seen: crate::Position,
+        seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate(id, seen, |state, def| {
+        self.operate("skip", id, seen, |state, def| {
             if def.task(task).is_none() {
                 return Err(FlowError::NotAllowed(format!(
                     "no task {task:?} in flow {:?}",
@@ -135,17 +130,12 @@ impl Flows {
                     "task {task:?} is running or done"
                 )));
             }
-            Ok(vec![step_event(
-                id,
-                types::STEP_SKIPPED,
-                StepEvent {
-                    step: Some(step),
-                    output: Some(output.clone()),
-                    actor: Some(by.actor.clone()),
-                    reason: Some(by.reason.clone()),
-                    ..Default::default()
-                },
-            )])
+            Ok(FlowEvent::StepSkipped(StepIntervention {
+                step,
+                output: Some(output.clone()),
+                actor: Some(by.actor.clone()),
+                reason: Some(by.reason.clone()),
+            }))
         })
         .await
     }
@@ -158,10 +148,10 @@ impl Flows {
     pub async fn abort(
         &self,
         id: Uuid,
-        seen: crate::Position,
+        seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate(id, seen, |state, _| {
+        self.operate("abort", id, seen, |state, _| {
             require(
                 state,
                 &[
@@ -170,7 +160,7 @@ impl Flows {
                     InstanceStatus::Failed,
                 ],
             )?;
-            Ok(vec![operator_event(id, types::ABORTED, by)])
+            Ok(FlowEvent::Aborted(change(by)))
         })
         .await
     }
@@ -182,15 +172,15 @@ impl Flows {
     pub async fn pause(
         &self,
         id: Uuid,
-        seen: crate::Position,
+        seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate(id, seen, |state, _| {
+        self.operate("pause", id, seen, |state, _| {
             require(
                 state,
                 &[InstanceStatus::Running, InstanceStatus::Compensating],
             )?;
-            Ok(vec![operator_event(id, types::PAUSED, by)])
+            Ok(FlowEvent::Paused(change(by)))
         })
         .await
     }
@@ -202,27 +192,22 @@ impl Flows {
     pub async fn resume(
         &self,
         id: Uuid,
-        seen: crate::Position,
+        seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate(id, seen, |state, _| {
+        self.operate("resume", id, seen, |state, _| {
             require(state, &[InstanceStatus::Paused])?;
-            Ok(vec![operator_event(id, types::RESUMED, by)])
+            Ok(FlowEvent::Resumed(change(by)))
         })
         .await
     }
 }
 
-fn operator_event(id: Uuid, ty: &str, by: &Operator) -> Event {
-    events::event(
-        id,
-        ty,
-        events::Operator {
-            actor: Some(by.actor.clone()),
-            reason: Some(by.reason.clone()),
-            step: None,
-        },
-    )
+fn change(by: &Operator) -> InstanceChange {
+    InstanceChange {
+        actor: Some(by.actor.clone()),
+        reason: Some(by.reason.clone()),
+    }
 }
 
 /// Refuses an operation unless the instance is in one of `allowed`.

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::events::{Operator, Phase, Started, StepEvent, StepId, types};
-use crate::{Position, SequencedEvent};
+use super::events::{self, FlowEvent, Phase, StepId};
+use crate::store::{Position, SequencedEvent};
 
 /// Where an instance is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,8 +129,8 @@ pub struct InstanceState {
     pub id: Uuid,
     /// Flow name.
     pub flow: String,
-    /// Definition version it runs on.
-    pub version: String,
+    /// The definition version (content hash) it runs on.
+    pub definition_version: String,
     /// Business key it was started with.
     pub business_key: Option<String>,
     /// Flow input.
@@ -143,9 +143,10 @@ pub struct InstanceState {
     pub deadline_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
-    /// Position of its newest event: pass it to manual operations as the version
-    /// you looked at.
-    pub version_position: Position,
+    /// Position of its newest event, the instance's concurrency token: pass it
+    /// to manual operations as what you looked at (they refuse with
+    /// [`FlowError::Moved`](crate::flow::FlowError::Moved) if it changed).
+    pub last_position: Position,
     /// Why it is compensating, paused or failed.
     pub reason: Option<String>,
     /// Status to return to on resume.
@@ -164,31 +165,35 @@ impl InstanceState {
         let mut state: Option<InstanceState> = None;
         for e in events {
             match &mut state {
-                None if e.event_type() == types::STARTED => {
-                    let s: Started = serde_json::from_value(e.data().clone()).ok()?;
-                    state = Some(InstanceState {
-                        id: s.instance,
-                        flow: s.flow,
-                        version: s.version,
-                        business_key: s.business_key,
-                        input: s.input,
-                        status: InstanceStatus::Running,
-                        started_at: e.recorded_at,
-                        deadline_at: s.deadline_at,
-                        updated_at: e.recorded_at,
-                        version_position: e.position,
-                        reason: None,
-                        paused_from: None,
-                        steps: BTreeMap::new(),
-                        outputs: BTreeMap::new(),
-                        events: 1,
-                    });
+                None => {
+                    if let Some(Ok(FlowEvent::Started(s))) = events::decode(e) {
+                        state = Some(InstanceState::started(s, e));
+                    }
                 }
-                None => {}
                 Some(s) => s.apply(e),
             }
         }
         state
+    }
+
+    fn started(s: events::Started, e: &SequencedEvent) -> Self {
+        InstanceState {
+            id: s.instance,
+            flow: s.flow,
+            definition_version: s.version,
+            business_key: s.business_key,
+            input: s.input,
+            status: InstanceStatus::Running,
+            started_at: e.recorded_at,
+            deadline_at: s.deadline_at,
+            updated_at: e.recorded_at,
+            last_position: e.position,
+            reason: None,
+            paused_from: None,
+            steps: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            events: 1,
+        }
     }
 
     /// The step's state (a pending one if it never started).
@@ -205,122 +210,124 @@ impl InstanceState {
             .or_insert_with(|| StepState::new(step.clone(), at))
     }
 
-    /// Applies one event.
+    /// Applies one event (events of other types, and payloads that do not
+    /// decode, only move `last_position`).
     pub fn apply(&mut self, e: &SequencedEvent) {
         let at = e.recorded_at;
         self.updated_at = at;
-        self.version_position = e.position;
+        self.last_position = e.position;
         self.events += 1;
-        let ty = e.event_type();
-        if ty.starts_with("FlowStep") || ty == types::RETRY_REQUESTED {
-            let Ok(d) = serde_json::from_value::<StepEvent>(e.data().clone()) else {
-                return;
-            };
-            let Some(id) = d.step.clone() else { return };
-            let by_incident = self.paused_by_incident();
-            let step = self.step_mut(&id, at);
-            step.updated_at = at;
-            match ty {
-                types::STEP_STARTED => {
-                    step.status = StepStatus::Running;
-                    step.attempts = d.attempt.unwrap_or(step.attempts + 1);
-                    step.worker = d.worker;
-                    step.lease_until = d.lease_until;
-                    step.due_at = None;
-                    step.first_started.get_or_insert(at);
-                }
-                types::STEP_SUCCEEDED => {
-                    step.status = StepStatus::Succeeded;
-                    step.worker = None;
-                    step.lease_until = None;
-                    step.error = None;
-                    step.timed_out = false;
-                    if id.phase == Phase::Action {
-                        self.outputs
-                            .insert(id.task.clone(), d.output.unwrap_or(Value::Null));
-                    }
-                }
-                types::STEP_FAILED | types::STEP_TIMED_OUT => {
-                    step.status = if d.exhausted {
-                        StepStatus::Failed
-                    } else {
-                        StepStatus::RetryDue
-                    };
-                    step.worker = None;
-                    step.lease_until = None;
-                    step.error = d.error;
-                    step.timed_out = ty == types::STEP_TIMED_OUT;
-                }
-                types::STEP_RETRY_SCHEDULED => {
-                    step.status = StepStatus::RetryDue;
-                    step.due_at = d.due_at;
-                }
-                types::RETRY_REQUESTED => {
-                    step.status = StepStatus::RetryDue;
-                    step.due_at = Some(at);
-                    step.forgiven = step.attempts;
-                    step.worker = None;
-                    step.lease_until = None;
-                    match self.status {
-                        InstanceStatus::CompensationFailed => {
-                            self.status = InstanceStatus::Compensating
-                        }
-                        InstanceStatus::Failed => self.status = InstanceStatus::Running,
-                        InstanceStatus::Paused if by_incident => {
-                            self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running)
-                        }
-                        _ => {}
-                    }
-                }
-                types::STEP_SKIPPED => {
-                    step.status = StepStatus::Skipped;
-                    step.worker = None;
-                    step.lease_until = None;
-                    if id.phase == Phase::Action || id.phase == Phase::Try {
-                        self.outputs
-                            .insert(id.task.clone(), d.output.unwrap_or(Value::Null));
-                    }
-                    match self.status {
-                        InstanceStatus::Failed => self.status = InstanceStatus::Running,
-                        InstanceStatus::Paused if by_incident => {
-                            self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running)
-                        }
-                        _ => {}
-                    }
-                }
-                _ => {}
-            }
+        let Some(Ok(event)) = events::decode(e) else {
             return;
-        }
-        let op: Operator = serde_json::from_value(e.data().clone()).unwrap_or_default();
-        match ty {
-            types::COMPENSATING | types::ABORTED => {
+        };
+        let by_incident = self.paused_by_incident();
+        match event {
+            FlowEvent::Started(_) | FlowEvent::Message(_) => {}
+            FlowEvent::StepStarted(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::Running;
+                step.attempts = d.attempt;
+                step.worker = Some(d.worker);
+                step.lease_until = Some(d.lease_until);
+                step.due_at = None;
+                step.first_started.get_or_insert(at);
+            }
+            FlowEvent::StepSucceeded(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::Succeeded;
+                step.worker = None;
+                step.lease_until = None;
+                step.error = None;
+                step.timed_out = false;
+                if d.step.phase == Phase::Action {
+                    self.outputs.insert(d.step.task.clone(), d.output);
+                }
+            }
+            FlowEvent::StepFailed(d) | FlowEvent::StepTimedOut(d) => {
+                let timed_out = e.event_type() == events::types::STEP_TIMED_OUT;
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = if d.exhausted {
+                    StepStatus::Failed
+                } else {
+                    StepStatus::RetryDue
+                };
+                step.worker = None;
+                step.lease_until = None;
+                step.error = Some(d.error);
+                step.timed_out = timed_out;
+            }
+            FlowEvent::RetryScheduled(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::RetryDue;
+                step.due_at = Some(d.due_at);
+            }
+            FlowEvent::RetryRequested(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::RetryDue;
+                step.due_at = Some(at);
+                step.forgiven = step.attempts;
+                step.worker = None;
+                step.lease_until = None;
+                match self.status {
+                    InstanceStatus::CompensationFailed => {
+                        self.status = InstanceStatus::Compensating
+                    }
+                    InstanceStatus::Failed => self.status = InstanceStatus::Running,
+                    InstanceStatus::Paused if by_incident => {
+                        self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running)
+                    }
+                    _ => {}
+                }
+            }
+            FlowEvent::StepSkipped(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::Skipped;
+                step.worker = None;
+                step.lease_until = None;
+                if d.step.phase == Phase::Action || d.step.phase == Phase::Try {
+                    self.outputs
+                        .insert(d.step.task.clone(), d.output.unwrap_or(Value::Null));
+                }
+                match self.status {
+                    InstanceStatus::Failed => self.status = InstanceStatus::Running,
+                    InstanceStatus::Paused if by_incident => {
+                        self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running)
+                    }
+                    _ => {}
+                }
+            }
+            FlowEvent::Compensating(c) | FlowEvent::Aborted(c) => {
                 self.status = InstanceStatus::Compensating;
                 self.paused_from = None;
-                self.reason = op.reason;
+                self.reason = c.reason;
             }
-            types::COMPENSATED => self.status = InstanceStatus::Compensated,
-            types::COMPENSATION_FAILED => {
+            FlowEvent::Compensated(_) => self.status = InstanceStatus::Compensated,
+            FlowEvent::CompensationFailed(c) => {
                 self.status = InstanceStatus::CompensationFailed;
-                self.reason = op.reason;
+                self.reason = c.reason;
             }
-            types::PAUSED => {
+            FlowEvent::Paused(c) => {
                 if self.status != InstanceStatus::Paused {
                     self.paused_from = Some(self.status);
                 }
                 self.status = InstanceStatus::Paused;
-                self.reason = op.reason;
+                self.reason = c.reason;
             }
-            types::RESUMED => {
+            FlowEvent::Resumed(_) => {
                 self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running);
                 self.reason = None;
             }
-            types::COMPLETED => self.status = InstanceStatus::Completed,
-            types::FAILED => {
+            FlowEvent::Completed(_) => self.status = InstanceStatus::Completed,
+            FlowEvent::Failed(c) => {
                 self.status = InstanceStatus::Failed;
-                self.reason = op.reason;
+                self.reason = c.reason;
             }
-            _ => {}
         }
     }
 

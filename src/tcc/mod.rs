@@ -19,7 +19,7 @@
 use deadpool_postgres::{GenericClient, Transaction};
 use futures::future::BoxFuture;
 
-use crate::error::{Error, Result};
+use crate::store::{Error, Result};
 
 /// Name of the barrier table inside the schema given to [`TccBarrier::new`].
 const TABLE: &str = "tcc_barrier";

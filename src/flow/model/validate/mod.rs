@@ -22,9 +22,9 @@ mod graph;
 
 use graph::{shortest_cycle, strongly_connected};
 
-use super::definition::SqlStatement;
+use super::definition::{Action, FlowDefinition, SqlStatement, TaskDefinition, ValueType};
 use super::template::{self, Reference};
-use super::{Action, DefinitionError, FlowDefinition, TaskDefinition, ValueType};
+use crate::flow::DefinitionError;
 
 /// The HTTP methods an `http` action may use.
 const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
@@ -40,9 +40,27 @@ const LAST_GROWING_RETRY: u32 = 65;
 /// [`DefinitionError`] listing every problem found, one line each, naming the
 /// task concerned (for instance `task "ship": depends on unknown task "shipp"`).
 pub fn validate(flow: &FlowDefinition, functions: &[&str]) -> Result<(), DefinitionError> {
+    validate_for(flow, functions, ALL_EXECUTORS)
+}
+
+/// Every executor kind a definition may name.
+pub const ALL_EXECUTORS: &[&str] = &["http", "sql", "nats", "rust"];
+
+/// Like [`validate`], for an engine that runs only the executors in `executors`
+/// (`http`, `sql`, `nats`, `rust`): an action of another kind is a problem (a
+/// build without the `http` feature cannot run HTTP tasks).
+///
+/// # Errors
+/// As [`validate`].
+pub fn validate_for(
+    flow: &FlowDefinition,
+    functions: &[&str],
+    executors: &[&str],
+) -> Result<(), DefinitionError> {
     let mut checker = Checker {
         flow,
         functions,
+        executors,
         problems: Vec::new(),
     };
     checker.check();
@@ -192,6 +210,7 @@ enum Place {
 struct Checker<'a> {
     flow: &'a FlowDefinition,
     functions: &'a [&'a str],
+    executors: &'a [&'a str],
     problems: Vec<String>,
 }
 
@@ -525,6 +544,18 @@ impl<'a> Checker<'a> {
     fn check_action(&mut self, scope: &Scope<'_>, label: &str, action: &Action) {
         let name = &scope.task.name;
         let prefix = format!("task {name:?}: {label}");
+        let kind = match action {
+            Action::Http { .. } => "http",
+            Action::Sql { .. } => "sql",
+            Action::Nats { .. } => "nats",
+            Action::Rust { .. } => "rust",
+        };
+        if !self.executors.contains(&kind) {
+            self.report(format!(
+                "{prefix}executor {kind:?} is not available in this build (it runs {})",
+                self.executors.join(", ")
+            ));
+        }
         match action {
             Action::Http {
                 method,

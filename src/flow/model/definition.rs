@@ -2,7 +2,7 @@
 //!
 //! A definition is plain data (serde): build it with [`FlowDefinition::builder`] or
 //! load it from YAML, JSON or TOML. It is validated when registered
-//! ([`validate`](super::validate)) and identified by the hash of its content, so an
+//! ([`validate`](crate::flow::validate)) and identified by the hash of its content, so an
 //! instance keeps running on the version it started with.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::error::DefinitionError;
+use super::events::{Phase, StepId};
+use crate::backoff::Backoff;
+use crate::flow::DefinitionError;
 
 /// A flow: named tasks with dependencies (a task runs when all it depends on have
 /// succeeded; tasks with no path between them run in parallel).
@@ -223,22 +225,24 @@ impl Default for TaskRetry {
 }
 
 impl TaskRetry {
+    /// The delays between attempts as a [`Backoff`].
+    pub fn as_backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(self.initial_backoff_ms),
+            Duration::from_millis(self.max_backoff_ms),
+        )
+        .multiplier(self.multiplier)
+    }
+
     /// The ceiling of the delay before retry number `retry` (1-based); the actual
     /// delay is drawn uniformly below it (full jitter).
     pub fn ceiling(&self, retry: u32) -> Duration {
-        let exp = self
-            .multiplier
-            .max(1.0)
-            .powi(retry.saturating_sub(1).min(64) as i32);
-        let ms = (self.initial_backoff_ms as f64 * exp).min(self.max_backoff_ms as f64);
-        Duration::from_millis(ms as u64)
+        self.as_backoff().ceiling(retry)
     }
 
     /// A jittered delay before retry number `retry`.
     pub fn delay(&self, retry: u32) -> Duration {
-        use rand::Rng;
-        self.ceiling(retry)
-            .mul_f64(rand::rng().random_range(0.0..=1.0))
+        self.as_backoff().delay(retry)
     }
 }
 
@@ -268,12 +272,13 @@ impl FlowDefinition {
         }
     }
 
-    /// Parses YAML.
+    /// Parses YAML (feature `yaml`).
     ///
     /// # Errors
     /// [`DefinitionError`] with the parser's message.
+    #[cfg(feature = "yaml")]
     pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
-        serde_yaml::from_str(text).map_err(|e| DefinitionError::parse("YAML", e))
+        yaml_serde::from_str(text).map_err(|e| DefinitionError::parse("YAML", e))
     }
 
     /// Parses JSON.
@@ -284,15 +289,28 @@ impl FlowDefinition {
         serde_json::from_str(text).map_err(|e| DefinitionError::parse("JSON", e))
     }
 
-    /// Parses TOML.
+    /// Parses TOML (feature `toml`).
     ///
     /// # Errors
     /// [`DefinitionError`] with the parser's message.
+    #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
         toml::from_str(text).map_err(|e| DefinitionError::parse("TOML", e))
     }
 
-    /// Reads a `.yaml`/`.yml`, `.json` or `.toml` file.
+    /// The file extensions [`from_file`](Self::from_file) reads in this build.
+    pub const EXTENSIONS: &[&str] = &[
+        #[cfg(feature = "yaml")]
+        ".yaml",
+        #[cfg(feature = "yaml")]
+        ".yml",
+        ".json",
+        #[cfg(feature = "toml")]
+        ".toml",
+    ];
+
+    /// Reads a `.yaml`/`.yml` (feature `yaml`), `.json` or `.toml` (feature
+    /// `toml`) file.
     ///
     /// # Errors
     /// [`DefinitionError`] for an unreadable file, an unknown extension or a parse error.
@@ -301,12 +319,17 @@ impl FlowDefinition {
         let text = std::fs::read_to_string(path)
             .map_err(|e| DefinitionError::parse(&path.display().to_string(), e))?;
         match path.extension().and_then(|e| e.to_str()) {
+            #[cfg(feature = "yaml")]
             Some("yaml" | "yml") => Self::from_yaml(&text),
             Some("json") => Self::from_json(&text),
+            #[cfg(feature = "toml")]
             Some("toml") => Self::from_toml(&text),
             _ => Err(DefinitionError::parse(
                 &path.display().to_string(),
-                "unknown extension (expected .yaml, .yml, .json or .toml)",
+                format!(
+                    "unknown extension (this build reads {})",
+                    Self::EXTENSIONS.join(", ")
+                ),
             )),
         }
     }
@@ -326,6 +349,28 @@ impl FlowDefinition {
 }
 
 impl TaskDefinition {
+    /// The action `step` of this task runs: its action, its compensation, or the
+    /// phase of one of its TCC participants.
+    pub fn action_for(&self, step: &StepId) -> Option<&Action> {
+        match step.phase {
+            Phase::Action => self.action.as_ref(),
+            Phase::Compensate => self.compensate.as_ref(),
+            phase => {
+                let p = self
+                    .tcc
+                    .as_ref()?
+                    .participants
+                    .iter()
+                    .find(|p| Some(&p.name) == step.participant.as_ref())?;
+                Some(match phase {
+                    Phase::Try => &p.try_action,
+                    Phase::Confirm => &p.confirm,
+                    _ => &p.cancel,
+                })
+            }
+        }
+    }
+
     /// A task running `action`.
     pub fn new(name: impl Into<String>, action: Action) -> Self {
         TaskDefinition {

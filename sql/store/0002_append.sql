@@ -1,20 +1,27 @@
--- dcbflow event log, version 4: condition checks that do not depend on statistics.
+-- dcbflow store, migration 2: the conditional append.
 --
--- The check of an append condition asks "is there an event matching the query
--- after position p_after?". Version 1 let the planner pick the index for every
--- item; with stale statistics (a store that grew since its last ANALYZE, or a
--- hot tag the sample missed) it bitmap-scans every event of a tag to find the
--- few after the cursor, so a conditional append slowed down as its scope's
--- history grew. When few events were appended after the cursor (the head is at
--- most c_near positions past it), those events are now scanned in position
--- order instead, for each item, whatever the statistics say, and when fewer
+-- condition_conflict: the first position of an event matching one of the
+-- condition's items that the reader behind (p_after, p_snapshot) did not see:
+-- position > p_after, or written by a transaction that was in progress or not
+-- yet started in p_snapshot. NULL if none, or if there is no condition. Run it
+-- after the scope locks are granted, in its own statement, so it sees every
+-- writer that committed meanwhile.
+--
+-- It does not depend on statistics. Letting the planner pick the index for
+-- every item, with stale statistics (a store that grew since its last
+-- ANALYZE, or a hot tag the sample missed), bitmap-scans every event of a tag
+-- to find the few after the cursor, so a conditional append slows down as its
+-- scope's history grows. Instead, when few events were appended after the
+-- cursor (the head is at most c_near positions past it), those events are
+-- scanned in position order, for each item, whatever the statistics say, and when fewer
 -- than c_window events follow the cursor that scan decides alone. A condition
 -- with no cursor on a tagged item is a probe of the tag index, planned once
 -- per connection. With a near cursor that carries a snapshot, the events of
 -- transactions the snapshot did not see are found through the transaction-id
 -- index. A cursor further behind, or a window that overflows, uses the
--- per-item index query planned for its values, as before.
-CREATE OR REPLACE FUNCTION condition_conflict(p_condition jsonb, p_after bigint, p_snapshot pg_snapshot)
+-- per-item index query planned for its values.
+
+CREATE FUNCTION condition_conflict(p_condition jsonb, p_after bigint, p_snapshot pg_snapshot)
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -141,5 +148,110 @@ BEGIN
         END IF;
     END LOOP;
     RETURN NULL;
+END;
+$fn$;
+
+-- append_events: the scope locks, an idempotent replay by event ids, the
+-- condition check and the insert, in one round trip.
+--
+-- A transaction that sends a notification takes a database-wide lock in
+-- PostgreSQL's pre-commit step and holds it through its commit's WAL flush, so
+-- concurrent appends that each notify cannot share a flush: they commit one at
+-- a time. With `p_channel` NULL the append commits without notifying and the
+-- caller sends one coalesced notification after the commit, outside the
+-- appenders' transactions (`Store::append` does this; appends inside a
+-- caller's transaction notify on commit). Subscribers also poll, so a wake-up
+-- lost to a crash between commit and notification only delays them. The
+-- channel name is the store's (`Store::channel`), passed in by the caller.
+CREATE FUNCTION append_events(
+    p_lock_keys   bigint[],
+    p_lock_modes  boolean[],
+    p_types       text[],
+    p_tags        text[],
+    p_tag_starts  int[],
+    p_tag_counts  int[],
+    p_data        jsonb[],
+    p_metadata    jsonb[],
+    p_ids         uuid[],
+    p_condition   jsonb,
+    p_after       bigint,
+    p_snapshot    pg_snapshot,
+    p_channel     text DEFAULT NULL
+) RETURNS TABLE (positions bigint[], transaction_id xid8, conflict bigint, replayed boolean)
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+    v_count     int := cardinality(p_types);
+    v_with_ids  int := cardinality(array_remove(p_ids, NULL));
+    v_positions bigint[];
+    v_xid       xid8;
+    v_found     int;
+    v_conflict  bigint;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'dcbflow appends require READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'DCB02';
+    END IF;
+
+    PERFORM CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key)
+                 ELSE pg_advisory_xact_lock_shared(l.key) END
+    FROM unnest(p_lock_keys, p_lock_modes) AS l(key, exclusive);
+
+    IF v_with_ids > 0 THEN
+        SELECT array_agg(e.position ORDER BY e.position), min(e.transaction_id), count(*)
+          INTO v_positions, v_xid, v_found
+          FROM events e WHERE e.id = ANY(p_ids);
+        IF v_found = v_count THEN
+            RETURN QUERY SELECT v_positions, v_xid, NULL::bigint, true;
+            RETURN;
+        ELSIF v_found > 0 THEN
+            RAISE EXCEPTION 'some event ids of this append are already stored by another append'
+                USING ERRCODE = 'DCB01';
+        END IF;
+    END IF;
+
+    v_conflict := condition_conflict(p_condition, p_after, p_snapshot);
+    IF v_conflict IS NOT NULL THEN
+        RETURN QUERY SELECT NULL::bigint[], NULL::xid8, v_conflict, false;
+        RETURN;
+    END IF;
+
+    v_xid := pg_current_xact_id();
+    WITH inserted AS (
+        INSERT INTO events (transaction_id, type, tags, data, metadata, id)
+        SELECT v_xid, e.type, p_tags[e.tag_start : e.tag_start + e.tag_count - 1],
+               e.data, e.metadata, e.id
+          FROM unnest(p_types, p_tag_starts, p_tag_counts, p_data, p_metadata, p_ids)
+               WITH ORDINALITY AS e(type, tag_start, tag_count, data, metadata, id, ord)
+         ORDER BY e.ord
+        ON CONFLICT (id) DO NOTHING
+        RETURNING events.position
+    )
+    SELECT array_agg(i.position ORDER BY i.position), count(*) INTO v_positions, v_found
+      FROM inserted i;
+
+    IF v_found < v_count THEN
+        -- A concurrent call with the same ids committed first (ON CONFLICT
+        -- waited for it): hand back what it stored, or refuse a partial overlap.
+        SELECT array_agg(e.position ORDER BY e.position), min(e.transaction_id), count(*)
+          INTO v_positions, v_xid, v_found
+          FROM events e WHERE e.id = ANY(p_ids) AND e.transaction_id <> pg_current_xact_id();
+        IF v_found = v_count THEN
+            RETURN QUERY SELECT v_positions, v_xid, NULL::bigint, true;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'some event ids of this append are already stored by another append'
+            USING ERRCODE = 'DCB01';
+    END IF;
+
+    -- Wake subscribers on `p_channel` when this transaction commits
+    -- (payload-free; they re-read). NULL: the caller wakes them itself after
+    -- the commit.
+    IF p_channel IS NOT NULL THEN
+        PERFORM pg_notify(p_channel, '');
+    END IF;
+    RETURN QUERY SELECT v_positions, v_xid, NULL::bigint, false;
 END;
 $fn$;

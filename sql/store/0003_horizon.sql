@@ -1,33 +1,5 @@
--- dcbflow subscriptions, version 3: checkpoints, the writer horizon, outbox dead
--- letters and the consumers' processed-message log.
-
--- Durable, named checkpoints: every event matching the subscription's query with
--- a position up to `position` has been processed.
-CREATE TABLE subscriptions (
-    name       text PRIMARY KEY CHECK (name <> ''),
-    position   bigint      NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-
--- Events an outbox relay gave up on, with the last error.
-CREATE TABLE dead_letters (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    subscription text        NOT NULL,
-    position     bigint      NOT NULL,
-    message_id   text        NOT NULL,
-    error        text        NOT NULL,
-    attempts     int         NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (subscription, position)
-);
-
--- Message ids a consumer has processed (see `Store::mark_processed`).
-CREATE TABLE processed_messages (
-    consumer     text        NOT NULL,
-    message_id   text        NOT NULL,
-    processed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, message_id)
-);
+-- dcbflow store, migration 3: the writer horizon that gap-free subscriptions
+-- deliver up to (Store::horizon).
 
 -- A candidate delivery horizon: every position allocated so far (`allocated`),
 -- and the transactions of this store's writers still holding the store lock

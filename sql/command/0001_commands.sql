@@ -1,4 +1,4 @@
--- dcbflow command log, version 2: every executed command, written in the same
+-- dcbflow command layer, migration 1: every executed command, written in the same
 -- transaction as the events it appended.
 
 CREATE TABLE commands (

@@ -13,15 +13,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::FlowError;
-use super::definition::{Action, FlowDefinition, TaskDefinition};
-use super::engine::{Flows, TransitionError, TxWork, failure_events, step_event};
-use super::events::{self, Phase, StepEvent, StepId, types};
-use super::executor::{self, Effect, TaskContext, TaskError};
-use super::plan::plan;
-use super::state::{InstanceState, StepStatus};
-use super::template;
-use crate::{Event, Query, SubscriptionOptions};
+use tracing::Instrument;
+
+use super::engine::Flows;
+use super::executor::{self, Effect, TaskContext};
+use super::transition::TransitionError;
+use crate::flow::FlowError;
+use crate::flow::model::decide::{Lessee, failure_events, next_events, preview};
+use crate::flow::model::definition::{FlowDefinition, TaskDefinition};
+use crate::flow::model::events::{FlowEvent, Message, StepId, StepSucceeded, types};
+use crate::flow::model::failure::TaskError;
+use crate::flow::model::plan::plan;
+use crate::flow::model::state::{InstanceState, StepStatus};
+use crate::flow::model::template;
+use crate::projection::{Subscription, SubscriptionOptions};
+use crate::store::{Query, sqlstate};
 
 /// Worker settings.
 ///
@@ -85,8 +91,32 @@ impl Flows {
     }
 }
 
-/// A finished attempt: step, attempt, the task's timeout (ms), result.
-type Outcome = (StepId, u32, u64, Result<Effect, (TaskError, bool)>);
+/// A finished attempt.
+#[derive(Debug)]
+struct Finished {
+    step: StepId,
+    attempt: u32,
+    /// The task's timeout, in milliseconds.
+    timeout_ms: u64,
+    result: Result<Effect, Failure>,
+}
+
+/// A failed attempt.
+#[derive(Debug)]
+struct Failure {
+    error: TaskError,
+    /// It ran past its timeout.
+    timed_out: bool,
+}
+
+impl Failure {
+    fn new(error: TaskError) -> Self {
+        Failure {
+            error,
+            timed_out: false,
+        }
+    }
+}
 
 /// The shortest time between two looks of a worker's wake-up subscription.
 const WAKE_GAP: Duration = Duration::from_millis(5);
@@ -97,7 +127,9 @@ impl Worker {
     ///
     /// # Errors
     /// Store errors that persist (transient ones are logged and retried).
+    #[tracing::instrument(name = "dcbflow.worker.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.flows.store().schema(), worker = %self.options.id, concurrency = self.options.concurrency))]
     pub async fn run(self, cancel: CancellationToken) -> Result<(), FlowError> {
+        self.flows.ready().await?;
         let store = self.flows.store().clone();
         let wake = Arc::new(Notify::new());
         let listener = {
@@ -117,18 +149,23 @@ impl Worker {
             options.poll_interval = self.options.poll_interval;
             // Only a hint: the work itself is claimed from `flow_wakeups`, which
             // the poll below finds even if a late-committing start is skipped here.
-            let mut sub = store.subscribe(q, after, options).await?.wake_signal();
-            tokio::spawn(async move {
-                while let Ok(Some(batch)) = sub.next_batch_or_cancel(&cancel).await {
-                    if !batch.is_empty() {
-                        wake.notify_one();
+            let mut sub = Subscription::connect(&store, q, after, options)
+                .await?
+                .wake_signal();
+            tokio::spawn(
+                async move {
+                    while let Ok(Some(batch)) = sub.next_batch_or_cancel(&cancel).await {
+                        if !batch.is_empty() {
+                            wake.notify_one();
+                        }
+                        // Every commit in the store notifies; a busy store would have
+                        // each worker re-read the log after each one. Looking at most
+                        // every WAKE_GAP lets a burst of commits count as one.
+                        tokio::time::sleep(WAKE_GAP).await;
                     }
-                    // Every commit in the store notifies; a busy store would have
-                    // each worker re-read the log after each one. Looking at most
-                    // every WAKE_GAP lets a burst of commits count as one.
-                    tokio::time::sleep(WAKE_GAP).await;
                 }
-            })
+                .instrument(tracing::debug_span!("dcbflow.worker.wakeups")),
+            )
         };
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
@@ -157,14 +194,17 @@ impl Worker {
                 }
                 let permit = slots.clone().acquire_owned().await.expect("semaphore open");
                 let (me, cancel, done) = (self.clone(), cancel.clone(), done_tx.clone());
-                tasks.spawn(async move {
-                    if let Err(e) = me.reconcile(id, &cancel).await {
-                        tracing::warn!(worker = %me.options.id, instance = %id, error = %e, "flow instance step failed");
+                tasks.spawn(
+                    async move {
+                        if let Err(e) = me.reconcile(id, &cancel).await {
+                            tracing::warn!(worker = %me.options.id, instance = %id, error = %e, "flow instance step failed");
+                        }
+                        let _ = me.release(id).await;
+                        let _ = done.send(id);
+                        drop(permit);
                     }
-                    let _ = me.release(id).await;
-                    let _ = done.send(id);
-                    drop(permit);
-                });
+                    .instrument(tracing::debug_span!("dcbflow.worker.instance", instance = %id)),
+                );
             }
             let sleep = self
                 .until_next_due()
@@ -254,7 +294,7 @@ impl Worker {
 
     /// Works on one instance until it needs nothing for a while.
     async fn reconcile(&self, id: Uuid, cancel: &CancellationToken) -> Result<(), FlowError> {
-        let mut running: JoinSet<Outcome> = JoinSet::new();
+        let mut running: JoinSet<Finished> = JoinSet::new();
         let mut last_beat = tokio::time::Instant::now();
         let (mut state, mut appended) = self.advance(id).await?;
         loop {
@@ -268,17 +308,11 @@ impl Worker {
             }
             let def = self
                 .flows
-                .definition(&state.flow, Some(&state.version))
+                .definition(&state.flow, Some(&state.definition_version))
                 .await?;
             for e in &appended {
-                if e.event_type != types::STEP_STARTED {
-                    continue;
-                }
-                let Ok(d) = serde_json::from_value::<StepEvent>(e.data.clone()) else {
-                    continue;
-                };
-                if let (Some(step), Some(attempt)) = (d.step, d.attempt) {
-                    self.spawn_step(&mut running, &def, &state, step, attempt);
+                if let FlowEvent::StepStarted(d) = e {
+                    self.spawn_step(&mut running, &def, &state, d.step.clone(), d.attempt);
                 }
             }
             let now = Utc::now();
@@ -318,104 +352,28 @@ impl Worker {
         }
     }
 
+    /// Who starts steps in this worker's transitions.
+    fn lessee(&self) -> Lessee<'_> {
+        Lessee {
+            worker: &self.options.id,
+            lease_grace: self.options.lease_grace,
+        }
+    }
+
     /// One planning round as one transition. Returns the state and what was appended.
-    async fn advance(&self, id: Uuid) -> Result<(InstanceState, Vec<Event>), FlowError> {
+    async fn advance(&self, id: Uuid) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
         let result = self
             .flows
-            .transition(id, TxWork::None, |state, def, now| {
-                Ok(self.plan_events(id, def, state, now))
+            .transition(id, None, |state, def, now| {
+                Ok(next_events(def, state, now, self.lessee()))
             })
             .await;
         flatten(result)
     }
 
-    /// The events of planning rounds on `state` until steps start or nothing is
-    /// left to do: timeouts, instance-level changes (compensating, completed, ...)
-    /// and the steps to start now, all for one transition.
-    fn plan_events(
-        &self,
-        id: Uuid,
-        def: &FlowDefinition,
-        state: &InstanceState,
-        now: chrono::DateTime<Utc>,
-    ) -> Vec<Event> {
-        let mut all = Vec::new();
-        let mut current = state.clone();
-        for _ in 0..4 {
-            let (events, complete) = self.plan_round(id, def, &current, now);
-            if complete || events.is_empty() {
-                all.extend(events);
-                break;
-            }
-            current = preview(&current, &events, now);
-            all.extend(events);
-        }
-        all
-    }
-
-    /// One planning round: timeouts, or else an instance-level change, or else
-    /// the steps to start (`true`: nothing further to plan after these).
-    fn plan_round(
-        &self,
-        id: Uuid,
-        def: &FlowDefinition,
-        state: &InstanceState,
-        now: chrono::DateTime<Utc>,
-    ) -> (Vec<Event>, bool) {
-        let p = plan(def, state, now);
-        let mut out = Vec::new();
-        for step in &p.timeouts {
-            let Some(task) = def.task(&step.task) else {
-                continue;
-            };
-            let error = TaskError::retryable(format!(
-                "attempt {} exceeded its lease (worker {:?} gone or late)",
-                state.step(step).attempts,
-                state.step(step).worker.clone().unwrap_or_default()
-            ))
-            .code("timeout");
-            out.extend(failure_events(id, task, state, step, &error, true, now));
-        }
-        if !out.is_empty() {
-            return (out, false);
-        }
-        if let Some((ty, reason)) = &p.instance {
-            let event = events::event(
-                id,
-                ty,
-                events::Operator {
-                    actor: None,
-                    reason: (!reason.is_empty()).then(|| reason.clone()),
-                    step: None,
-                },
-            );
-            return (vec![event], false);
-        }
-        for step in &p.start {
-            let Some(task) = def.task(&step.task) else {
-                continue;
-            };
-            let lease = now
-                + chrono::Duration::milliseconds(task.timeout_ms as i64)
-                + chrono::Duration::from_std(self.options.lease_grace).unwrap_or_default();
-            out.push(step_event(
-                id,
-                types::STEP_STARTED,
-                StepEvent {
-                    step: Some(step.clone()),
-                    attempt: Some(state.step(step).attempts + 1),
-                    worker: Some(self.options.id.clone()),
-                    lease_until: Some(lease),
-                    ..Default::default()
-                },
-            ));
-        }
-        (out, true)
-    }
-
     fn spawn_step(
         &self,
-        running: &mut JoinSet<Outcome>,
+        running: &mut JoinSet<Finished>,
         def: &FlowDefinition,
         state: &InstanceState,
         step: StepId,
@@ -425,43 +383,55 @@ impl Worker {
             return;
         };
         let ctx = context(state, &task, &step, attempt);
-        let action = action_of(&task, &step).cloned();
+        let action = task.action_for(&step).cloned();
+        #[cfg(feature = "http")]
         let http = self.flows.inner.http.clone();
         let function = match &action {
-            Some(Action::Rust { function }) => self
-                .flows
-                .inner
-                .functions
-                .read()
-                .expect("functions lock")
-                .get(function)
-                .cloned(),
+            Some(crate::flow::model::definition::Action::Rust { function }) => {
+                self.flows.registered_function(function)
+            }
             _ => None,
         };
-        running.spawn(async move {
-            let result = match (ctx, action) {
-                (Err(e), _) => Err((e, false)),
-                (Ok(_), None) => Err((TaskError::fatal(format!("{step} has no action")), false)),
-                (Ok(ctx), Some(action)) => {
-                    let timeout = Duration::from_millis(task.timeout_ms);
-                    match tokio::time::timeout(
-                        timeout,
-                        executor::run(&action, ctx, &http, function),
-                    )
-                    .await
-                    {
-                        Ok(Ok(effect)) => Ok(effect),
-                        Ok(Err(e)) => Err((e, false)),
-                        Err(_) => Err((
-                            TaskError::retryable(format!("timed out after {} ms", task.timeout_ms))
+        let span = tracing::debug_span!("dcbflow.step", step = %step, attempt);
+        running.spawn(
+            async move {
+                let result = match (ctx, action) {
+                    (Err(e), _) => Err(Failure::new(e)),
+                    (Ok(_), None) => Err(Failure::new(TaskError::fatal(format!(
+                        "{step} has no action"
+                    )))),
+                    (Ok(ctx), Some(action)) => {
+                        let timeout = Duration::from_millis(task.timeout_ms);
+                        let run = executor::run(
+                            &action,
+                            ctx,
+                            #[cfg(feature = "http")]
+                            &http,
+                            function,
+                        );
+                        match tokio::time::timeout(timeout, run).await {
+                            Ok(Ok(effect)) => Ok(effect),
+                            Ok(Err(e)) => Err(Failure::new(e)),
+                            Err(_) => Err(Failure {
+                                error: TaskError::retryable(format!(
+                                    "timed out after {} ms",
+                                    task.timeout_ms
+                                ))
                                 .code("timeout"),
-                            true,
-                        )),
+                                timed_out: true,
+                            }),
+                        }
                     }
+                };
+                Finished {
+                    step,
+                    attempt,
+                    timeout_ms: task.timeout_ms,
+                    result,
                 }
-            };
-            (step, attempt, task.timeout_ms, result)
-        });
+            }
+            .instrument(span),
+        );
     }
 
     /// Records an attempt's outcome, if the attempt is still the current one (a
@@ -470,78 +440,75 @@ impl Worker {
     async fn record(
         &self,
         id: Uuid,
-        outcome: Outcome,
-    ) -> Result<(InstanceState, Vec<Event>), FlowError> {
-        let (step, attempt, timeout_ms, result) = outcome;
+        finished: Finished,
+    ) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
+        let Finished {
+            step,
+            attempt,
+            timeout_ms,
+            result,
+        } = finished;
         let step = &step;
         let current = |state: &InstanceState| {
             let s = state.step(step);
             s.status == StepStatus::Running && s.attempts == attempt
         };
-        let with_plan = |state: &InstanceState, def: &FlowDefinition, now, events: Vec<Event>| {
-            let preview = preview(state, &events, now);
-            let mut events = events;
-            events.extend(self.plan_events(id, def, &preview, now));
-            events
-        };
+        let with_plan =
+            |state: &InstanceState, def: &FlowDefinition, now, events: Vec<FlowEvent>| {
+                let preview = preview(state, &events, now);
+                let mut events = events;
+                events.extend(next_events(def, &preview, now, self.lessee()));
+                events
+            };
         let failure = match result {
             Ok(effect) => {
-                let (work, output, message) = match &effect {
-                    Effect::Output(v) => (TxWork::None, v.clone(), None),
-                    Effect::Sql(statements) => {
-                        (TxWork::Sql(statements, timeout_ms), Value::Null, None)
-                    }
+                let work = effect.sql_work(timeout_ms);
+                let (output, message) = match effect {
+                    Effect::Output(v) => (v, None),
+                    Effect::Sql(_) => (Value::Null, None),
                     Effect::Message { subject, payload } => (
-                        TxWork::None,
                         Value::Null,
-                        Some(serde_json::json!({"subject": subject, "payload": payload})),
+                        Some(Message {
+                            message_id: step.idempotency_key(id),
+                            subject,
+                            payload,
+                        }),
                     ),
                 };
-                let key = step.idempotency_key(id);
                 let outcome = self
                     .flows
-                    .transition(id, work, |state, def, now| {
+                    .transition(id, work.as_ref(), |state, def, now| {
                         if !current(state) {
                             return Ok(Vec::new());
                         }
-                        let mut out = vec![step_event(id, types::STEP_SUCCEEDED, StepEvent {
-                            step: Some(step.clone()),
-                            attempt: Some(attempt),
-                            output: Some(output.clone()),
-                            ..Default::default()
+                        let mut out = vec![FlowEvent::StepSucceeded(StepSucceeded {
+                            step: step.clone(),
+                            attempt,
+                            output: output.clone(),
                         })];
                         if let Some(m) = &message {
-                            out.push(
-                                Event::new(
-                                    types::MESSAGE,
-                                    [events::instance_tag(id), "flow_outbox".to_owned()],
-                                    m.clone(),
-                                )
-                                .with_metadata(serde_json::json!({"idempotency_key": key, "publish": "data.payload"})),
-                            );
+                            out.push(FlowEvent::Message(m.clone()));
                         }
                         Ok(with_plan(state, def, now, out))
                     })
                     .await;
                 match outcome {
-                    Ok(r) => return Ok(r),
-                    Err(TransitionError::Flow(e)) => return Err(e),
                     Err(TransitionError::Sql(e)) => sql_failure(&e),
+                    other => return flatten(other),
                 }
             }
             Err(f) => f,
         };
-        let (error, timed_out) = failure;
         let result = self
             .flows
-            .transition(id, TxWork::None, |state, def, now| {
+            .transition(id, None, |state, def, now| {
                 if !current(state) {
                     return Ok(Vec::new());
                 }
                 let Some(task) = def.task(&step.task) else {
                     return Ok(Vec::new());
                 };
-                let out = failure_events(id, task, state, step, &error, timed_out, now);
+                let out = failure_events(task, state, step, &failure.error, failure.timed_out, now);
                 Ok(with_plan(state, def, now, out))
             })
             .await;
@@ -549,28 +516,11 @@ impl Worker {
     }
 }
 
-/// `state` as it will be once `events` are appended (for planning ahead).
-fn preview(state: &InstanceState, events: &[Event], now: chrono::DateTime<Utc>) -> InstanceState {
-    let mut next = state.clone();
-    for e in events {
-        next.apply(&crate::SequencedEvent {
-            position: state.version_position,
-            transaction_id: crate::TransactionId(0),
-            recorded_at: now,
-            event: e.clone(),
-        });
-    }
-    next
-}
-
-/// A failed SQL step: serialization failures, deadlocks, lost connections and
-/// statement timeouts (57014) may pass on another attempt; other errors are fatal.
-fn sql_failure(e: &tokio_postgres::Error) -> (TaskError, bool) {
-    let retryable = e.is_closed()
-        || e.code().is_some_and(|c| {
-            let c = c.code();
-            c.starts_with("40") || c.starts_with("08") || c == "57014"
-        });
+/// A failed SQL step: what [`sqlstate::is_transient`] calls transient
+/// (serialization failures, deadlocks, lost connections, statement timeouts)
+/// may pass on another attempt; other errors are fatal.
+fn sql_failure(e: &tokio_postgres::Error) -> Failure {
+    let retryable = sqlstate::is_transient(e);
     let message = match e.as_db_error() {
         Some(db) => format!("SQL error {}: {}", db.code().code(), db.message()),
         None => format!("SQL error: {e}"),
@@ -584,36 +534,11 @@ fn sql_failure(e: &tokio_postgres::Error) -> (TaskError, bool) {
         .code()
         .map(|c| format!("sql_{}", c.code()))
         .unwrap_or_else(|| "sql".into());
-    (err.code(code), false)
+    Failure::new(err.code(code))
 }
 
 fn flatten<T>(r: Result<T, TransitionError>) -> Result<T, FlowError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(TransitionError::Flow(e)) => Err(e),
-        Err(TransitionError::Sql(e)) => Err(e.into()),
-    }
-}
-
-/// The action a step runs.
-fn action_of<'a>(task: &'a TaskDefinition, step: &StepId) -> Option<&'a Action> {
-    match step.phase {
-        Phase::Action => task.action.as_ref(),
-        Phase::Compensate => task.compensate.as_ref(),
-        phase => {
-            let p = task
-                .tcc
-                .as_ref()?
-                .participants
-                .iter()
-                .find(|p| Some(&p.name) == step.participant.as_ref())?;
-            Some(match phase {
-                Phase::Try => &p.try_action,
-                Phase::Confirm => &p.confirm,
-                _ => &p.cancel,
-            })
-        }
-    }
+    r.map_err(TransitionError::into_flow)
 }
 
 /// The attempt's context, with the task's input resolved.

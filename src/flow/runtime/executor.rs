@@ -6,14 +6,26 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+#[cfg(feature = "http")]
 use std::time::Duration;
 
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::definition::Action;
-use super::events::{Phase, StepId};
-use super::template::{self, Context};
+use super::transition::{BoundStatement, SqlWork};
+use crate::flow::model::definition::Action;
+use crate::flow::model::events::{Phase, StepId};
+use crate::flow::model::failure::TaskError;
+use crate::flow::model::template::{self, Context};
+
+/// The executor kinds this build runs (`http` needs the `http` feature).
+pub(crate) const AVAILABLE: &[&str] = &[
+    #[cfg(feature = "http")]
+    "http",
+    "sql",
+    "nats",
+    "rust",
+];
 
 /// Everything an attempt knows.
 #[derive(Debug, Clone)]
@@ -47,58 +59,9 @@ impl TaskContext {
     }
 }
 
-/// Why an attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct TaskError {
-    /// What happened.
-    pub message: String,
-    /// A short class (`http_503`, `timeout`, `template`, ...), matched by
-    /// [`TaskRetry::retry_on`](super::TaskRetry).
-    pub code: Option<String>,
-    /// Whether another attempt may succeed.
-    pub retryable: bool,
-    /// The earliest time to retry (e.g. HTTP `Retry-After`).
-    pub retry_after: Option<Duration>,
-}
-
-impl TaskError {
-    /// A failure worth retrying.
-    pub fn retryable(message: impl Into<String>) -> Self {
-        TaskError {
-            message: message.into(),
-            code: None,
-            retryable: true,
-            retry_after: None,
-        }
-    }
-
-    /// A failure no retry will fix.
-    pub fn fatal(message: impl Into<String>) -> Self {
-        TaskError {
-            retryable: false,
-            ..TaskError::retryable(message)
-        }
-    }
-
-    /// Sets the code.
-    #[must_use]
-    pub fn code(mut self, code: impl Into<String>) -> Self {
-        self.code = Some(code.into());
-        self
-    }
-
-    /// Sets the earliest retry time.
-    #[must_use]
-    pub fn retry_after(mut self, after: Duration) -> Self {
-        self.retry_after = Some(after);
-        self
-    }
-}
-
 /// Runs a step's action outside the store's transaction. Implemented for async
 /// closures `Fn(TaskContext) -> Future<Output = Result<Value, TaskError>>`; register
-/// one with [`Flows::function`](super::Flows::function) and name it in an
+/// one with [`Flows::function`](crate::flow::Flows::function) and name it in an
 /// `executor: rust` action.
 pub trait TaskExecutor: Send + Sync + 'static {
     /// Runs one attempt; the value is the step's output.
@@ -129,11 +92,12 @@ impl<T: TaskExecutor> Erased for T {
 }
 
 /// What an attempt produced.
+#[derive(Debug)]
 pub(crate) enum Effect {
     /// Done remotely: record the output.
     Output(Value),
-    /// Run these statements (with text parameters) in the completion transaction.
-    Sql(Vec<(String, Vec<Option<String>>)>),
+    /// Run these statements in the completion transaction.
+    Sql(Vec<BoundStatement>),
     /// Append this message for the outbox with the completion.
     Message { subject: String, payload: Value },
 }
@@ -146,7 +110,7 @@ fn render_err(e: String) -> TaskError {
 pub(crate) async fn run(
     action: &Action,
     ctx: TaskContext,
-    http: &reqwest::Client,
+    #[cfg(feature = "http")] http: &reqwest::Client,
     functions: Option<Arc<dyn Erased>>,
 ) -> Result<Effect, TaskError> {
     let instance = ctx.instance.to_string();
@@ -181,7 +145,10 @@ pub(crate) async fn run(
                     })
                     .collect::<Result<Vec<_>, String>>()
                     .map_err(render_err)?;
-                out.push((s.sql.clone(), params));
+                out.push(BoundStatement {
+                    sql: s.sql.clone(),
+                    params,
+                });
             }
             Ok(Effect::Sql(out))
         }
@@ -189,6 +156,12 @@ pub(crate) async fn run(
             subject: template::render_text(subject, &t).map_err(render_err)?,
             payload: template::render(payload, &t).map_err(render_err)?,
         }),
+        #[cfg(not(feature = "http"))]
+        Action::Http { .. } => Err(TaskError::fatal(
+            "this build of dcbflow has no HTTP executor (feature `http`)",
+        )
+        .code("unavailable")),
+        #[cfg(feature = "http")]
         Action::Http {
             method,
             url,
@@ -248,6 +221,7 @@ pub(crate) async fn run(
 }
 
 /// `Retry-After`: delta seconds or an HTTP date.
+#[cfg(feature = "http")]
 fn parse_retry_after(v: &str) -> Option<Duration> {
     if let Ok(secs) = v.trim().parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -258,7 +232,7 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
         .ok()
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "http"))]
 mod tests {
     use super::*;
 
@@ -269,5 +243,18 @@ mod tests {
         let d = parse_retry_after(&later).unwrap();
         assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+}
+
+impl Effect {
+    /// The SQL work of a SQL step, with the step's timeout.
+    pub(crate) fn sql_work(&self, timeout_ms: u64) -> Option<SqlWork> {
+        match self {
+            Effect::Sql(statements) => Some(SqlWork {
+                statements: statements.clone(),
+                timeout_ms,
+            }),
+            _ => None,
+        }
     }
 }

@@ -1,4 +1,4 @@
--- dcbflow flow engine, version 5: read models of flow instances.
+-- dcbflow flow layer, migration 1: read models of flow instances.
 --
 -- The events are the truth; these tables are projections of them, written in
 -- the same transaction as each transition (so they are never behind), and
@@ -8,7 +8,7 @@
 CREATE TABLE flow_instances (
     id            uuid        PRIMARY KEY,
     flow          text        NOT NULL,
-    version       text        NOT NULL,
+    definition_version text   NOT NULL,
     business_key  text,
     status        text        NOT NULL,
     started_at    timestamptz NOT NULL,
@@ -59,11 +59,11 @@ DECLARE
     v_id uuid := (p_instance ->> 'id')::uuid;
 BEGIN
     INSERT INTO flow_instances AS f
-           (id, flow, version, business_key, status, started_at, updated_at, last_position, state)
-    VALUES (v_id, p_instance ->> 'flow', p_instance ->> 'version', p_instance ->> 'business_key',
+           (id, flow, definition_version, business_key, status, started_at, updated_at, last_position, state)
+    VALUES (v_id, p_instance ->> 'flow', p_instance ->> 'definition_version', p_instance ->> 'business_key',
             p_instance ->> 'status', (p_instance ->> 'started_at')::timestamptz,
             (p_instance ->> 'updated_at')::timestamptz,
-            (p_instance ->> 'version_position')::bigint, p_instance)
+            (p_instance ->> 'last_position')::bigint, p_instance)
     ON CONFLICT (id) DO UPDATE
        SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at,
            last_position = EXCLUDED.last_position, state = EXCLUDED.state

@@ -3,10 +3,10 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::FlowError;
-use super::engine::{Flows, instance_query};
-use super::state::{InstanceState, InstanceStatus};
-use crate::{ReadOptions, SequencedEvent};
+use crate::flow::FlowError;
+use crate::flow::model::state::{InstanceState, InstanceStatus};
+use crate::flow::runtime::{Flows, instance_query};
+use crate::store::{ReadOptions, SequencedEvent};
 
 /// A row of [`Flows::instances`].
 #[derive(Debug, Clone, PartialEq)]
@@ -15,8 +15,8 @@ pub struct InstanceSummary {
     pub id: Uuid,
     /// Flow name.
     pub flow: String,
-    /// Definition version.
-    pub version: String,
+    /// The definition version (content hash) it runs on.
+    pub definition_version: String,
     /// Business key.
     pub business_key: Option<String>,
     /// Status.
@@ -84,6 +84,7 @@ impl Flows {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(name = "dcbflow.flow.instance", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), instance = %id))]
     pub async fn instance(&self, id: Uuid) -> Result<Option<InstanceState>, FlowError> {
         let events = self.timeline(id).await?;
         Ok(InstanceState::fold(&events))
@@ -93,10 +94,10 @@ impl Flows {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(name = "dcbflow.flow.timeline", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), instance = %id))]
     pub async fn timeline(&self, id: Uuid) -> Result<Vec<SequencedEvent>, FlowError> {
         Ok(self
-            .inner
-            .store
+            .store()
             .read_all(&instance_query(id), ReadOptions::default())
             .await?
             .events)
@@ -106,17 +107,19 @@ impl Flows {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(name = "dcbflow.flow.instances", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema()))]
     pub async fn instances(
         &self,
         filter: &InstanceFilter,
     ) -> Result<Vec<InstanceSummary>, FlowError> {
-        let client = self.inner.store.pool().get().await?;
+        self.ready().await?;
+        let client = self.store().pool().get().await?;
         let sql = format!(
-            "SELECT id, flow, version, business_key, status, started_at, updated_at FROM {} \
+            "SELECT id, flow, definition_version, business_key, status, started_at, updated_at FROM {} \
              WHERE ($1::text IS NULL OR flow = $1) AND ($2::text IS NULL OR status = $2) \
                AND ($3::text IS NULL OR business_key = $3) \
              ORDER BY started_at DESC LIMIT $4",
-            self.inner.store.table("flow_instances")
+            self.store().table("flow_instances")
         );
         let rows = client
             .query(
@@ -134,7 +137,7 @@ impl Flows {
             .map(|r| InstanceSummary {
                 id: r.get(0),
                 flow: r.get(1),
-                version: r.get(2),
+                definition_version: r.get(2),
                 business_key: r.get(3),
                 status: r.get(4),
                 started_at: r.get(5),
@@ -147,13 +150,15 @@ impl Flows {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(name = "dcbflow.flow.incidents", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema()))]
     pub async fn incidents(&self) -> Result<Vec<IncidentGroup>, FlowError> {
-        let client = self.inner.store.pool().get().await?;
+        self.ready().await?;
+        let client = self.store().pool().get().await?;
         let sql = format!(
             "SELECT flow, task, kind, error, array_agg(instance ORDER BY instance), \
                     sum(occurrences)::bigint, min(first_seen), max(last_seen) \
              FROM {} GROUP BY flow, task, kind, error ORDER BY max(last_seen) DESC",
-            self.inner.store.table("flow_incidents")
+            self.store().table("flow_incidents")
         );
         let rows = client.query(&sql, &[]).await?;
         Ok(rows

@@ -1,6 +1,6 @@
-//! The crate's error type.
+//! The store's error type, and the one place where driver errors are classified.
 
-use crate::store::Position;
+use super::event::Position;
 
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -32,11 +32,13 @@ pub enum Error {
     },
     /// A migration file differs from the one applied earlier.
     #[error(
-        "migration {version} ({name}) was changed after it was applied to schema {schema:?}: checksum mismatch"
+        "migration {layer}/{version} ({name}) was changed after it was applied to schema {schema:?}: checksum mismatch"
     )]
     MigrationChanged {
         /// The schema the store lives in.
         schema: String,
+        /// The layer the migration belongs to (`store`, `command`, `flow`, ...).
+        layer: &'static str,
         /// The migration's version number.
         version: i32,
         /// The migration's file name.
@@ -44,11 +46,13 @@ pub enum Error {
     },
     /// The database holds migrations this build does not know (it is older than the schema).
     #[error(
-        "schema {schema:?} has migration {version}, which this version of dcbflow does not know"
+        "schema {schema:?} has migration {layer}/{version}, which this version of dcbflow does not know"
     )]
     MigrationUnknown {
         /// The schema the store lives in.
         schema: String,
+        /// The layer the migration belongs to.
+        layer: &'static str,
         /// The unknown version.
         version: i32,
     },
@@ -57,9 +61,6 @@ pub enum Error {
     /// append with event ids to find out safely: a replay returns the stored positions.
     #[error("the outcome of the commit is unknown: {0}")]
     CommitUnknown(String),
-    /// Publishing an outbox message failed.
-    #[error("publish failed: {0}")]
-    Publish(String),
     /// The store was configured wrongly (for example an invalid schema name).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -78,17 +79,12 @@ impl Error {
     }
 
     /// `true` when trying the same operation again may succeed: a conflict (after
-    /// re-deciding), overload, serialization failures, deadlocks and lost connections.
+    /// re-deciding), overload, a pool that had no connection in time, and the
+    /// database errors [`sqlstate::is_transient`] lists.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Conflict { .. } | Error::Overloaded { .. } | Error::Pool(_) => true,
-            Error::Database(e) => {
-                e.is_closed()
-                    || matches!(
-                        e.code().map(|c| c.code()),
-                        Some("40001" | "40P01" | "57P01" | "08006" | "08003" | "53300")
-                    )
-            }
+            Error::Database(e) => sqlstate::is_transient(e),
             _ => false,
         }
     }
@@ -101,18 +97,19 @@ impl Error {
         }
     }
 
+    /// `true` for a unique violation of the constraint named `constraint`.
+    pub fn is_unique_violation(&self, constraint: &str) -> bool {
+        match self {
+            Error::Database(e) => sqlstate::is_unique_violation(e, constraint),
+            _ => false,
+        }
+    }
+
     /// `true` when the connection that produced this error must not be reused
     /// (closed, terminated by the server, or a protocol-level failure).
     pub(crate) fn breaks_connection(&self) -> bool {
         match self {
-            Error::Database(e) => {
-                e.is_closed()
-                    || e.code().is_some_and(|c| {
-                        let c = c.code();
-                        c.starts_with("08") || c.starts_with("57P")
-                    })
-                    || e.code().is_none() && e.as_db_error().is_none()
-            }
+            Error::Database(e) => sqlstate::breaks_connection(e),
             _ => false,
         }
     }
@@ -120,10 +117,54 @@ impl Error {
     /// Maps a driver error, turning the store's own SQLSTATEs into typed errors.
     pub(crate) fn from_db(e: tokio_postgres::Error) -> Self {
         match e.code().map(|c| c.code()) {
-            Some("DCB01") => InvalidInput::IdsAlreadyStored.into(),
-            Some("DCB02") => InvalidInput::IsolationLevel.into(),
+            Some(sqlstate::IDS_ALREADY_STORED) => InvalidInput::IdsAlreadyStored.into(),
+            Some(sqlstate::ISOLATION_LEVEL) => InvalidInput::IsolationLevel.into(),
             _ => Error::Database(e),
         }
+    }
+}
+
+/// What PostgreSQL's error codes mean to dcbflow: every layer classifies driver
+/// errors through these functions, so that "retry", "the connection is gone" and
+/// "duplicate" mean the same everywhere (the command executor, the relays, the
+/// flow engine's SQL steps).
+pub mod sqlstate {
+    /// Raised by `append_events` when some, not all, event ids were stored before.
+    pub(crate) const IDS_ALREADY_STORED: &str = "DCB01";
+    /// Raised by `append_events` in a transaction that is not READ COMMITTED.
+    pub(crate) const ISOLATION_LEVEL: &str = "DCB02";
+
+    /// The SQLSTATE of `e`, if the server sent one.
+    pub fn code(e: &tokio_postgres::Error) -> Option<&str> {
+        e.code().map(|c| c.code())
+    }
+
+    /// `true` when the same statement may succeed if tried again: serialization
+    /// failures and deadlocks (class 40), lost or refused connections (class 08,
+    /// `53300` too many connections), the server shutting down or terminating the
+    /// session (`57P01`-`57P03`), a statement cancelled by `statement_timeout`
+    /// (`57014`), and a connection the driver found closed.
+    pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+        e.is_closed()
+            || code(e).is_some_and(|c| {
+                c.starts_with("40")
+                    || c.starts_with("08")
+                    || matches!(c, "53300" | "57P01" | "57P02" | "57P03" | "57014")
+            })
+    }
+
+    /// `true` when the connection that produced `e` must not be reused: closed,
+    /// terminated by the server, or a failure below the SQL level.
+    pub fn breaks_connection(e: &tokio_postgres::Error) -> bool {
+        e.is_closed()
+            || code(e).is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+            || e.code().is_none() && e.as_db_error().is_none()
+    }
+
+    /// `true` for a unique violation (`23505`) of the constraint `constraint`.
+    pub fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
+        e.as_db_error()
+            .is_some_and(|db| db.code().code() == "23505" && db.constraint() == Some(constraint))
     }
 }
 

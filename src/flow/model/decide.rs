@@ -1,0 +1,228 @@
+//! The events of a transition: what the engine appends for an instance, given
+//! its definition and state. With [`plan`](super::plan) this is every decision
+//! the engine takes; both are pure and tested without a database.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::definition::{FlowDefinition, TaskDefinition};
+use super::events::{
+    FlowEvent, InstanceChange, Phase, RetryScheduled, StepFailed, StepId, StepStarted,
+};
+use super::failure::TaskError;
+use super::plan::{Plan, plan};
+use super::state::{InstanceState, InstanceStatus, StepStatus};
+use crate::store::{Event, SequencedEvent, TransactionId};
+
+/// Who starts the steps a transition starts, and for how long they hold them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lessee<'a> {
+    /// The worker's name.
+    pub(crate) worker: &'a str,
+    /// Added to a step's timeout to form its lease.
+    pub(crate) lease_grace: Duration,
+}
+
+/// The events of planning rounds on `state` until steps start or nothing is
+/// left to do: timeouts, instance-level changes (compensating, completed, ...)
+/// and the steps to start now, all for one transition.
+pub(crate) fn next_events(
+    def: &FlowDefinition,
+    state: &InstanceState,
+    now: DateTime<Utc>,
+    lessee: Lessee<'_>,
+) -> Vec<FlowEvent> {
+    let mut all = Vec::new();
+    let mut current = state.clone();
+    for _ in 0..4 {
+        let (events, complete) = round(def, &current, now, lessee);
+        if complete || events.is_empty() {
+            all.extend(events);
+            break;
+        }
+        current = preview(&current, &events, now);
+        all.extend(events);
+    }
+    all
+}
+
+/// One planning round: timeouts, or else an instance-level change, or else the
+/// steps to start (`true`: nothing further to plan after these).
+fn round(
+    def: &FlowDefinition,
+    state: &InstanceState,
+    now: DateTime<Utc>,
+    lessee: Lessee<'_>,
+) -> (Vec<FlowEvent>, bool) {
+    let p = plan(def, state, now);
+    let mut out = Vec::new();
+    for step in &p.timeouts {
+        let Some(task) = def.task(&step.task) else {
+            continue;
+        };
+        let error = TaskError::retryable(format!(
+            "attempt {} exceeded its lease (worker {:?} gone or late)",
+            state.step(step).attempts,
+            state.step(step).worker.clone().unwrap_or_default()
+        ))
+        .code("timeout");
+        out.extend(failure_events(task, state, step, &error, true, now));
+    }
+    if !out.is_empty() {
+        return (out, false);
+    }
+    if let Some((ty, reason)) = &p.instance {
+        let change = InstanceChange {
+            actor: None,
+            reason: (!reason.is_empty()).then(|| reason.clone()),
+        };
+        if let Some(event) = FlowEvent::instance_change(ty, change) {
+            return (vec![event], false);
+        }
+    }
+    for step in &p.start {
+        let Some(task) = def.task(&step.task) else {
+            continue;
+        };
+        let lease = now
+            + chrono::Duration::milliseconds(task.timeout_ms as i64)
+            + chrono::Duration::from_std(lessee.lease_grace).unwrap_or_default();
+        out.push(FlowEvent::StepStarted(StepStarted {
+            step: step.clone(),
+            attempt: state.step(step).attempts + 1,
+            worker: lessee.worker.to_owned(),
+            lease_until: lease,
+        }));
+    }
+    (out, true)
+}
+
+/// The events recording a failed attempt: failed (or timed out), and a retry if
+/// the policy allows one.
+pub(crate) fn failure_events(
+    task: &TaskDefinition,
+    state: &InstanceState,
+    step: &StepId,
+    error: &TaskError,
+    timed_out: bool,
+    now: DateTime<Utc>,
+) -> Vec<FlowEvent> {
+    let s = state.step(step);
+    let policy = &task.retry;
+    let listed = policy
+        .retry_on
+        .as_ref()
+        .is_none_or(|codes| error.code.as_ref().is_some_and(|c| codes.contains(c)));
+    let forward_while_compensating = state.status == InstanceStatus::Compensating
+        && matches!(step.phase, Phase::Action | Phase::Try);
+    let exhausted = !error.retryable
+        || !listed
+        || forward_while_compensating
+        || s.counted_attempts() >= policy.max_attempts;
+    let failed = StepFailed {
+        step: step.clone(),
+        attempt: s.attempts,
+        error: error.message.clone(),
+        code: error.code.clone(),
+        exhausted,
+    };
+    let mut out = vec![if timed_out {
+        FlowEvent::StepTimedOut(failed)
+    } else {
+        FlowEvent::StepFailed(failed)
+    }];
+    if !exhausted {
+        let mut delay = policy.delay(s.counted_attempts());
+        if let Some(after) = error.retry_after {
+            delay = delay.max(after);
+        }
+        out.push(FlowEvent::RetryScheduled(RetryScheduled {
+            step: step.clone(),
+            attempt: s.attempts + 1,
+            due_at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
+        }));
+    }
+    out
+}
+
+/// `state` as it will be once `events` are appended (for planning ahead).
+pub(crate) fn preview(
+    state: &InstanceState,
+    events: &[FlowEvent],
+    now: DateTime<Utc>,
+) -> InstanceState {
+    let mut next = state.clone();
+    for e in events {
+        next.apply(&SequencedEvent {
+            position: state.last_position,
+            transaction_id: TransactionId(0),
+            recorded_at: now,
+            event: e.to_event(state.id),
+        });
+    }
+    next
+}
+
+/// The store events of `events` for instance `id`.
+pub(crate) fn to_events(id: uuid::Uuid, events: &[FlowEvent]) -> Vec<Event> {
+    events.iter().map(|e| e.to_event(id)).collect()
+}
+
+/// When the instance next needs a worker.
+pub(crate) fn next_due(p: &Plan, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if p.is_idle() { p.next_due } else { Some(now) }
+}
+
+/// A step that needs an operator (or an instance paused by one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Incident {
+    /// The step's key (empty for a paused instance).
+    pub(crate) step: String,
+    /// The task (empty for a paused instance).
+    pub(crate) task: String,
+    /// `exhausted`, `compensation_failed`, `timed_out` or `paused`.
+    pub(crate) kind: &'static str,
+    /// The last error (or the pause's reason).
+    pub(crate) error: String,
+    /// Attempts made.
+    pub(crate) occurrences: u32,
+}
+
+/// The incidents of an instance in its current state.
+pub(crate) fn incidents(state: &InstanceState) -> Vec<Incident> {
+    let mut out = Vec::new();
+    // A completed or fully compensated instance has nothing left to fix.
+    if matches!(
+        state.status,
+        InstanceStatus::Completed | InstanceStatus::Compensated
+    ) {
+        return out;
+    }
+    for s in state.steps.values() {
+        let kind = match (s.status, s.step.phase) {
+            (StepStatus::Failed, Phase::Compensate | Phase::Cancel) => "compensation_failed",
+            (StepStatus::Failed, _) => "exhausted",
+            (StepStatus::RetryDue, _) if s.timed_out => "timed_out",
+            _ => continue,
+        };
+        out.push(Incident {
+            step: s.step.key(),
+            task: s.step.task.clone(),
+            kind,
+            error: s.error.clone().unwrap_or_default(),
+            occurrences: s.attempts,
+        });
+    }
+    if state.status == InstanceStatus::Paused && out.is_empty() {
+        out.push(Incident {
+            step: String::new(),
+            task: String::new(),
+            kind: "paused",
+            error: state.reason.clone().unwrap_or_default(),
+            occurrences: 1,
+        });
+    }
+    out
+}

@@ -1,0 +1,417 @@
+//! The events of the flow layer: every instance and step transition is one of
+//! these, appended under a condition on the instance's tag.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::outbox::{Body, Envelope};
+use crate::store::{Event, SequencedEvent};
+
+/// Event types (all start with `Flow`).
+pub mod types {
+    /// A definition version was registered.
+    pub const DEFINITION_REGISTERED: &str = "FlowDefinitionRegistered";
+    /// An instance started.
+    pub const STARTED: &str = "FlowStarted";
+    /// An attempt of a step started (a worker holds it until `lease_until`).
+    pub const STEP_STARTED: &str = "FlowStepStarted";
+    /// A step succeeded.
+    pub const STEP_SUCCEEDED: &str = "FlowStepSucceeded";
+    /// An attempt failed.
+    pub const STEP_FAILED: &str = "FlowStepFailed";
+    /// An attempt ran past its timeout (or its worker's lease expired).
+    pub const STEP_TIMED_OUT: &str = "FlowStepTimedOut";
+    /// The next attempt is due at a time.
+    pub const STEP_RETRY_SCHEDULED: &str = "FlowStepRetryScheduled";
+    /// An operator skipped a task with a given output.
+    pub const STEP_SKIPPED: &str = "FlowStepSkipped";
+    /// An operator asked for an immediate retry.
+    pub const RETRY_REQUESTED: &str = "FlowRetryRequested";
+    /// Compensation began.
+    pub const COMPENSATING: &str = "FlowCompensating";
+    /// Every completed task was compensated.
+    pub const COMPENSATED: &str = "FlowCompensated";
+    /// A compensation exhausted its retries.
+    pub const COMPENSATION_FAILED: &str = "FlowCompensationFailed";
+    /// The instance was paused.
+    pub const PAUSED: &str = "FlowPaused";
+    /// The instance was resumed.
+    pub const RESUMED: &str = "FlowResumed";
+    /// An operator aborted the instance (compensation follows).
+    pub const ABORTED: &str = "FlowAborted";
+    /// Every task succeeded.
+    pub const COMPLETED: &str = "FlowCompleted";
+    /// A task exhausted its retries with `on_exhausted: fail`.
+    pub const FAILED: &str = "FlowFailed";
+    /// A message for the outbox (NATS executor).
+    pub const MESSAGE: &str = "FlowMessage";
+}
+
+/// The tag every event of an instance carries.
+pub fn instance_tag(id: Uuid) -> String {
+    format!("flow_instance:{id}")
+}
+
+/// The tag of a flow's instances and definitions.
+pub fn flow_tag(flow: &str) -> String {
+    format!("flow:{flow}")
+}
+
+/// The tag of an instance started with a business key.
+pub fn business_key_tag(flow: &str, key: &str) -> String {
+    format!("flow_key:{flow}:{key}")
+}
+
+/// The tag of a flow's definitions.
+pub fn definition_tag(flow: &str) -> String {
+    format!("flow_definition:{flow}")
+}
+
+/// What a step does: a task's action, its compensation, or one phase of a TCC
+/// participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The task's action.
+    Action,
+    /// The task's compensation.
+    Compensate,
+    /// TCC try.
+    Try,
+    /// TCC confirm.
+    Confirm,
+    /// TCC cancel.
+    Cancel,
+}
+
+impl Phase {
+    /// Lower-case name, as in idempotency keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Action => "action",
+            Phase::Compensate => "compensate",
+            Phase::Try => "try",
+            Phase::Confirm => "confirm",
+            Phase::Cancel => "cancel",
+        }
+    }
+}
+
+/// One runnable unit of an instance: `<task>[.<participant>]/<phase>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StepId {
+    /// The task.
+    pub task: String,
+    /// The TCC participant, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participant: Option<String>,
+    /// The phase.
+    pub phase: Phase,
+}
+
+impl StepId {
+    /// A task's action or compensation.
+    pub fn new(task: &str, phase: Phase) -> Self {
+        StepId {
+            task: task.to_owned(),
+            participant: None,
+            phase,
+        }
+    }
+
+    /// A TCC participant's phase.
+    pub fn participant(task: &str, participant: &str, phase: Phase) -> Self {
+        StepId {
+            task: task.to_owned(),
+            participant: Some(participant.to_owned()),
+            phase,
+        }
+    }
+
+    /// `<task>[.<participant>]/<phase>`.
+    pub fn key(&self) -> String {
+        match &self.participant {
+            Some(p) => format!("{}.{p}/{}", self.task, self.phase.as_str()),
+            None => format!("{}/{}", self.task, self.phase.as_str()),
+        }
+    }
+
+    /// The idempotency key sent with every attempt: `<instance>/<task>[.<participant>]/<phase>`.
+    pub fn idempotency_key(&self, instance: Uuid) -> String {
+        format!("{instance}/{}", self.key())
+    }
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+/// `FlowStarted`: an instance began.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    /// The instance id.
+    pub instance: Uuid,
+    /// The flow's name.
+    pub flow: String,
+    /// The definition version (content hash) it runs on.
+    pub version: String,
+    /// The business key it was started with.
+    #[serde(default)]
+    pub business_key: Option<String>,
+    /// The flow input.
+    pub input: Value,
+    /// When its deadline passes.
+    #[serde(default)]
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
+/// `FlowStepStarted`: an attempt of a step began; `worker` holds it until
+/// `lease_until`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepStarted {
+    /// The step.
+    pub step: StepId,
+    /// The attempt's number, from 1.
+    pub attempt: u32,
+    /// The worker running it.
+    pub worker: String,
+    /// Until when the worker holds it.
+    pub lease_until: DateTime<Utc>,
+}
+
+/// `FlowStepSucceeded`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSucceeded {
+    /// The step.
+    pub step: StepId,
+    /// The attempt that succeeded.
+    pub attempt: u32,
+    /// What the action returned.
+    #[serde(default)]
+    pub output: Value,
+}
+
+/// `FlowStepFailed` / `FlowStepTimedOut`: an attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepFailed {
+    /// The step.
+    pub step: StepId,
+    /// The attempt that failed.
+    pub attempt: u32,
+    /// The error.
+    pub error: String,
+    /// The error's code (for `retry_on`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// No attempts left (or the error was not retryable).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exhausted: bool,
+}
+
+/// `FlowStepRetryScheduled`: the next attempt is due at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryScheduled {
+    /// The step.
+    pub step: StepId,
+    /// The number the next attempt will have.
+    pub attempt: u32,
+    /// When it is due.
+    pub due_at: DateTime<Utc>,
+}
+
+/// `FlowStepSkipped` (an operator skipped a step, giving its output) and
+/// `FlowRetryRequested` (an operator asked for an immediate retry; no output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepIntervention {
+    /// The step.
+    pub step: StepId,
+    /// The output a skipped step stands in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Who did it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Instance-level events (compensating, compensated, compensation failed, paused,
+/// resumed, aborted, completed, failed): who (an operator, or nobody when the
+/// engine decided) and why.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct InstanceChange {
+    /// The operator, if one acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `FlowMessage`: a message a NATS step produced, relayed by the outbox. The
+/// event carries an outbox [`Envelope`](crate::outbox::Envelope) with the
+/// message id, the subject and the payload as the body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// The step's idempotency key: the message id (`Nats-Msg-Id`).
+    pub message_id: String,
+    /// The subject to publish on.
+    pub subject: String,
+    /// The message body.
+    pub payload: Value,
+}
+
+/// An event of an instance, decoded by its type.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum FlowEvent {
+    /// `FlowStarted`.
+    Started(Started),
+    /// `FlowStepStarted`.
+    StepStarted(StepStarted),
+    /// `FlowStepSucceeded`.
+    StepSucceeded(StepSucceeded),
+    /// `FlowStepFailed`.
+    StepFailed(StepFailed),
+    /// `FlowStepTimedOut`.
+    StepTimedOut(StepFailed),
+    /// `FlowStepRetryScheduled`.
+    RetryScheduled(RetryScheduled),
+    /// `FlowStepSkipped`.
+    StepSkipped(StepIntervention),
+    /// `FlowRetryRequested`.
+    RetryRequested(StepIntervention),
+    /// `FlowCompensating`.
+    Compensating(InstanceChange),
+    /// `FlowCompensated`.
+    Compensated(InstanceChange),
+    /// `FlowCompensationFailed`.
+    CompensationFailed(InstanceChange),
+    /// `FlowPaused`.
+    Paused(InstanceChange),
+    /// `FlowResumed`.
+    Resumed(InstanceChange),
+    /// `FlowAborted`.
+    Aborted(InstanceChange),
+    /// `FlowCompleted`.
+    Completed(InstanceChange),
+    /// `FlowFailed`.
+    Failed(InstanceChange),
+    /// `FlowMessage`.
+    Message(Message),
+}
+
+impl FlowEvent {
+    /// The event type it is stored under.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            FlowEvent::Started(_) => types::STARTED,
+            FlowEvent::StepStarted(_) => types::STEP_STARTED,
+            FlowEvent::StepSucceeded(_) => types::STEP_SUCCEEDED,
+            FlowEvent::StepFailed(_) => types::STEP_FAILED,
+            FlowEvent::StepTimedOut(_) => types::STEP_TIMED_OUT,
+            FlowEvent::RetryScheduled(_) => types::STEP_RETRY_SCHEDULED,
+            FlowEvent::StepSkipped(_) => types::STEP_SKIPPED,
+            FlowEvent::RetryRequested(_) => types::RETRY_REQUESTED,
+            FlowEvent::Compensating(_) => types::COMPENSATING,
+            FlowEvent::Compensated(_) => types::COMPENSATED,
+            FlowEvent::CompensationFailed(_) => types::COMPENSATION_FAILED,
+            FlowEvent::Paused(_) => types::PAUSED,
+            FlowEvent::Resumed(_) => types::RESUMED,
+            FlowEvent::Aborted(_) => types::ABORTED,
+            FlowEvent::Completed(_) => types::COMPLETED,
+            FlowEvent::Failed(_) => types::FAILED,
+            FlowEvent::Message(_) => types::MESSAGE,
+        }
+    }
+
+    /// An instance-level event of type `event_type` (one of the
+    /// [`InstanceChange`] types), or `None` for another type.
+    pub fn instance_change(event_type: &str, change: InstanceChange) -> Option<FlowEvent> {
+        Some(match event_type {
+            types::COMPENSATING => FlowEvent::Compensating(change),
+            types::COMPENSATED => FlowEvent::Compensated(change),
+            types::COMPENSATION_FAILED => FlowEvent::CompensationFailed(change),
+            types::PAUSED => FlowEvent::Paused(change),
+            types::RESUMED => FlowEvent::Resumed(change),
+            types::ABORTED => FlowEvent::Aborted(change),
+            types::COMPLETED => FlowEvent::Completed(change),
+            types::FAILED => FlowEvent::Failed(change),
+            _ => return None,
+        })
+    }
+
+    /// Decodes a stored event: `None` for another type, `Err` for a payload of
+    /// the right type that does not decode.
+    ///
+    /// # Errors
+    /// The payload's deserialization error.
+    pub fn decode(event: &Event) -> Option<Result<FlowEvent, serde_json::Error>> {
+        fn de<T: serde::de::DeserializeOwned>(e: &Event) -> Result<T, serde_json::Error> {
+            T::deserialize(&e.data)
+        }
+        let e = event;
+        Some(match e.event_type.as_str() {
+            types::STARTED => de(e).map(FlowEvent::Started),
+            types::STEP_STARTED => de(e).map(FlowEvent::StepStarted),
+            types::STEP_SUCCEEDED => de(e).map(FlowEvent::StepSucceeded),
+            types::STEP_FAILED => de(e).map(FlowEvent::StepFailed),
+            types::STEP_TIMED_OUT => de(e).map(FlowEvent::StepTimedOut),
+            types::STEP_RETRY_SCHEDULED => de(e).map(FlowEvent::RetryScheduled),
+            types::STEP_SKIPPED => de(e).map(FlowEvent::StepSkipped),
+            types::RETRY_REQUESTED => de(e).map(FlowEvent::RetryRequested),
+            types::MESSAGE => de(e).map(FlowEvent::Message),
+            other => {
+                let change = de::<InstanceChange>(e);
+                match change {
+                    Ok(c) => Ok(FlowEvent::instance_change(other, c)?),
+                    Err(err) => {
+                        FlowEvent::instance_change(other, InstanceChange::default())?;
+                        Err(err)
+                    }
+                }
+            }
+        })
+    }
+
+    /// The event to append for instance `instance` (tagged with its instance tag).
+    pub fn to_event(&self, instance: Uuid) -> Event {
+        let data = match self {
+            FlowEvent::Started(d) => serde_json::to_value(d),
+            FlowEvent::StepStarted(d) => serde_json::to_value(d),
+            FlowEvent::StepSucceeded(d) => serde_json::to_value(d),
+            FlowEvent::StepFailed(d) | FlowEvent::StepTimedOut(d) => serde_json::to_value(d),
+            FlowEvent::RetryScheduled(d) => serde_json::to_value(d),
+            FlowEvent::StepSkipped(d) | FlowEvent::RetryRequested(d) => serde_json::to_value(d),
+            FlowEvent::Compensating(d)
+            | FlowEvent::Compensated(d)
+            | FlowEvent::CompensationFailed(d)
+            | FlowEvent::Paused(d)
+            | FlowEvent::Resumed(d)
+            | FlowEvent::Aborted(d)
+            | FlowEvent::Completed(d)
+            | FlowEvent::Failed(d) => serde_json::to_value(d),
+            FlowEvent::Message(d) => serde_json::to_value(d),
+        }
+        .expect("flow events serialize");
+        let event = Event::new(self.event_type(), [instance_tag(instance)], data);
+        match self {
+            FlowEvent::Message(m) => Envelope::new()
+                .message_id(&m.message_id)
+                .subject(&m.subject)
+                .body(Body::Pointer("/payload".into()))
+                .attach(event),
+            _ => event,
+        }
+    }
+}
+
+/// Decodes a sequenced event (see [`FlowEvent::decode`]).
+pub(crate) fn decode(e: &SequencedEvent) -> Option<Result<FlowEvent, serde_json::Error>> {
+    FlowEvent::decode(&e.event)
+}

@@ -1,0 +1,477 @@
+//! [`Flows`]: registering definitions, starting instances, the read models.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::executor::{Erased, TaskExecutor};
+use super::transition::instance_query;
+use crate::flow::FlowError;
+use crate::flow::model::decide::{incidents, next_due};
+use crate::flow::model::definition::FlowDefinition;
+use crate::flow::model::events::{self, FlowEvent, Started, types};
+use crate::flow::model::plan::plan;
+use crate::flow::model::state::InstanceState;
+use crate::flow::model::validate::validate_for;
+use serde::Deserialize;
+
+use crate::store::{
+    AppendCondition, AppendResult, Event, Query, ReadOptions, SequencedEvent, Store,
+};
+
+/// The flow engine's entry point: register definitions and functions, start
+/// instances, operate on them, query them, and run [`Worker`](super::Worker)s.
+///
+/// ```no_run
+/// # async fn demo(store: dcbflow::Store) -> Result<(), dcbflow::flow::FlowError> {
+/// use dcbflow::flow::{Action, FlowDefinition, Flows, TaskContext, TaskDefinition, TaskError};
+/// use serde_json::json;
+///
+/// let flows = Flows::new(store);
+/// flows.function("reserve", |ctx: TaskContext| async move {
+///     Ok::<_, TaskError>(json!({"reserved": ctx.input["sku"]}))
+/// });
+/// let order = FlowDefinition::builder("order")
+///     .task(TaskDefinition::new("reserve", Action::rust("reserve")).input("sku", json!("{{flow.input.sku}}")))
+///     .build();
+/// flows.register(&order).await?;
+/// let started = flows.start("order", Some("order-1"), json!({"sku": "A-1"})).await?;
+/// println!("instance {}", started.instance);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Flows {
+    pub(super) inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) store: Store,
+    functions: RwLock<HashMap<String, Arc<dyn Erased>>>,
+    definitions: RwLock<HashMap<(String, String), Arc<FlowDefinition>>>,
+    #[cfg(feature = "http")]
+    pub(super) http: reqwest::Client,
+    pub(super) stats: Counters,
+}
+
+/// Counters behind [`Flows::stats`].
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) transitions: AtomicU64,
+    pub(super) events: AtomicU64,
+    pub(super) statements: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn statements(&self, n: u64) {
+        self.statements.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What this engine (all its workers, in this process) has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    /// Transitions committed (each one transaction appending one or more events).
+    pub transitions: u64,
+    /// Events those transitions appended.
+    pub events: u64,
+    /// SQL statements sent for flows: transactions' BEGIN/COMMIT/ROLLBACK, locks,
+    /// reads, appends, read-model writes, SQL steps, and the workers' claims,
+    /// heartbeats and releases.
+    pub statements: u64,
+}
+
+impl std::fmt::Debug for Flows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flows")
+            .field("schema", &self.inner.store.schema())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An instance that [`Flows::start`] started or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedInstance {
+    /// The instance id.
+    pub instance: Uuid,
+    /// The definition version (content hash) it runs on.
+    pub definition_version: String,
+    /// `false` if an instance with the business key already existed (and is returned).
+    pub created: bool,
+}
+
+impl Flows {
+    /// The flow engine on `store`. Its tables are installed in the store's schema
+    /// the first time it needs them.
+    pub fn new(store: Store) -> Self {
+        #[cfg(feature = "http")]
+        let http = crate::http::client_builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .expect("HTTP client");
+        Self::with_parts(
+            store,
+            #[cfg(feature = "http")]
+            http,
+        )
+    }
+
+    /// The flow engine on `store`, calling HTTP tasks with `http` (for example a
+    /// client that trusts a private certificate authority).
+    #[cfg(feature = "http")]
+    pub fn with_http_client(store: Store, http: reqwest::Client) -> Self {
+        Self::with_parts(store, http)
+    }
+
+    fn with_parts(store: Store, #[cfg(feature = "http")] http: reqwest::Client) -> Self {
+        Flows {
+            inner: Arc::new(Inner {
+                store,
+                functions: RwLock::default(),
+                definitions: RwLock::default(),
+                #[cfg(feature = "http")]
+                http,
+                stats: Counters::default(),
+            }),
+        }
+    }
+
+    /// Installs the flow layer's schema in the store (once per store handle).
+    pub(crate) async fn ready(&self) -> Result<(), FlowError> {
+        self.inner.store.ensure_layer(&crate::flow::SCHEMA).await?;
+        Ok(())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Counters of what this engine did (for benchmarks and metrics).
+    pub fn stats(&self) -> FlowStats {
+        let c = &self.inner.stats;
+        FlowStats {
+            transitions: c.transitions.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            statements: c.statements.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Registers a Rust function for `executor: rust` actions named `name`. Register
+    /// functions before the definitions that use them, in every worker process.
+    pub fn function(&self, name: impl Into<String>, executor: impl TaskExecutor) -> &Self {
+        self.inner
+            .functions
+            .write()
+            .expect("functions lock")
+            .insert(name.into(), Arc::new(executor));
+        self
+    }
+
+    /// The Rust function registered as `name`.
+    pub(super) fn registered_function(&self, name: &str) -> Option<Arc<dyn Erased>> {
+        self.inner
+            .functions
+            .read()
+            .expect("functions lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// The definition of `flow` at `version`, if this process has it cached.
+    pub(super) fn cached_definition(
+        &self,
+        flow: &str,
+        version: &str,
+    ) -> Option<Arc<FlowDefinition>> {
+        self.inner
+            .definitions
+            .read()
+            .expect("definitions lock")
+            .get(&(flow.to_owned(), version.to_owned()))
+            .cloned()
+    }
+
+    fn function_names(&self) -> Vec<String> {
+        self.inner
+            .functions
+            .read()
+            .expect("functions lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Validates and registers a definition; returns its version (content hash).
+    /// Registering the same content again is a no-op returning the same version;
+    /// new content under the same name is a new version, used by new instances,
+    /// while running ones keep theirs.
+    ///
+    /// # Errors
+    /// [`FlowError::Definition`] listing every problem; store errors.
+    #[tracing::instrument(name = "dcbflow.flow.register", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.store.schema(), flow = %definition.name))]
+    pub async fn register(&self, definition: &FlowDefinition) -> Result<String, FlowError> {
+        self.ready().await?;
+        let names = self.function_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        validate_for(definition, &names, super::executor::AVAILABLE)?;
+        let version = definition.version();
+        // A stable event id per (name, version): registering again is a replay.
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(
+            format!("dcbflow-definition:{}:{version}", definition.name).as_bytes(),
+        );
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        let id = Uuid::from_bytes(bytes);
+        let event = Event::new(
+            types::DEFINITION_REGISTERED,
+            [
+                events::definition_tag(&definition.name),
+                format!("flow_version:{}:{version}", definition.name),
+            ],
+            json!({"name": definition.name, "version": version, "definition": definition}),
+        )
+        .with_id(id);
+        self.inner.store.append(vec![event], None).await?;
+        self.inner
+            .definitions
+            .write()
+            .expect("definitions lock")
+            .insert(
+                (definition.name.clone(), version.clone()),
+                Arc::new(definition.clone()),
+            );
+        Ok(version)
+    }
+
+    /// The definition of `flow` at `version` (`None`: the latest registered).
+    ///
+    /// # Errors
+    /// [`FlowError::UnknownFlow`]; store errors.
+    #[tracing::instrument(name = "dcbflow.flow.definition", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.store.schema(), flow))]
+    pub async fn definition(
+        &self,
+        flow: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<FlowDefinition>, FlowError> {
+        if let Some(v) = version
+            && let Some(d) = self.cached_definition(flow, v)
+        {
+            return Ok(d);
+        }
+        let tag = match version {
+            Some(v) => format!("flow_version:{flow}:{v}"),
+            None => events::definition_tag(flow),
+        };
+        let q = Query::items_of([types::DEFINITION_REGISTERED], [tag]);
+        let Some(e) = self.inner.store.read_last(&q).await? else {
+            return Err(FlowError::UnknownFlow(match version {
+                Some(v) => format!("{flow}@{v}"),
+                None => flow.to_owned(),
+            }));
+        };
+        let def = FlowDefinition::deserialize(&e.data()["definition"])
+            .map_err(|err| FlowError::Unreadable(format!("stored definition of {flow}: {err}")))?;
+        let version = def.version();
+        let def = Arc::new(def);
+        self.inner
+            .definitions
+            .write()
+            .expect("definitions lock")
+            .insert((flow.to_owned(), version), def.clone());
+        Ok(def)
+    }
+
+    /// Starts an instance of the latest version of `flow`. With a business key, a
+    /// second start with the same key returns the existing instance
+    /// (`created: false`) instead of starting another.
+    ///
+    /// # Errors
+    /// [`FlowError::UnknownFlow`]; [`FlowError::InputMismatch`] when `input` does
+    /// not match the definition's input fields (nothing is written); store errors.
+    #[tracing::instrument(name = "dcbflow.flow.start", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.store.schema(), flow))]
+    pub async fn start(
+        &self,
+        flow: &str,
+        business_key: Option<&str>,
+        input: Value,
+    ) -> Result<StartedInstance, FlowError> {
+        self.ready().await?;
+        let def = self.definition(flow, None).await?;
+        check_input(&def, &input)?;
+        let version = def.version();
+        let store = &self.inner.store;
+        let key_query = business_key
+            .map(|k| Query::items_of([types::STARTED], [events::business_key_tag(flow, k)]));
+        for _ in 0..3 {
+            let mut client = store.pool().get().await?;
+            let tx = client.transaction().await?;
+            let mut condition = None;
+            if let Some(q) = &key_query {
+                let found = store
+                    .read_in_tx(&tx, q, ReadOptions::default())
+                    .await?
+                    .collect_all()
+                    .await?;
+                if let Some(e) = found.events.first() {
+                    let s = Started::deserialize(e.data()).map_err(|err| {
+                        FlowError::Unreadable(format!("start of instance at {}: {err}", e.position))
+                    })?;
+                    return Ok(StartedInstance {
+                        instance: s.instance,
+                        definition_version: s.version,
+                        created: false,
+                    });
+                }
+                condition = Some(AppendCondition::new(q.clone()).after(found.cursor));
+            }
+            let id = Uuid::new_v4();
+            let now = Utc::now();
+            let started = Started {
+                instance: id,
+                flow: flow.to_owned(),
+                version: version.clone(),
+                business_key: business_key.map(str::to_owned),
+                input: input.clone(),
+                deadline_at: def
+                    .deadline_ms
+                    .map(|ms| now + chrono::Duration::milliseconds(ms as i64)),
+            };
+            let mut event = FlowEvent::Started(started).to_event(id);
+            event.tags.push(events::flow_tag(flow));
+            if let Some(k) = business_key {
+                event.tags.push(events::business_key_tag(flow, k));
+            }
+            match store
+                .append_in_tx(&tx, vec![event.clone()], condition)
+                .await
+            {
+                Ok(r) => {
+                    let appended = sequenced(vec![event], &r, now);
+                    let state = InstanceState::fold(&appended).expect("a start folds");
+                    sync(&tx, store, &def, &state, now).await?;
+                    tx.commit().await?;
+                    let stats = &self.inner.stats;
+                    stats.statements(4 + u64::from(key_query.is_some()));
+                    stats.transitions.fetch_add(1, Ordering::Relaxed);
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    return Ok(StartedInstance {
+                        instance: id,
+                        definition_version: version,
+                        created: true,
+                    });
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FlowError::Contended(format!(
+            "starting {flow} with business key {business_key:?} kept conflicting"
+        )))
+    }
+
+    /// Rebuilds the read models (instances, wake-ups, incidents) from the log.
+    ///
+    /// # Errors
+    /// Store errors.
+    #[tracing::instrument(name = "dcbflow.flow.rebuild_read_models", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.store.schema()))]
+    pub async fn rebuild_read_models(&self) -> Result<u64, FlowError> {
+        self.ready().await?;
+        let store = &self.inner.store;
+        let starts = store
+            .read_all(
+                &Query::items_of([types::STARTED], Vec::<String>::new()),
+                ReadOptions::default(),
+            )
+            .await?;
+        let mut n = 0;
+        for e in starts.events {
+            let Ok(s) = Started::deserialize(e.data()) else {
+                tracing::warn!(position = %e.position, "unreadable flow start skipped");
+                continue;
+            };
+            // The definition first: no connection is held while it loads.
+            let def = self.definition(&s.flow, Some(&s.version)).await?;
+            let q = instance_query(s.instance);
+            let mut client = store.pool().get().await?;
+            let tx = client.transaction().await?;
+            store.lock_scope_in_tx(&tx, &q).await?;
+            let events = store
+                .read_in_tx(&tx, &q, ReadOptions::default())
+                .await?
+                .collect_all()
+                .await?;
+            if let Some(state) = InstanceState::fold(&events.events) {
+                sync(&tx, store, &def, &state, Utc::now()).await?;
+                n += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(n)
+    }
+}
+
+fn check_input(def: &FlowDefinition, input: &Value) -> Result<(), FlowError> {
+    if def.input.is_empty() {
+        return Ok(());
+    }
+    let Some(obj) = input.as_object() else {
+        return Err(FlowError::InputMismatch(vec![
+            "the input must be a JSON object".into(),
+        ]));
+    };
+    let problems: Vec<String> = def
+        .input
+        .iter()
+        .filter_map(|(name, ty)| match obj.get(name) {
+            None => Some(format!("missing field {name:?}")),
+            Some(v) if !ty.admits(v) => Some(format!("field {name:?} must be {ty:?}, got {v}")),
+            _ => None,
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(FlowError::InputMismatch(problems))
+    }
+}
+
+/// Appended events as the log will return them (with `now` for the record time).
+pub(super) fn sequenced(
+    events: Vec<Event>,
+    appended: &AppendResult,
+    now: DateTime<Utc>,
+) -> Vec<SequencedEvent> {
+    events
+        .into_iter()
+        .zip(&appended.positions)
+        .map(|(event, position)| SequencedEvent {
+            position: *position,
+            transaction_id: appended.transaction_id,
+            recorded_at: now,
+            event,
+        })
+        .collect()
+}
+
+/// Writes the instance's read models in the transition's transaction.
+pub(super) async fn sync(
+    tx: &deadpool_postgres::Transaction<'_>,
+    store: &Store,
+    def: &FlowDefinition,
+    state: &InstanceState,
+    now: DateTime<Utc>,
+) -> Result<(), FlowError> {
+    let p = plan(def, state, now);
+    let due = next_due(&p, now);
+    let stmt = tx
+        .prepare_cached(&format!("SELECT {}($1, $2, $3)", store.table("flow_sync")))
+        .await?;
+    let row = serde_json::to_value(state).expect("state serializes");
+    let incidents = serde_json::to_value(incidents(state)).expect("incidents serialize");
+    tx.execute(&stmt, &[&row, &due, &incidents]).await?;
+    Ok(())
+}

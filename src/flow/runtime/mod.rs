@@ -1,0 +1,13 @@
+//! The flow engine at work: [`Flows`] (definitions, starts, read models),
+//! transitions as commands of the command layer, workers and executors.
+
+mod engine;
+mod executor;
+mod messages;
+mod transition;
+mod worker;
+
+pub use engine::{FlowStats, Flows, StartedInstance};
+pub use executor::{TaskContext, TaskExecutor};
+pub(crate) use transition::instance_query;
+pub use worker::{Worker, WorkerOptions};

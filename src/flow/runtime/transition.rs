@@ -1,0 +1,271 @@
+//! One transition of an instance, as a command of the command layer: under the
+//! instance's scope lock, fold its events, decide the next events, run the
+//! step's SQL, append with a condition on the instance, and write the read
+//! models, in one transaction. The command executor's pessimistic mode is the
+//! one implementation of "lock, decide, work, append"; the engine adds no second.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::engine::{Flows, sequenced, sync};
+use crate::command::{Command, CommandError, CommandExecutor, CommandRetry, Concurrency, Decided};
+use crate::flow::FlowError;
+use crate::flow::model::decide::to_events;
+use crate::flow::model::definition::FlowDefinition;
+use crate::flow::model::events::{FlowEvent, instance_tag};
+use crate::flow::model::state::InstanceState;
+use crate::projection::Projector;
+use crate::store::{AppendResult, Event, Query, QueryItem};
+
+/// SQL statements a transition runs in its transaction before appending, with
+/// text parameters (a SQL step, exactly once with its completion event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SqlWork {
+    /// The statements and their parameters (`None`: SQL `NULL`).
+    pub(crate) statements: Vec<BoundStatement>,
+    /// The step's timeout: the transaction's `statement_timeout`, in milliseconds.
+    pub(crate) timeout_ms: u64,
+}
+
+/// One statement with its rendered parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BoundStatement {
+    /// The SQL text.
+    pub(crate) sql: String,
+    /// `$1..` as text (`None`: `NULL`).
+    pub(crate) params: Vec<Option<String>>,
+}
+
+/// Why a transition did not happen.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransitionError {
+    /// The engine refused, or the store failed.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    /// The step's SQL failed; the transaction was rolled back.
+    #[error("SQL step failed")]
+    Sql(#[source] tokio_postgres::Error),
+    /// The definition the instance runs on is not in this process's cache yet
+    /// (loaded outside the transaction, then the transition runs again).
+    #[error("definition {0}@{1} not loaded")]
+    NeedDefinition(String, String),
+}
+
+impl TransitionError {
+    /// As a [`FlowError`] (a failed SQL step is a store error here).
+    pub(crate) fn into_flow(self) -> FlowError {
+        match self {
+            TransitionError::Flow(e) => e,
+            TransitionError::Sql(e) => FlowError::Store(e.into()),
+            TransitionError::NeedDefinition(flow, version) => {
+                FlowError::UnknownFlow(format!("{flow}@{version}"))
+            }
+        }
+    }
+}
+
+impl From<crate::store::Error> for TransitionError {
+    fn from(e: crate::store::Error) -> Self {
+        TransitionError::Flow(e.into())
+    }
+}
+
+/// The query of every event of instance `id`.
+pub(crate) fn instance_query(id: Uuid) -> Query {
+    Query::from_items([QueryItem::new().tags([instance_tag(id)])])
+}
+
+/// The instance's state as a decision model.
+fn instance_model(id: Uuid) -> Projector<Option<InstanceState>> {
+    Projector::new(instance_query(id), None, |state, e| match state {
+        None => *state = InstanceState::fold([e]),
+        Some(s) => s.apply(e),
+    })
+}
+
+/// What a decided transition leaves behind for its caller.
+struct Decision {
+    state: InstanceState,
+    definition: Arc<FlowDefinition>,
+    events: Vec<FlowEvent>,
+    now: DateTime<Utc>,
+}
+
+/// A transition as a command.
+struct Transition<'a, D> {
+    flows: &'a Flows,
+    id: Uuid,
+    work: Option<&'a SqlWork>,
+    decide: D,
+    decided: Mutex<Option<Decision>>,
+    next: Mutex<Option<InstanceState>>,
+}
+
+impl<D> Command for Transition<'_, D>
+where
+    D: Fn(&InstanceState, &FlowDefinition, DateTime<Utc>) -> Result<Vec<FlowEvent>, FlowError>
+        + Send
+        + Sync,
+{
+    type Model = Projector<Option<InstanceState>>;
+    type Error = TransitionError;
+
+    fn command_type(&self) -> &str {
+        "FlowTransition"
+    }
+
+    fn logged(&self) -> bool {
+        false
+    }
+
+    fn model(&self) -> Self::Model {
+        instance_model(self.id)
+    }
+
+    fn decide(&self, state: Option<InstanceState>) -> Result<Decided, TransitionError> {
+        let state = state.ok_or(FlowError::UnknownInstance(self.id))?;
+        let definition = self
+            .flows
+            .cached_definition(&state.flow, &state.definition_version)
+            .ok_or_else(|| {
+                TransitionError::NeedDefinition(
+                    state.flow.clone(),
+                    state.definition_version.clone(),
+                )
+            })?;
+        let now = Utc::now();
+        let events = (self.decide)(&state, &definition, now)?;
+        // BEGIN, lock, read, and COMMIT or ROLLBACK.
+        self.flows.inner.stats.statements(4);
+        let decided = to_events(self.id, &events);
+        *self.decided.lock().expect("transition lock") = Some(Decision {
+            state,
+            definition,
+            events,
+            now,
+        });
+        Ok(decided.into())
+    }
+
+    async fn before_append(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: &[Event],
+    ) -> Result<(), TransitionError> {
+        let Some(work) = self.work.filter(|_| !events.is_empty()) else {
+            return Ok(());
+        };
+        self.flows
+            .inner
+            .stats
+            .statements(1 + work.statements.len() as u64);
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            work.timeout_ms
+        ))
+        .await
+        .map_err(TransitionError::Sql)?;
+        for statement in &work.statements {
+            let types = vec![tokio_postgres::types::Type::TEXT; statement.params.len()];
+            let stmt = tx
+                .prepare_typed(&statement.sql, &types)
+                .await
+                .map_err(TransitionError::Sql)?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = statement
+                .params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute(&stmt, &refs)
+                .await
+                .map_err(TransitionError::Sql)?;
+        }
+        Ok(())
+    }
+
+    async fn after_append(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        events: &[Event],
+        appended: &AppendResult,
+    ) -> Result<(), TransitionError> {
+        let (mut next, definition, now) = {
+            let guard = self.decided.lock().expect("transition lock");
+            let d = guard.as_ref().expect("decided before appending");
+            (d.state.clone(), d.definition.clone(), d.now)
+        };
+        for e in &sequenced(events.to_vec(), appended, now) {
+            next.apply(e);
+        }
+        sync(tx, self.flows.store(), &definition, &next, now).await?;
+        let stats = &self.flows.inner.stats;
+        stats.statements(2); // append, read models
+        stats.transitions.fetch_add(1, Ordering::Relaxed);
+        stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        *self.next.lock().expect("transition lock") = Some(next);
+        Ok(())
+    }
+}
+
+impl Flows {
+    /// Runs one transition of instance `id`: under the instance's lock, fold its
+    /// events, let `decide` choose the events, run `work`, append them with a
+    /// condition on the instance, update the read models, commit. Returns the
+    /// state after it and what was appended (nothing: the state as read).
+    pub(crate) async fn transition<D>(
+        &self,
+        id: Uuid,
+        work: Option<&SqlWork>,
+        decide: D,
+    ) -> Result<(InstanceState, Vec<FlowEvent>), TransitionError>
+    where
+        D: Fn(&InstanceState, &FlowDefinition, DateTime<Utc>) -> Result<Vec<FlowEvent>, FlowError>
+            + Send
+            + Sync,
+    {
+        let executor = CommandExecutor::new(self.store().clone())
+            .concurrency(Concurrency::Pessimistic)
+            .retry(CommandRetry::attempts(5));
+        // At most one definition load per transition: the first attempt finds the
+        // cache empty, the second finds it filled.
+        for _ in 0..2 {
+            let command = Transition {
+                flows: self,
+                id,
+                work,
+                decide: &decide,
+                decided: Mutex::new(None),
+                next: Mutex::new(None),
+            };
+            match executor.execute(&command).await {
+                Ok(_) => {
+                    let decided = command.decided.into_inner().expect("transition lock");
+                    let next = command.next.into_inner().expect("transition lock");
+                    let Decision { state, events, .. } = decided.expect("a transition decides");
+                    return Ok(match next {
+                        Some(next) => (next, events),
+                        None => (state, Vec::new()),
+                    });
+                }
+                Err(CommandError::Rejected(TransitionError::NeedDefinition(flow, version))) => {
+                    self.definition(&flow, Some(&version)).await?;
+                }
+                Err(CommandError::Rejected(e) | CommandError::Aborted(e)) => return Err(e),
+                Err(CommandError::Store(e)) => return Err(FlowError::Store(e).into()),
+                Err(CommandError::Conflict { attempts }) => {
+                    return Err(FlowError::Contended(format!(
+                        "instance {id} still conflicted after {attempts} attempts"
+                    ))
+                    .into());
+                }
+            }
+        }
+        Err(FlowError::Contended(format!("instance {id}: definition did not load")).into())
+    }
+}
