@@ -142,7 +142,7 @@ fn main() {
         );
         g.bench_function(BenchmarkId::new("dcbflow", n), |b| {
             b.to_async(rt).iter(|| async {
-                dcbflow::project(&store, &model)
+                dcbflow::project(store, &model)
                     .await
                     .expect("project")
                     .states

@@ -158,7 +158,7 @@ async fn run_instances(flows: &Flows, n: u64) -> Duration {
     let head = store.head().await.expect("head");
     let completed = Query::items_of(["FlowCompleted"], Vec::<String>::new());
     let mut sub =
-        dcbflow::Subscription::connect(&store, completed, head, SubscriptionOptions::default())
+        dcbflow::Subscription::connect(store, completed, head, SubscriptionOptions::default())
             .await
             .expect("subscribe");
     let start = Instant::now();

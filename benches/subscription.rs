@@ -40,7 +40,7 @@ fn main() {
     g.bench_function(BenchmarkId::new("dcbflow", EVENTS), |b| {
         b.to_async(rt).iter(|| async {
             let mut sub = dcbflow::Subscription::connect(
-                &store,
+                store,
                 Query::all(),
                 None,
                 SubscriptionOptions::default(),

@@ -75,7 +75,7 @@ mod tests {
         let b = Backoff::new(Duration::from_millis(2), Duration::from_millis(250));
         for attempt in 1..100 {
             let expected = Duration::from_millis(2)
-                .mul_f64(2f64.powi(attempt.min(65) as i32 - 1))
+                .mul_f64(2f64.powi(attempt.min(65) - 1))
                 .min(Duration::from_millis(250));
             assert_eq!(b.ceiling(attempt as u32), expected, "attempt {attempt}");
             for _ in 0..20 {

@@ -154,6 +154,15 @@ impl CommandExecutor {
         &self.store
     }
 
+    /// Installs or upgrades the command layer's tables (the command log) now;
+    /// otherwise the first [`execute`](Self::execute) does it.
+    ///
+    /// # Errors
+    /// Store errors, or a failed migration.
+    pub async fn migrate(&self) -> Result<()> {
+        self.store.ensure_layer(&super::SCHEMA).await
+    }
+
     /// Executes `command`.
     ///
     /// # Errors

@@ -56,6 +56,19 @@ pub enum Error {
         /// The unknown version.
         version: i32,
     },
+    /// A store handle that does not migrate ([`StoreBuilder::migrate`](super::StoreBuilder::migrate)
+    /// `(false)`) needs a layer's tables that are missing or older than this
+    /// build: migrate the schema with a handle that does (or call the layer's
+    /// `migrate`, for example [`CommandExecutor::migrate`](crate::CommandExecutor::migrate)).
+    #[error(
+        "schema {schema:?} lacks the current tables of the {layer} layer, and this store handle does not migrate"
+    )]
+    SchemaNotInstalled {
+        /// The schema the store lives in.
+        schema: String,
+        /// The layer whose tables are missing.
+        layer: &'static str,
+    },
     /// The commit of a group-commit batch failed in a way that leaves its outcome
     /// unknown (for example the connection was lost during `COMMIT`). Re-send the
     /// append with event ids to find out safely: a replay returns the stored positions.

@@ -139,7 +139,11 @@ pub(crate) async fn run(
 /// newer is: the common case at start-up, answered with one query and no lock.
 /// Anything else (including a missing table) goes through the locked path, which
 /// reports errors.
-async fn is_current(client: &deadpool_postgres::Object, schema: &str, layer: &Layer) -> bool {
+pub(crate) async fn is_current(
+    client: &deadpool_postgres::Object,
+    schema: &str,
+    layer: &Layer,
+) -> bool {
     let sql = format!(
         "SELECT version, checksum FROM \"{schema}\".migrations WHERE layer = $1 ORDER BY version"
     );

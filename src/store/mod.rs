@@ -204,11 +204,10 @@ impl Store {
 
     /// Installs or upgrades the schema of an upper `layer` once per store handle
     /// (clones share it): the first call migrates, the others return at once. A
-    /// store built with [`StoreBuilder::migrate`]`(false)` installs nothing.
+    /// store built with [`StoreBuilder::migrate`]`(false)` runs no DDL: it checks
+    /// that the layer is installed and current, and fails with
+    /// [`Error::SchemaNotInstalled`] if not.
     pub(crate) async fn ensure_layer(&self, layer: &'static migrate::Layer) -> Result<()> {
-        if !self.inner.migrate {
-            return Ok(());
-        }
         let cell = self
             .inner
             .layers
@@ -219,7 +218,16 @@ impl Store {
             .clone();
         cell.get_or_try_init(|| async {
             let mut client = self.inner.pool.get().await?;
-            migrate::run(&mut client, &self.inner.schema, layer).await
+            if self.inner.migrate {
+                migrate::run(&mut client, &self.inner.schema, layer).await
+            } else if migrate::is_current(&client, &self.inner.schema, layer).await {
+                Ok(())
+            } else {
+                Err(Error::SchemaNotInstalled {
+                    schema: self.inner.schema.clone(),
+                    layer: layer.name,
+                })
+            }
         })
         .await?;
         Ok(())

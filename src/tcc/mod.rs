@@ -1,4 +1,4 @@
-//! The participant side of try/confirm/cancel: a barrier table that makes a
+//! The participant side of try/confirm/cancel (feature `tcc`): a barrier table that makes a
 //! service's `try`, `confirm` and `cancel` handlers idempotent and safe against
 //! requests that are retried or arrive out of order.
 //!
@@ -15,6 +15,9 @@
 //!   nobody would ever release;
 //! - a `confirm` of a cancelled branch, or a `cancel` of a confirmed one, is
 //!   [`Rejected`](BarrierOutcome::Rejected).
+//!
+//! It needs only a `tokio_postgres` / `deadpool_postgres` transaction on the
+//! participant's own database: no [`Store`](crate::Store), no flow engine.
 
 use deadpool_postgres::{GenericClient, Transaction};
 use futures::future::BoxFuture;
@@ -93,7 +96,7 @@ pub enum BarrierOutcome {
 /// The lock is held until the caller's transaction ends.
 ///
 /// ```no_run
-/// use dcbflow::{BarrierOutcome, TccBarrier, TccPhase};
+/// use dcbflow::tcc::{BarrierOutcome, TccBarrier, TccPhase};
 ///
 /// # async fn example(pool: dcbflow::deadpool_postgres::Pool) -> dcbflow::Result<()> {
 /// let barrier = TccBarrier::new("inventory")?;
@@ -356,7 +359,7 @@ $tcc_barrier$"
     /// participant, and the phase is `try`, `confirm` or `cancel`.
     ///
     /// ```
-    /// use dcbflow::{TccBarrier, TccPhase};
+    /// use dcbflow::tcc::{TccBarrier, TccPhase};
     ///
     /// assert_eq!(
     ///     TccBarrier::parse_key("i1/order.stock/cancel"),

@@ -27,16 +27,19 @@ async fn concurrent_starts_migrate_once() {
     let c = stores[0].pool().get().await.unwrap();
     let n: i64 = c
         .query_one(
-            &format!("SELECT count(*) FROM \"{schema}\".migrations"),
+            &format!("SELECT count(*) FROM \"{schema}\".migrations WHERE layer = 'store'"),
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/store"))
         .unwrap()
         .count();
-    assert_eq!(n as usize, files, "each migration in sql/ applied once");
+    assert_eq!(
+        n as usize, files,
+        "each migration in sql/store applied once"
+    );
     c.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .await
         .unwrap();
@@ -59,7 +62,7 @@ async fn changed_migration_is_refused() {
     );
     c.execute(
         &format!(
-            "INSERT INTO \"{}\".migrations VALUES (999, 'future.sql', '\\x00')",
+            "INSERT INTO \"{}\".migrations VALUES ('store', 999, 'future.sql', '\\x00')",
             t.schema
         ),
         &[],
@@ -116,4 +119,74 @@ async fn stores_in_different_schemas_are_independent() {
     .await;
     append.await.unwrap().unwrap();
     tx.rollback().await.unwrap();
+}
+
+/// Each layer records its own migrations; upper layers install on first use; a
+/// handle that does not migrate refuses with a typed error instead of failing on
+/// a missing table; rows of layers this build does not have are left alone.
+#[tokio::test]
+async fn layers_migrate_on_first_use_and_non_migrating_handles_refuse() {
+    let t = TestStore::new().await;
+    let c = t.store.pool().get().await.unwrap();
+    let layers = |c: deadpool_postgres::Object, schema: String| async move {
+        let rows = c
+            .query(
+                &format!("SELECT DISTINCT layer FROM \"{schema}\".migrations ORDER BY layer"),
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(layers(c, t.schema.clone()).await, ["store"]);
+
+    // A second handle on the schema that runs no DDL.
+    let other = Store::builder_for_url(&t.url, Some(2))
+        .unwrap()
+        .schema(&t.schema)
+        .migrate(false)
+        .build()
+        .await
+        .unwrap();
+    let err = dcbflow::CommandExecutor::new(other.clone())
+        .migrate()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::SchemaNotInstalled {
+                layer: "command",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    dcbflow::CommandExecutor::new(t.store.clone())
+        .migrate()
+        .await
+        .unwrap();
+    let c = t.store.pool().get().await.unwrap();
+    assert_eq!(layers(c, t.schema.clone()).await, ["command", "store"]);
+    // Now installed: the non-migrating handle finds it current.
+    dcbflow::CommandExecutor::new(other)
+        .migrate()
+        .await
+        .unwrap();
+
+    // A layer of a newer, fuller build does not stop this one.
+    let c = t.store.pool().get().await.unwrap();
+    c.execute(
+        &format!(
+            "INSERT INTO \"{}\".migrations VALUES ('from_the_future', 1, 'x.sql', '\\x00')",
+            t.schema
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    t.store.migrate().await.unwrap();
 }

@@ -381,6 +381,11 @@ async fn every_append_path_wakes_a_sleeping_subscriber() {
         .await
         .unwrap();
     assert!(sub.poll_batch().await.unwrap().is_empty());
+    // The writers below do not migrate: the command log comes from this handle.
+    dcbflow::CommandExecutor::new(t.store.clone())
+        .migrate()
+        .await
+        .unwrap();
     let writer = || {
         Store::builder_for_url(&t.url, Some(4))
             .unwrap()

@@ -139,6 +139,15 @@ impl Flows {
         }
     }
 
+    /// Installs or upgrades the flow layer's tables (the read models) now;
+    /// otherwise the first operation that needs them does it.
+    ///
+    /// # Errors
+    /// Store errors, or a failed migration.
+    pub async fn migrate(&self) -> Result<(), FlowError> {
+        self.ready().await
+    }
+
     /// Installs the flow layer's schema in the store (once per store handle).
     pub(crate) async fn ready(&self) -> Result<(), FlowError> {
         self.inner.store.ensure_layer(&crate::flow::SCHEMA).await?;
