@@ -8,6 +8,8 @@ mod conditions;
 #[cfg(feature = "flow")]
 mod flow;
 mod group_commit;
+#[cfg(all(feature = "flow", feature = "http"))]
+mod https;
 mod input;
 mod migrate;
 #[cfg(feature = "nats")]

@@ -34,6 +34,7 @@ impl Operator {
 impl Flows {
     /// A manual operation: refused with [`FlowError::Moved`] unless the instance
     /// is still at `seen` (its `last_position` when the operator looked).
+    #[tracing::instrument(name = "dcbflow.flow.operate", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), operation, instance = %id))]
     async fn operate<D>(
         &self,
         operation: &'static str,
@@ -44,7 +45,7 @@ impl Flows {
     where
         D: Fn(&InstanceState, &FlowDefinition) -> Result<FlowEvent, FlowError> + Send + Sync,
     {
-        tracing::info!(operation, instance = %id, "operator action");
+        tracing::info!("operator action");
         self.ready().await?;
         let result = self
             .transition(id, None, |state, def, _| {

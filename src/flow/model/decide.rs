@@ -226,3 +226,145 @@ pub(crate) fn incidents(state: &InstanceState) -> Vec<Incident> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use serde_json::json;
+
+    use super::*;
+    use crate::flow::model::definition::{Action, TaskRetry};
+    use crate::flow::model::events::{Started, StepSucceeded};
+    use crate::store::Position;
+
+    const WORKER: Lessee<'static> = Lessee {
+        worker: "w1",
+        lease_grace: Duration::from_secs(2),
+    };
+
+    fn serial() -> FlowDefinition {
+        FlowDefinition::builder("order")
+            .task(
+                TaskDefinition::new("reserve", Action::rust("reserve"))
+                    .retry(TaskRetry::attempts(2)),
+            )
+            .task(TaskDefinition::new("ship", Action::rust("ship")).after(["reserve"]))
+            .build()
+    }
+
+    fn started(def: &FlowDefinition, now: DateTime<Utc>) -> InstanceState {
+        let id = uuid::Uuid::new_v4();
+        let e = FlowEvent::Started(Started {
+            instance: id,
+            flow: def.name.clone(),
+            version: def.version(),
+            business_key: None,
+            input: json!({}),
+            deadline_at: None,
+        });
+        let seq = SequencedEvent {
+            position: Position(1),
+            transaction_id: TransactionId(1),
+            recorded_at: now,
+            event: e.to_event(id),
+        };
+        InstanceState::fold([&seq]).expect("a start folds")
+    }
+
+    fn apply(state: &InstanceState, events: &[FlowEvent], now: DateTime<Utc>) -> InstanceState {
+        preview(state, events, now)
+    }
+
+    #[test]
+    fn a_new_instance_starts_only_the_tasks_without_dependencies() {
+        let (def, now) = (serial(), Utc::now());
+        let state = started(&def, now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert_eq!(events.len(), 1, "{events:?}");
+        let FlowEvent::StepStarted(s) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(s.step.key(), "reserve/action");
+        assert_eq!((s.attempt, s.worker.as_str()), (1, "w1"));
+        assert!(s.lease_until > now + chrono::Duration::seconds(2));
+    }
+
+    #[test]
+    fn success_starts_the_dependant_and_the_last_success_completes() {
+        let (def, now) = (serial(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        let done = |task: &str| {
+            FlowEvent::StepSucceeded(StepSucceeded {
+                step: StepId::new(task, Phase::Action),
+                attempt: 1,
+                output: json!({"ok": task}),
+            })
+        };
+        state = apply(&state, &[done("reserve")], now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert!(
+            matches!(&events[..], [FlowEvent::StepStarted(s)] if s.step.task == "ship"),
+            "{events:?}"
+        );
+        state = apply(&state, &events, now);
+        state = apply(&state, &[done("ship")], now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert!(
+            matches!(&events[..], [FlowEvent::Completed(_)]),
+            "{events:?}"
+        );
+        assert_eq!(state.outputs["reserve"], json!({"ok": "reserve"}));
+    }
+
+    #[test]
+    fn a_retryable_failure_schedules_a_retry_until_attempts_run_out() {
+        let (def, now) = (serial(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        let step = StepId::new("reserve", Phase::Action);
+        let task = def.task("reserve").unwrap();
+        let error = TaskError::retryable("503").code("http_503");
+        let first = failure_events(task, &state, &step, &error, false, now);
+        assert!(
+            matches!(&first[..], [FlowEvent::StepFailed(f), FlowEvent::RetryScheduled(r)]
+                if !f.exhausted && r.attempt == 2 && r.due_at >= now),
+            "{first:?}"
+        );
+        state = apply(&state, &first, now);
+        // The retry is due at once or soon; a second attempt, which fails too.
+        let later = now + chrono::Duration::seconds(60);
+        state = apply(&state, &next_events(&def, &state, later, WORKER), later);
+        assert_eq!(state.step(&step).attempts, 2);
+        let second = failure_events(task, &state, &step, &error, false, later);
+        assert!(
+            matches!(&second[..], [FlowEvent::StepFailed(f)] if f.exhausted),
+            "{second:?}"
+        );
+        // A fatal error is exhausted at once.
+        let fatal = failure_events(task, &state, &step, &TaskError::fatal("no"), false, later);
+        assert!(matches!(&fatal[..], [FlowEvent::StepFailed(f)] if f.exhausted));
+        state = apply(&state, &second, later);
+        let incidents = incidents(&state);
+        assert_eq!(incidents.len(), 1);
+        assert_eq!(
+            (incidents[0].kind, incidents[0].occurrences),
+            ("exhausted", 2)
+        );
+    }
+
+    #[test]
+    fn an_expired_lease_times_the_attempt_out() {
+        let (def, now) = (serial(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        let late = now + chrono::Duration::hours(1);
+        let events = next_events(&def, &state, late, WORKER);
+        assert!(
+            matches!(events.first(), Some(FlowEvent::StepTimedOut(f)) if f.code.as_deref() == Some("timeout")),
+            "{events:?}"
+        );
+    }
+}
