@@ -224,7 +224,6 @@ async fn an_untrusted_certificate_is_refused_and_a_trusted_one_accepted() {
         .await
         .expect_err("an untrusted self-signed certificate must be refused");
     let why = chain(&err);
-    eprintln!("NEGATIVE: {why}");
     assert!(err.is_connect(), "a connect (TLS) error: {why}");
     let lower = why.to_lowercase();
     assert!(

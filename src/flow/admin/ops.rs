@@ -34,7 +34,7 @@ impl Operator {
 impl Flows {
     /// A manual operation: refused with [`FlowError::Moved`] unless the instance
     /// is still at `seen` (its `last_position` when the operator looked).
-    #[tracing::instrument(name = "dcbflow.flow.operate", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), operation, instance = %id))]
+    #[tracing::instrument(name = "dcbflow.flow.operate", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), operation = operation, instance = %id))]
     async fn operate<D>(
         &self,
         operation: &'static str,
