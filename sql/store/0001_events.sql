@@ -15,7 +15,7 @@ CREATE TABLE events (
 );
 
 -- Tag queries. `fastupdate = off`: with the default pending list, tag reads
--- slow down by an order of magnitude under sustained writes (DESIGN.md trap 8).
+-- slow down by an order of magnitude under sustained writes (docs/architecture.md, indexes).
 CREATE INDEX events_tags_idx ON events USING gin (tags) WITH (fastupdate = off);
 -- Type-only query items and type-scoped reads in position order.
 CREATE INDEX events_type_idx ON events (type, position);

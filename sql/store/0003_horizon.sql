@@ -1,5 +1,5 @@
 -- dcbflow store, migration 3: the writer horizon that gap-free subscriptions
--- deliver up to (Store::horizon).
+-- deliver up to (Store::writer_horizon, used by subscriptions).
 
 -- A candidate delivery horizon: every position allocated so far (`allocated`),
 -- and the transactions of this store's writers still holding the store lock

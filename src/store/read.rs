@@ -447,7 +447,7 @@ fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
             }
             filter.push('(');
             // With tags, the tag index leads and the type is a filter
-            // (`type || ''` is not indexable): see sql/0001_events.sql.
+            // (`type || ''` is not indexable): see sql/store/0002_append.sql.
             if !item.tags.is_empty() {
                 params.push(Box::new(item.tags.clone()));
                 let _ = write!(filter, "tags @> ${}::text[]", params.len());

@@ -1,4 +1,4 @@
-//! The append-condition properties of DESIGN.md, each raced on real connections.
+//! The append-condition properties (docs/architecture.md), each raced on real connections.
 
 use dcbflow::{AppendCondition, Cursor, Error, Position, Query, QueryItem, ReadOptions};
 
