@@ -147,14 +147,18 @@ impl Store {
         );
         // The store key is held shared by every append; keep it so the lock order
         // matches the append's own, exclusive only if the plan says so.
+        // The same bound on holding the store lock as an append's.
         let stmt = tx
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) \
                  ELSE pg_advisory_xact_lock_shared(l.key) END \
-                 FROM unnest($1::bigint[], $2::bool[]) AS l(key, exclusive)",
-            )
+                 FROM \"{}\".guard_transaction(NULL, $3), \
+                      unnest($1::bigint[], $2::bool[]) AS l(key, exclusive)",
+                self.inner.schema
+            ))
             .await?;
-        tx.execute(&stmt, &[&keys, &modes]).await?;
+        tx.execute(&stmt, &[&keys, &modes, &self.inner.hold_ms])
+            .await?;
         Ok(())
     }
 
@@ -169,7 +173,7 @@ impl Store {
         let stmt = client.prepare_cached(&self.inner.sql.append).await?;
         let channel = notify.then_some(self.channel());
         let row = client
-            .query_one(&stmt, &prepared.params(true, &channel))
+            .query_one(&stmt, &prepared.params(true, &channel, &self.inner.hold_ms))
             .await?;
         decode(&row)
     }
@@ -184,6 +188,9 @@ impl Store {
         let cols = validate::columns(events, limits)?;
         if let Some(c) = &condition {
             validate::query(&c.fail_if_events_match, limits)?;
+            if let Some(cursor) = &c.after {
+                validate::cursor(cursor)?;
+            }
         }
         let (lock_keys, lock_modes) = locks::plan(
             &self.inner.schema,
@@ -252,7 +259,8 @@ impl PreparedAppend {
         &'a self,
         locks: bool,
         channel: &'a Option<&'a str>,
-    ) -> [&'a (dyn ToSql + Sync); 13] {
+        hold_ms: &'a i32,
+    ) -> [&'a (dyn ToSql + Sync); 14] {
         let (keys, modes): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = if locks {
             (&self.lock_keys, &self.lock_modes)
         } else {
@@ -272,6 +280,7 @@ impl PreparedAppend {
             &self.after,
             &self.snapshot,
             channel,
+            hold_ms,
         ]
     }
 }

@@ -129,9 +129,23 @@ impl Error {
 
     /// Maps a driver error, turning the store's own SQLSTATEs into typed errors.
     pub(crate) fn from_db(e: tokio_postgres::Error) -> Self {
+        let detail = || e.as_db_error().and_then(|d| d.detail()).unwrap_or_default();
         match e.code().map(|c| c.code()) {
             Some(sqlstate::IDS_ALREADY_STORED) => InvalidInput::IdsAlreadyStored.into(),
             Some(sqlstate::ISOLATION_LEVEL) => InvalidInput::IsolationLevel.into(),
+            Some(sqlstate::BEYOND_HEAD) => {
+                let mut n = detail().split(',').map(|x| x.parse().unwrap_or(0));
+                let (position, head) = (n.next().unwrap_or(0), n.next().unwrap_or(0));
+                InvalidInput::BeyondHead {
+                    position: Position(position),
+                    head: Position(head),
+                }
+                .into()
+            }
+            Some(sqlstate::ID_REUSED) => InvalidInput::IdReused {
+                index: detail().parse().unwrap_or(0),
+            }
+            .into(),
             _ => Error::Database(e),
         }
     }
@@ -146,6 +160,10 @@ pub mod sqlstate {
     pub(crate) const IDS_ALREADY_STORED: &str = "DCB01";
     /// Raised by `append_events` in a transaction that is not READ COMMITTED.
     pub(crate) const ISOLATION_LEVEL: &str = "DCB02";
+    /// Raised by `guard_transaction` for a cursor beyond the head of the log.
+    pub(crate) const BEYOND_HEAD: &str = "DCB03";
+    /// Raised by `append_guarded` for a stored event id reused with other content.
+    pub(crate) const ID_REUSED: &str = "DCB04";
 
     /// The SQLSTATE of `e`, if the server sent one.
     pub fn code(e: &tokio_postgres::Error) -> Option<&str> {
@@ -291,4 +309,54 @@ pub enum InvalidInput {
     /// A read limit of zero, or another option out of range.
     #[error("invalid input: {0}")]
     Option(&'static str),
+    /// JSON data or metadata nested deeper than [`Limits::max_json_depth`](super::Limits).
+    #[error("invalid input: event {index} has {field} nested deeper than {max} levels")]
+    TooDeep {
+        /// Index of the event.
+        index: usize,
+        /// `"data"` or `"metadata"`.
+        field: &'static str,
+        /// The configured limit.
+        max: usize,
+    },
+    /// All events of one append together exceed [`Limits::max_append_bytes`](super::Limits).
+    #[error("invalid input: the append carries {size} bytes or more, the limit is {max}")]
+    AppendTooLarge {
+        /// Bytes counted before the limit was passed.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// A query has more items than [`Limits::max_query_items`](super::Limits).
+    #[error("invalid input: a query of {count} items, the limit is {max}")]
+    TooManyItems {
+        /// Items in the query.
+        count: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// A cursor or position that no read can have produced (negative, or a
+    /// snapshot PostgreSQL cannot have taken).
+    #[error("invalid input: bad cursor: {0}")]
+    Cursor(String),
+    /// A position beyond the head of the log: no read can have seen it, so a
+    /// condition after it would ignore the events in between.
+    #[error("invalid input: position {position} is beyond the head of the log ({head})")]
+    BeyondHead {
+        /// The position given.
+        position: Position,
+        /// The last position allocated in the log.
+        head: Position,
+    },
+    /// Event ids of this append were stored before with different content (type,
+    /// tags, data or metadata): an id is an idempotency key, and reusing it for
+    /// another event is refused rather than answered as a replay.
+    #[error("invalid input: event {index} reuses a stored event id with different content")]
+    IdReused {
+        /// Index of the first event whose stored twin differs.
+        index: usize,
+    },
+    /// A name (of a subscription, projection or relay) is empty or too long.
+    #[error("invalid input: {0}")]
+    Name(String),
 }

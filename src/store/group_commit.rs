@@ -170,18 +170,30 @@ impl Writer {
             .flat_map(|r| r.append.cols.ids.iter().flatten().copied())
             .collect();
         let mut stored: HashMap<Uuid, (i64, TransactionId)> = HashMap::new();
+        let mut contents: HashMap<Uuid, Stored> = HashMap::new();
         if !ids.is_empty() {
-            let sql =
-                format!("SELECT id, position, transaction_id FROM {events} WHERE id = ANY($1)");
+            let sql = format!(
+                "SELECT id, position, transaction_id, type, tags, data, metadata \
+                 FROM {events} WHERE id = ANY($1)"
+            );
             for row in tx.query(&sql, &[&ids]).await.map_err(Failed::retry)? {
                 stored.insert(row.get(0), (row.get(1), row.get(2)));
+                contents.insert(
+                    row.get(0),
+                    Stored {
+                        event_type: row.get(3),
+                        tags: row.get(4),
+                        data: row.get(5),
+                        metadata: row.get(6),
+                    },
+                );
             }
         }
 
         // 3a. Conditions against the log, pipelined.
         let check = tx
             .prepare_cached(&format!(
-                "SELECT \"{}\".condition_conflict($1, $2, $3::text::pg_snapshot)",
+                "SELECT \"{0}\".condition_conflict($1, $2, $3::text::pg_snapshot), \"{0}\".allocated_head()",
                 self.schema
             ))
             .await
@@ -196,7 +208,20 @@ impl Writer {
                     Some(c) => tx
                         .query_one(check, &[c, &a.after, &a.snapshot])
                         .await
-                        .map(|row| row.get::<_, Option<i64>>(0)),
+                        .map(|row| {
+                            let head: i64 = row.get(1);
+                            match a.after {
+                                // The batch holds the store lock exclusively: the
+                                // head cannot move while it decides.
+                                Some(after) if after > head => {
+                                    Some(Err(InvalidInput::BeyondHead {
+                                        position: Position(after),
+                                        head: Position(head),
+                                    }))
+                                }
+                                _ => row.get::<_, Option<i64>>(0).map(Ok),
+                            }
+                        }),
                 }
             }
         }))
@@ -217,6 +242,10 @@ impl Writer {
                     .filter_map(|id| batch_ids.get(id).copied())
                     .collect();
                 if in_store == own_ids.len() {
+                    if let Some(index) = differs(&a.cols, &contents) {
+                        fates.push(Fate::Invalid(InvalidInput::IdReused { index }));
+                        continue;
+                    }
                     let mut found: Vec<(i64, TransactionId)> =
                         own_ids.iter().map(|id| stored[id]).collect();
                     found.sort();
@@ -236,9 +265,16 @@ impl Writer {
                     continue;
                 }
             }
-            if let Some(p) = check.map_err(Failed::retry)? {
-                fates.push(Fate::Conflict(Position(p)));
-                continue;
+            match check.map_err(Failed::retry)? {
+                Some(Ok(p)) => {
+                    fates.push(Fate::Conflict(Position(p)));
+                    continue;
+                }
+                Some(Err(invalid)) => {
+                    fates.push(Fate::Invalid(invalid));
+                    continue;
+                }
+                None => {}
             }
             if let Some(q) = &a.query
                 && let Some(hit) = accepted.iter().find_map(|&(j, first)| {
@@ -343,7 +379,7 @@ impl Writer {
                 let client = self.pool.get().await?;
                 let stmt = client.prepare_cached(&self.append_sql).await?;
                 let row = client
-                    .query_one(&stmt, &r.append.params(true, &None))
+                    .query_one(&stmt, &r.append.params(true, &None, &0))
                     .await?;
                 decode(&row)
             }
@@ -354,6 +390,30 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
+}
+
+/// A stored event, as far as a replay compares it.
+struct Stored {
+    event_type: String,
+    tags: Vec<String>,
+    data: serde_json::Value,
+    metadata: Option<serde_json::Value>,
+}
+
+/// The index of the first event of `cols` whose stored twin (by id) differs.
+fn differs(cols: &super::validate::Columns, stored: &HashMap<Uuid, Stored>) -> Option<usize> {
+    (0..cols.types.len()).find(|&k| {
+        let Some(s) = cols.ids[k].and_then(|id| stored.get(&id)) else {
+            return false;
+        };
+        let start = cols.tag_starts[k] as usize - 1;
+        let tags = &cols.tags[start..start + cols.tag_counts[k] as usize];
+        let parse = |raw: &super::validate::RawJson| serde_json::from_slice(raw.bytes()).ok();
+        s.event_type != cols.types[k]
+            || s.tags != tags
+            || parse(&cols.data[k]).as_ref() != Some(&s.data)
+            || cols.metadata[k].as_ref().and_then(parse) != s.metadata
+    })
 }
 
 /// Event `k` of a request, as far as matching needs it (type and tags).

@@ -55,6 +55,11 @@ pub(crate) const STORE: Layer = Layer {
             name: "0003_horizon.sql",
             sql: include_str!("../../sql/store/0003_horizon.sql"),
         },
+        Migration {
+            version: 4,
+            name: "0004_guards.sql",
+            sql: include_str!("../../sql/store/0004_guards.sql"),
+        },
     ],
 };
 

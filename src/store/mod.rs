@@ -41,6 +41,9 @@ pub const DEFAULT_SCHEMA: &str = "dcbflow";
 /// | `max_tag_len` (bytes) | 512 |
 /// | `max_tags_per_event` | 64 |
 /// | `max_lock_keys` (scope locks one append takes before falling back to one store-wide exclusive lock) | 128 |
+/// | `max_append_bytes` (serialized data, metadata, types and tags of all events of one append) | 32 MiB |
+/// | `max_json_depth` (nesting of data and metadata; readers parse up to 128) | 64 |
+/// | `max_query_items` (items of one query or condition) | 512 |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Limits {
@@ -57,6 +60,15 @@ pub struct Limits {
     /// Most scope locks one append takes; above this it takes one store-wide
     /// exclusive lock instead, so a large import cannot exhaust PostgreSQL's lock table.
     pub max_lock_keys: usize,
+    /// Largest total of one append: serialized data and metadata, types and tags
+    /// of all its events, in bytes.
+    pub max_append_bytes: usize,
+    /// Deepest nesting of an event's data or metadata. Whatever the store accepts
+    /// it must be able to read back, and JSON parsers (serde_json's included) stop
+    /// at 128 levels.
+    pub max_json_depth: usize,
+    /// Most items in one query or condition.
+    pub max_query_items: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +80,9 @@ impl Default for Limits {
             max_tag_len: 512,
             max_tags_per_event: 64,
             max_lock_keys: 128,
+            max_append_bytes: 32 << 20,
+            max_json_depth: 64,
+            max_query_items: 512,
         }
     }
 }
@@ -91,6 +106,9 @@ struct Inner {
     sql: Sql,
     /// Whether `build` migrates (and so whether upper layers install their schema).
     migrate: bool,
+    /// The longest a transaction that appended or locked a scope may stay idle (and
+    /// its statements run, unless it set its own `statement_timeout`), in ms.
+    hold_ms: i32,
     /// The layers whose schema this handle has installed or found current.
     layers: Mutex<HashMap<&'static str, Arc<OnceCell<()>>>>,
     /// The `NOTIFY` channel of this store (see [`Store::channel`]).
@@ -150,6 +168,7 @@ impl Store {
             migrate: true,
             listen: None,
             group_commit: None,
+            lock_hold_timeout: std::time::Duration::from_secs(60),
         }
     }
 
@@ -320,6 +339,7 @@ pub struct StoreBuilder {
     migrate: bool,
     listen: Option<tokio_postgres::Config>,
     group_commit: Option<usize>,
+    lock_hold_timeout: std::time::Duration,
 }
 
 impl StoreBuilder {
@@ -362,6 +382,18 @@ impl StoreBuilder {
         self
     }
 
+    /// The longest a transaction that appended to this store, or locked one of its
+    /// scopes, may sit idle, and (unless it set its own `statement_timeout`) the
+    /// longest any of its later statements may run (default 60 s; zero: no bound).
+    /// Such a transaction holds the store lock until it ends, and every
+    /// subscriber of the store waits for it: the bound keeps one stuck process
+    /// (a crashed client, a leaked transaction) from stalling them all. Past it,
+    /// PostgreSQL ends the transaction (and, for idleness, the session).
+    pub fn lock_hold_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.lock_hold_timeout = timeout;
+        self
+    }
+
     /// Whether [`build`](Self::build) installs or upgrades the schema (default `true`).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -375,9 +407,18 @@ impl StoreBuilder {
     #[tracing::instrument(name = "dcbflow.store.build", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.schema))]
     pub async fn build(self) -> Result<Store> {
         validate_schema_name(&self.schema)?;
-        if self.limits.max_events_per_append == 0 || self.limits.max_lock_keys == 0 {
+        if self.limits.max_events_per_append == 0
+            || self.limits.max_lock_keys == 0
+            || self.limits.max_query_items == 0
+        {
             return Err(Error::Config(
-                "max_events_per_append and max_lock_keys must be at least 1".into(),
+                "max_events_per_append, max_lock_keys and max_query_items must be at least 1"
+                    .into(),
+            ));
+        }
+        if !(1..=128).contains(&self.limits.max_json_depth) {
+            return Err(Error::Config(
+                "max_json_depth must be 1 to 128 (what readers can parse back)".into(),
             ));
         }
         let max_in_flight = self
@@ -389,7 +430,7 @@ impl StoreBuilder {
         let s = &self.schema;
         let sql = Sql {
             append: format!(
-                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot, $13)"
+                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_guarded($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot, $13, $14)"
             ),
             head: format!("SELECT max(position) FROM \"{s}\".events"),
             events: format!("\"{s}\".events"),
@@ -418,6 +459,7 @@ impl StoreBuilder {
                 waker,
                 sql,
                 migrate: self.migrate,
+                hold_ms: i32::try_from(self.lock_hold_timeout.as_millis()).unwrap_or(i32::MAX),
                 layers: Mutex::default(),
                 channel,
             }),

@@ -152,6 +152,31 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Checks that PostgreSQL could have produced this snapshot: `xmin <= xmax`,
+    /// every in-progress id within `[xmin, xmax)`, sorted and without repeats.
+    ///
+    /// # Errors
+    /// What is wrong with it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.xmin > self.xmax {
+            return Err(format!("snapshot xmin {} > xmax {}", self.xmin, self.xmax));
+        }
+        if let Some(x) = self
+            .xip
+            .iter()
+            .find(|x| **x < self.xmin || **x >= self.xmax)
+        {
+            return Err(format!(
+                "snapshot in-progress id {x} outside [{}, {})",
+                self.xmin, self.xmax
+            ));
+        }
+        if self.xip.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("snapshot in-progress ids not sorted and distinct".into());
+        }
+        Ok(())
+    }
+
     /// Whether the changes of `xid` were visible in this snapshot (assuming it committed).
     pub fn is_visible(&self, xid: TransactionId) -> bool {
         xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
@@ -195,14 +220,14 @@ impl FromStr for Snapshot {
             }
         }
         xip.sort_unstable();
-        if xmin > xmax {
-            return Err(err());
-        }
-        Ok(Snapshot {
+        xip.dedup();
+        let snapshot = Snapshot {
             xmin: TransactionId(xmin),
             xmax: TransactionId(xmax),
             xip,
-        })
+        };
+        snapshot.check().map_err(|_| err())?;
+        Ok(snapshot)
     }
 }
 
@@ -266,9 +291,11 @@ impl FromStr for Cursor {
         let position = if pos.is_empty() {
             None
         } else {
-            Some(Position(
-                pos.parse().map_err(|_| ParseCursorError(s.to_owned()))?,
-            ))
+            let p: i64 = pos.parse().map_err(|_| ParseCursorError(s.to_owned()))?;
+            if p < 0 {
+                return Err(ParseCursorError(s.to_owned()));
+            }
+            Some(Position(p))
         };
         let snapshot = snap.map(str::parse).transpose()?;
         Ok(Cursor { position, snapshot })

@@ -336,8 +336,20 @@ impl Store {
 
     fn check_read(&self, query: &Query, options: &ReadOptions) -> Result<()> {
         self.check_query(query)?;
-        if options.limit == Some(0) {
-            return Err(InvalidInput::Option("a read limit must be at least 1").into());
+        match options.limit {
+            Some(0) => return Err(InvalidInput::Option("a read limit must be at least 1").into()),
+            Some(n) if n > i64::MAX as u64 => {
+                return Err(InvalidInput::Option("a read limit must be at most 2^63 - 1").into());
+            }
+            _ => {}
+        }
+        if options.after.is_some_and(|p| p.0 < 0) || options.up_to.is_some_and(|p| p.0 < 0) {
+            return Err(InvalidInput::Option("read positions must not be negative").into());
+        }
+        if let (Some(after), Some(up_to)) = (options.after, options.up_to)
+            && up_to < after
+        {
+            return Err(InvalidInput::Option("a read's up_to must not be below its after").into());
         }
         Ok(())
     }
@@ -392,10 +404,16 @@ impl Store {
         query: &Query,
         options: &ReadOptions,
     ) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-        let (filter, params) = filter_sql(query, options);
+        let (filter, mut params) = filter_sql(query, options);
         let order = if options.backwards { "DESC" } else { "ASC" };
+        // A parameter, not text: one prepared statement serves every limit (a
+        // limit in the text would grow the per-connection statement cache without
+        // bound).
         let limit = match options.limit {
-            Some(n) => format!(" LIMIT {n}"),
+            Some(n) => {
+                params.push(Box::new(n as i64));
+                format!(" LIMIT ${}", params.len())
+            }
             None => String::new(),
         };
         let sql = format!(

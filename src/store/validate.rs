@@ -14,6 +14,13 @@ use super::{Event, Limits, Query};
 #[derive(Debug)]
 pub(crate) struct RawJson(Vec<u8>);
 
+impl RawJson {
+    /// The serialized JSON.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl ToSql for RawJson {
     fn to_sql(
         &self,
@@ -62,6 +69,7 @@ pub(crate) fn columns(events: Vec<Event>, limits: &Limits) -> Result<Columns, In
         return Err(InvalidInput::MixedIds);
     }
     let mut seen_ids = HashSet::with_capacity(with_ids);
+    let mut total = 0usize;
     let mut cols = Columns {
         types: Vec::with_capacity(events.len()),
         tag_starts: Vec::with_capacity(events.len()),
@@ -85,17 +93,9 @@ pub(crate) fn columns(events: Vec<Event>, limits: &Limits) -> Result<Columns, In
         for t in &e.tags {
             check_name(t, index, limits, false)?;
         }
-        if has_nul(&e.data) {
-            return Err(InvalidInput::NulByte {
-                index,
-                field: "data",
-            });
-        }
-        if e.metadata.as_ref().is_some_and(has_nul) {
-            return Err(InvalidInput::NulByte {
-                index,
-                field: "metadata",
-            });
+        json(&e.data, index, "data", limits)?;
+        if let Some(m) = &e.metadata {
+            json(m, index, "metadata", limits)?;
         }
         let data = serde_json::to_vec(&e.data).expect("a JSON value always serializes");
         let metadata = e
@@ -108,6 +108,13 @@ pub(crate) fn columns(events: Vec<Event>, limits: &Limits) -> Result<Columns, In
                 index,
                 size,
                 max: limits.max_payload_bytes,
+            });
+        }
+        total += size + e.event_type.len() + e.tags.iter().map(String::len).sum::<usize>();
+        if total > limits.max_append_bytes {
+            return Err(InvalidInput::AppendTooLarge {
+                size: total,
+                max: limits.max_append_bytes,
             });
         }
         if let Some(id) = e.id
@@ -129,7 +136,20 @@ pub(crate) fn columns(events: Vec<Event>, limits: &Limits) -> Result<Columns, In
 
 /// Checks the types and tags of a query (used by reads and conditions).
 pub(crate) fn query(q: &Query, limits: &Limits) -> Result<(), InvalidInput> {
+    if q.items().len() > limits.max_query_items {
+        return Err(InvalidInput::TooManyItems {
+            count: q.items().len(),
+            max: limits.max_query_items,
+        });
+    }
     for (index, item) in q.items().iter().enumerate() {
+        if item.types.len() + item.tags.len() > limits.max_tags_per_event.max(64) * 2 {
+            return Err(InvalidInput::TooManyTags {
+                index,
+                count: item.types.len() + item.tags.len(),
+                max: limits.max_tags_per_event.max(64) * 2,
+            });
+        }
         for t in &item.types {
             check_name(t, index, limits, true)?;
         }
@@ -167,13 +187,49 @@ fn check_name(s: &str, index: usize, limits: &Limits, is_type: bool) -> Result<(
     Ok(())
 }
 
-fn has_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(a) => a.iter().any(has_nul),
-        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
+/// Checks a JSON value without recursion (a value built in code may be nested
+/// far deeper than any parser allows): at most `max_json_depth` levels, so that
+/// whatever is stored can be read back, and no NUL character, which PostgreSQL
+/// cannot store.
+fn json(v: &Value, index: usize, field: &'static str, limits: &Limits) -> Result<(), InvalidInput> {
+    let max = limits.max_json_depth;
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        let nested = matches!(v, Value::Array(_) | Value::Object(_));
+        if nested && depth > max {
+            return Err(InvalidInput::TooDeep { index, field, max });
+        }
+        match v {
+            Value::String(s) if s.contains('\0') => {
+                return Err(InvalidInput::NulByte { index, field });
+            }
+            Value::Array(a) => stack.extend(a.iter().map(|v| (v, depth + 1))),
+            Value::Object(o) => {
+                for (k, v) in o {
+                    if k.contains('\0') {
+                        return Err(InvalidInput::NulByte { index, field });
+                    }
+                    stack.push((v, depth + 1));
+                }
+            }
+            _ => {}
+        }
     }
+    Ok(())
+}
+
+/// Checks a cursor that came from outside: no negative position, and a
+/// snapshot that PostgreSQL could have produced.
+pub(crate) fn cursor(c: &super::Cursor) -> Result<(), InvalidInput> {
+    if let Some(p) = c.position
+        && p.0 < 0
+    {
+        return Err(InvalidInput::Cursor(format!("negative position {p}")));
+    }
+    if let Some(s) = &c.snapshot {
+        s.check().map_err(InvalidInput::Cursor)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -194,10 +250,41 @@ mod tests {
         assert_eq!(c.tag_counts, [2, 0, 1]);
     }
 
+    fn check(v: &Value) -> Result<(), InvalidInput> {
+        json(v, 0, "data", &Limits::default())
+    }
+
     #[test]
     fn finds_nul_anywhere() {
-        assert!(has_nul(&json!({"a": [1, {"b": "x\u{0}"}]})));
-        assert!(has_nul(&json!({"k\u{0}": 1})));
-        assert!(!has_nul(&json!({"a": "\\u0000"})));
+        assert!(check(&json!({"a": [1, {"b": "x\u{0}"}]})).is_err());
+        assert!(check(&json!({"k\u{0}": 1})).is_err());
+        assert!(check(&json!({"a": "\\u0000"})).is_ok());
+    }
+
+    /// Nested deeper than any parser reads back: refused, without recursion
+    /// (100,000 levels would overflow the stack of a recursive check).
+    #[test]
+    fn bounds_nesting_depth_iteratively() {
+        let nest = |n: usize| {
+            let mut v = json!(1);
+            for _ in 0..n {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        assert!(check(&nest(63)).is_ok());
+        assert!(check(&nest(64)).is_ok());
+        assert_eq!(
+            check(&nest(65)),
+            Err(InvalidInput::TooDeep {
+                index: 0,
+                field: "data",
+                max: 64
+            })
+        );
+        let deep = nest(100_000);
+        assert!(check(&deep).is_err());
+        // Dropping a value that deep recurses too: leak it in the test.
+        std::mem::forget(deep);
     }
 }
