@@ -40,7 +40,8 @@ pub use projection::{
 pub use store::{
     AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Error, Event, EventStream, InvalidInput,
     Limits, ParseCursorError, Position, Query, QueryItem, ReadOptions, ReadResult, Result,
-    SequencedEvent, Snapshot, Store, StoreBuilder, TransactionId, pool_from_url, sqlstate,
+    SequencedEvent, Snapshot, Store, StoreBuilder, StoreStats, TransactionId, pool_from_url,
+    sqlstate,
 };
 
 #[cfg(feature = "nats")]

@@ -90,6 +90,7 @@ impl<P: Publisher> OutboxRelay<P> {
     /// Store errors (publish errors are retried, then dead-lettered).
     #[tracing::instrument(name = "dcbflow.relay.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), messaging.system = self.publisher.system(), relay = %self.name))]
     pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        crate::projection::checkpoint::check_name(&self.name)?;
         self.store.ensure_layer(&crate::projection::SCHEMA).await?;
         self.store.ensure_layer(&super::SCHEMA).await?;
         loop {

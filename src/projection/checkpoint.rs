@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::store::{Position, Query, Result, Store};
+use crate::store::{InvalidInput, Position, Query, Result, Store};
 
 /// The checkpoints of named subscriptions in one store (the `subscriptions`
 /// table of the projection layer's schema).
@@ -57,6 +57,7 @@ impl Checkpoints {
     /// Database errors.
     #[tracing::instrument(name = "dcbflow.checkpoint", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), subscription = name))]
     pub async fn get(&self, name: &str) -> Result<Position> {
+        check_name(name)?;
         self.store.ensure_layer(&super::SCHEMA).await?;
         let client = self.store.pool().get().await?;
         let result = async {
@@ -137,4 +138,19 @@ impl Checkpoints {
             .await?;
         Ok(tx.execute(&stmt, &[&name, &from.0, &to.0]).await? == 1)
     }
+}
+
+/// The longest name of a subscription, projection or relay, in bytes.
+pub(crate) const MAX_NAME_LEN: usize = 200;
+
+/// Checks the name of a subscription, projection or relay.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
+        return Err(InvalidInput::Name(format!(
+            "a subscription name must be 1 to {MAX_NAME_LEN} bytes without NUL, got {} bytes",
+            name.len()
+        ))
+        .into());
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 //!
 //! Depends on the store only. Owns `sql/projection/` (the checkpoints table).
 
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod decision;
 mod projector;
 mod runner;

@@ -172,6 +172,7 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
     /// [`RunnerError::Store`] for store failures.
     #[tracing::instrument(name = "dcbflow.projection.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), subscription = %self.name))]
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), RunnerError> {
+        super::checkpoint::check_name(&self.name)?;
         self.store.ensure_layer(&super::SCHEMA).await?;
         loop {
             let Some(lease) =
@@ -236,15 +237,22 @@ impl<H: ProjectionHandler> ProjectionRunner<H> {
         if !Checkpoints::advance_in_tx(&self.store, &tx, &self.name, from, to).await? {
             return Ok(false);
         }
-        if !events.is_empty() {
-            self.handler
-                .apply(&tx, events)
-                .await
-                .map_err(|source| RunnerError::Handler {
-                    first: events[0].position,
-                    last: events[events.len() - 1].position,
-                    source,
-                })?;
+        if !events.is_empty()
+            && let Err(source) = self.handler.apply(&tx, events).await
+        {
+            // A handler that failed because the connection did (killed,
+            // network) is a store failure, not the read model's.
+            if let Err(e) = tx.rollback().await {
+                let e = Error::from(e);
+                if e.breaks_connection() {
+                    return Err(RunnerError::Store(e));
+                }
+            }
+            return Err(RunnerError::Handler {
+                first: events[0].position,
+                last: events[events.len() - 1].position,
+                source,
+            });
         }
         tx.commit().await.map_err(Error::from)?;
         Ok(true)

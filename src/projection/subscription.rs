@@ -7,7 +7,8 @@ use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Position, Query, ReadOptions, Result, SequencedEvent, Store};
+use crate::backoff::Backoff;
+use crate::store::{InvalidInput, Position, Query, ReadOptions, Result, SequencedEvent, Store};
 
 /// Settings of a subscription.
 ///
@@ -110,6 +111,19 @@ impl Subscription {
         options: SubscriptionOptions,
     ) -> Result<Subscription> {
         store.check_query(&query)?;
+        if let Some(after) = after {
+            if after.0 < 0 {
+                return Err(InvalidInput::Cursor(format!("negative position {after}")).into());
+            }
+            let head = store.allocated_head().await?;
+            if after > head {
+                return Err(InvalidInput::BeyondHead {
+                    position: after,
+                    head,
+                }
+                .into());
+            }
+        }
         let wake = Arc::new(Notify::new());
         let listener = match store.listen_config() {
             Some(config) => Some(listen(store, config.clone(), wake.clone()).await?),
@@ -131,41 +145,97 @@ impl Subscription {
     }
 }
 
-/// The dedicated `LISTEN` connection: a task driving it, and its client.
+/// The dedicated `LISTEN` connection's task: it holds the connection, and opens
+/// a new one (with backoff) whenever it is lost.
 struct Listener {
     task: tokio::task::JoinHandle<()>,
-    _client: tokio_postgres::Client,
 }
 
-/// Opens the dedicated `LISTEN` connection; notifications poke `wake`.
+/// Opens the dedicated `LISTEN` connection (the first one before returning, so
+/// that a bad configuration fails here); notifications poke `wake`. A lost
+/// connection is reopened with backoff, logged, and counted in
+/// [`StoreStats::listen_reconnects`](crate::store::StoreStats); meanwhile the
+/// subscription polls.
 async fn listen(
     store: &Store,
     config: tokio_postgres::Config,
     wake: Arc<Notify>,
 ) -> Result<Listener> {
     let channel = store.channel().to_owned();
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let first = connect_listener(&config, &channel).await?;
     let span = tracing::debug_span!("dcbflow.listen", db.system.name = "postgresql", messaging.destination.name = %channel);
+    let store = store.clone();
     let task = tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+            let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+            let mut next = Some(first);
+            let mut failures = 0u32;
+            loop {
+                if let Some((client, connection)) = next.take() {
+                    failures = 0;
+                    drive(connection, &wake).await;
+                    drop(client);
+                    // Lost: polling goes on; wake once so nobody waits a full interval.
                     wake.notify_one();
+                    tracing::warn!("LISTEN connection lost; reopening it");
+                }
+                failures += 1;
+                tokio::time::sleep(backoff.delay(failures)).await;
+                match connect_listener(&config, &channel).await {
+                    Ok(c) => {
+                        store.note_listen_reconnect();
+                        tracing::info!(attempt = failures, "LISTEN connection reopened");
+                        // Events may have been appended while it was down.
+                        wake.notify_one();
+                        next = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(attempt = failures, error = %e, "reopening the LISTEN connection failed")
+                    }
                 }
             }
-            // Connection lost: polling goes on; wake once so nobody waits a full interval.
-            wake.notify_one();
         },
         span,
     ));
-    client
-        .batch_execute(&format!("LISTEN \"{channel}\""))
-        .await?;
-    Ok(Listener {
-        task,
-        _client: client,
-    })
+    Ok(Listener { task })
+}
+
+type ListenConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+
+/// Connects and `LISTEN`s on `channel`.
+async fn connect_listener(
+    config: &tokio_postgres::Config,
+    channel: &str,
+) -> Result<(tokio_postgres::Client, ListenConnection)> {
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    {
+        // The connection must be driven for LISTEN to complete.
+        let sql = format!("LISTEN \"{channel}\"");
+        let mut listen = std::pin::pin!(client.batch_execute(&sql));
+        let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
+        loop {
+            tokio::select! {
+                r = &mut listen => { r?; break; }
+                m = messages.next() => match m {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(crate::store::Error::Timeout("opening the LISTEN connection")),
+                },
+            }
+        }
+    }
+    Ok((client, connection))
+}
+
+/// Drives `connection` until it ends, poking `wake` on every notification.
+async fn drive(mut connection: ListenConnection, wake: &Notify) {
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(Ok(message)) = messages.next().await {
+        if let tokio_postgres::AsyncMessage::Notification(_) = message {
+            wake.notify_one();
+        }
+    }
 }
 
 impl Subscription {

@@ -71,9 +71,14 @@ pub enum Error {
     },
     /// The commit of a group-commit batch failed in a way that leaves its outcome
     /// unknown (for example the connection was lost during `COMMIT`). Re-send the
-    /// append with event ids to find out safely: a replay returns the stored positions.
+    /// append with event ids to find out safely: a replay returns the stored
+    /// positions. The text carries the driver's error, SQLSTATE and message.
     #[error("the outcome of the commit is unknown: {0}")]
     CommitUnknown(String),
+    /// Waiting took longer than its bound (for a pooled connection, for a new
+    /// connection): nothing was attempted; back off and try again.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
     /// The store was configured wrongly (for example an invalid schema name).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -96,7 +101,15 @@ impl Error {
     /// database errors [`sqlstate::is_transient`] lists.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Conflict { .. } | Error::Overloaded { .. } | Error::Pool(_) => true,
+            Error::Conflict { .. }
+            | Error::Overloaded { .. }
+            | Error::Timeout(_)
+            | Error::CommitUnknown(_) => true,
+            Error::Pool(e) => !matches!(
+                e,
+                deadpool_postgres::PoolError::Closed
+                    | deadpool_postgres::PoolError::NoRuntimeSpecified
+            ),
             Error::Database(e) => sqlstate::is_transient(e),
             _ => false,
         }
@@ -177,6 +190,7 @@ pub mod sqlstate {
     /// (`57014`), and a connection the driver found closed.
     pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         e.is_closed()
+            || network(e)
             || code(e).is_some_and(|c| {
                 c.starts_with("40")
                     || c.starts_with("08")
@@ -184,10 +198,38 @@ pub mod sqlstate {
             })
     }
 
+    /// `true` when `e` was caused by the network: a refused, reset or aborted
+    /// connection, a broken pipe, a timeout, or a connection that ended early.
+    pub fn network(e: &tokio_postgres::Error) -> bool {
+        use std::io::ErrorKind::*;
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | NotConnected
+                        | BrokenPipe
+                        | TimedOut
+                        | UnexpectedEof
+                        | HostUnreachable
+                        | NetworkUnreachable
+                        | NetworkDown
+                        | AddrNotAvailable
+                );
+            }
+            source = s.source();
+        }
+        false
+    }
+
     /// `true` when the connection that produced `e` must not be reused: closed,
     /// terminated by the server, or a failure below the SQL level.
     pub fn breaks_connection(e: &tokio_postgres::Error) -> bool {
         e.is_closed()
+            || network(e)
             || code(e).is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
             || e.code().is_none() && e.as_db_error().is_none()
     }
@@ -207,8 +249,16 @@ impl From<tokio_postgres::Error> for Error {
 
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
         match e {
-            deadpool_postgres::PoolError::Backend(e) => Error::from_db(e),
+            PoolError::Backend(e) => Error::from_db(e),
+            PoolError::Timeout(TimeoutType::Wait) => {
+                Error::Timeout("waiting for a pooled connection")
+            }
+            PoolError::Timeout(TimeoutType::Create) => Error::Timeout("connecting to the database"),
+            PoolError::Timeout(TimeoutType::Recycle) => {
+                Error::Timeout("checking a pooled connection")
+            }
             e => Error::Pool(e),
         }
     }

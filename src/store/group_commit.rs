@@ -336,7 +336,7 @@ impl Writer {
         }
         tx.batch_execute("COMMIT")
             .await
-            .map_err(|e| Failed::Unknown(e.to_string()))?;
+            .map_err(|e| Failed::Unknown(describe(&e)))?;
         // Subscribers are woken after the commit (see `wake`).
         if inserted > 0 {
             self.waker.wake();
@@ -454,6 +454,17 @@ struct ConcatColumns<'a> {
     data: Vec<&'a super::validate::RawJson>,
     metadata: Vec<Option<&'a super::validate::RawJson>>,
     ids: Vec<Option<Uuid>>,
+}
+
+/// An error's text with its SQLSTATE and the server's message, if any.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", e, db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 enum Failed {

@@ -113,6 +113,16 @@ struct Inner {
     layers: Mutex<HashMap<&'static str, Arc<OnceCell<()>>>>,
     /// The `NOTIFY` channel of this store (see [`Store::channel`]).
     channel: String,
+    /// Times a subscription's `LISTEN` connection was reopened.
+    listen_reconnects: std::sync::atomic::AtomicU64,
+}
+
+/// Counters of a store handle (and its clones), for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Times a subscription's dedicated `LISTEN` connection was lost and reopened.
+    pub listen_reconnects: u64,
 }
 
 /// SQL texts with the schema name filled in, built once per store.
@@ -155,7 +165,7 @@ impl Store {
     /// # Errors
     /// [`Error::Config`] for a malformed URL.
     pub fn builder_for_url(url: &str, pool_size: Option<usize>) -> Result<StoreBuilder> {
-        Ok(Store::builder(pool_from_url(url, pool_size)?).listen_config(parse_url(url)?))
+        Ok(Store::builder(pool_from_url(url, pool_size)?).listen_config(hardened(parse_url(url)?)))
     }
 
     /// A builder for a store on an existing pool.
@@ -198,6 +208,43 @@ impl Store {
     /// appends, the wake-up task and subscribers all use it.
     pub fn channel(&self) -> &str {
         &self.inner.channel
+    }
+
+    /// Counters of this store handle and its clones.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            listen_reconnects: self
+                .inner
+                .listen_reconnects
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a reopened `LISTEN` connection.
+    pub(crate) fn note_listen_reconnect(&self) {
+        self.inner
+            .listen_reconnects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last position allocated in the log (0 before the first append): no
+    /// read can have seen a position beyond it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn allocated_head(&self) -> Result<Position> {
+        let client = self.inner.pool.get().await?;
+        let result = async {
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT \"{}\".allocated_head()",
+                    self.inner.schema
+                ))
+                .await?;
+            Ok(Position(client.query_one(&stmt, &[]).await?.get(0)))
+        }
+        .await;
+        release(client, result)
     }
 
     /// The advisory lock key every append holds shared until it ends.
@@ -462,6 +509,7 @@ impl StoreBuilder {
                 hold_ms: i32::try_from(self.lock_hold_timeout.as_millis()).unwrap_or(i32::MAX),
                 layers: Mutex::default(),
                 channel,
+                listen_reconnects: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         if self.migrate {
@@ -512,10 +560,22 @@ fn validate_schema_name(s: &str) -> Result<()> {
 /// A connection pool for `url` with `max_size` connections (default: deadpool's,
 /// 4 × the number of CPUs). Connections are plain TCP or Unix sockets (no TLS).
 ///
+/// Dead connections are found and a stuck call ends, whatever the network does:
+///
+/// | setting | default (unless the URL sets it) |
+/// |---|---|
+/// | `connect_timeout` | 10 s |
+/// | TCP keepalives (idle, interval, probes) | 15 s, 5 s, 3 |
+/// | `tcp_user_timeout` (unacknowledged writes) | 30 s |
+/// | waiting for a pooled connection | 30 s, then [`Error::Timeout`] |
+/// | creating / checking a connection | 10 s / 5 s, then [`Error::Timeout`] |
+///
+/// A connection that failed at the network level is dropped, not handed out again.
+///
 /// # Errors
 /// [`Error::Config`] for a malformed URL.
 pub fn pool_from_url(url: &str, max_size: Option<usize>) -> Result<Pool> {
-    let config = parse_url(url)?;
+    let config = hardened(parse_url(url)?);
     let manager = Manager::from_config(
         config,
         tokio_postgres::NoTls,
@@ -523,13 +583,37 @@ pub fn pool_from_url(url: &str, max_size: Option<usize>) -> Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let mut builder = Pool::builder(manager);
+    let mut builder = Pool::builder(manager)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(std::time::Duration::from_secs(30)))
+        .create_timeout(Some(std::time::Duration::from_secs(10)))
+        .recycle_timeout(Some(std::time::Duration::from_secs(5)));
     if let Some(n) = max_size {
         builder = builder.max_size(n);
     }
     builder
         .build()
         .map_err(|e| Error::Config(format!("cannot build pool: {e}")))
+}
+
+/// `config` with the timeouts and keepalives of [`pool_from_url`] where it sets none.
+fn hardened(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    use std::time::Duration;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    // tokio-postgres's defaults: keepalives on, first probe after 2 hours.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+    }
+    config
 }
 
 #[cfg(test)]

@@ -69,8 +69,10 @@ pub struct IncidentGroup {
     pub kind: String,
     /// The error.
     pub error: String,
-    /// Instances affected.
+    /// Instances affected (the first 100 by id).
     pub instances: Vec<Uuid>,
+    /// How many instances are affected.
+    pub instance_count: i64,
     /// Failed attempts in all.
     pub occurrences: i64,
     /// First seen.
@@ -78,6 +80,11 @@ pub struct IncidentGroup {
     /// Last seen.
     pub last_seen: DateTime<Utc>,
 }
+
+/// Most groups [`Flows::incidents`] returns.
+const MAX_INCIDENT_GROUPS: u32 = 100;
+/// Most instances an [`IncidentGroup`] names.
+const MAX_INSTANCES_PER_GROUP: u32 = 100;
 
 impl Flows {
     /// The instance's state, folded from its events.
@@ -146,7 +153,9 @@ impl Flows {
             .collect())
     }
 
-    /// Open incidents grouped by flow, task, kind and error, most recent first.
+    /// Open incidents grouped by flow, task, kind and error, most recent first:
+    /// at most 100 groups, each naming at most 100 of its instances (all of them
+    /// are counted in [`IncidentGroup::instance_count`]).
     ///
     /// # Errors
     /// Store errors.
@@ -155,9 +164,11 @@ impl Flows {
         self.ready().await?;
         let client = self.store().pool().get().await?;
         let sql = format!(
-            "SELECT flow, task, kind, error, array_agg(instance ORDER BY instance), \
-                    sum(occurrences)::bigint, min(first_seen), max(last_seen) \
-             FROM {} GROUP BY flow, task, kind, error ORDER BY max(last_seen) DESC",
+            "SELECT flow, task, kind, error, \
+                    (array_agg(instance ORDER BY instance))[1:{MAX_INSTANCES_PER_GROUP}], \
+                    sum(occurrences)::bigint, min(first_seen), max(last_seen), count(*) \
+             FROM {} GROUP BY flow, task, kind, error ORDER BY max(last_seen) DESC \
+             LIMIT {MAX_INCIDENT_GROUPS}",
             self.store().table("flow_incidents")
         );
         let rows = client.query(&sql, &[]).await?;
@@ -172,6 +183,7 @@ impl Flows {
                 occurrences: r.get(5),
                 first_seen: r.get(6),
                 last_seen: r.get(7),
+                instance_count: r.get(8),
             })
             .collect())
     }

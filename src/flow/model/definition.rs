@@ -259,6 +259,75 @@ pub enum OnExhausted {
     Fail,
 }
 
+/// The largest definition source accepted, in bytes.
+pub const MAX_SOURCE_BYTES: usize = 1 << 20;
+/// The deepest nesting of brackets (or YAML indentation, in columns / 4)
+/// accepted in a definition source.
+pub const MAX_SOURCE_DEPTH: usize = 64;
+
+/// Bounds a definition source before it is parsed (parsers are slow, some
+/// quadratic, on deep nesting): its size, its bracket nesting, and for YAML how
+/// far a line's content starts (block nesting needs indentation or `- `).
+fn check_source(text: &str, what: &str, yaml: bool) -> Result<(), DefinitionError> {
+    if text.len() > MAX_SOURCE_BYTES {
+        return Err(DefinitionError::parse(
+            what,
+            format!(
+                "the source is {} bytes, the limit is {MAX_SOURCE_BYTES}",
+                text.len()
+            ),
+        ));
+    }
+    let (mut depth, mut deepest, mut in_string) = (0usize, 0usize, None::<u8>);
+    let mut escaped = false;
+    for b in text.bytes() {
+        match in_string {
+            Some(q) => {
+                if b == b'\n' {
+                    // Quoted strings rarely span lines; ending them here keeps an
+                    // apostrophe in plain text from hiding the brackets after it.
+                    in_string = None;
+                } else if escaped {
+                    escaped = false;
+                } else if b == b'\\' && q == b'"' {
+                    escaped = true;
+                } else if b == q {
+                    in_string = None;
+                }
+            }
+            None => match b {
+                b'"' | b'\'' => in_string = Some(b),
+                b'[' | b'{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    let indented = if yaml {
+        text.lines()
+            .map(|l| {
+                l.bytes()
+                    .take_while(|b| matches!(b, b' ' | b'-' | b'\t'))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+            / 4
+    } else {
+        0
+    };
+    if deepest.max(indented) > MAX_SOURCE_DEPTH {
+        return Err(DefinitionError::parse(
+            what,
+            format!("the source is nested deeper than {MAX_SOURCE_DEPTH} levels"),
+        ));
+    }
+    Ok(())
+}
+
 impl FlowDefinition {
     /// A builder for a flow named `name`.
     pub fn builder(name: impl Into<String>) -> FlowBuilder {
@@ -278,6 +347,7 @@ impl FlowDefinition {
     /// [`DefinitionError`] with the parser's message.
     #[cfg(feature = "yaml")]
     pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
+        check_source(text, "YAML", true)?;
         yaml_serde::from_str(text).map_err(|e| DefinitionError::parse("YAML", e))
     }
 
@@ -286,6 +356,7 @@ impl FlowDefinition {
     /// # Errors
     /// [`DefinitionError`] with the parser's message.
     pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
+        check_source(text, "JSON", false)?;
         serde_json::from_str(text).map_err(|e| DefinitionError::parse("JSON", e))
     }
 
@@ -295,6 +366,7 @@ impl FlowDefinition {
     /// [`DefinitionError`] with the parser's message.
     #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
+        check_source(text, "TOML", false)?;
         toml::from_str(text).map_err(|e| DefinitionError::parse("TOML", e))
     }
 
@@ -316,6 +388,14 @@ impl FlowDefinition {
     /// [`DefinitionError`] for an unreadable file, an unknown extension or a parse error.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, DefinitionError> {
         let path = path.as_ref();
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.len() > MAX_SOURCE_BYTES as u64
+        {
+            return Err(DefinitionError::parse(
+                &path.display().to_string(),
+                format!("the file is larger than {MAX_SOURCE_BYTES} bytes"),
+            ));
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|e| DefinitionError::parse(&path.display().to_string(), e))?;
         match path.extension().and_then(|e| e.to_str()) {
@@ -545,5 +625,30 @@ impl FlowBuilder {
     /// The definition (validated when registered).
     pub fn build(self) -> FlowDefinition {
         self.flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deep_or_huge_sources_are_refused_before_parsing() {
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        assert!(FlowDefinition::from_json(&deep).is_err());
+        #[cfg(feature = "yaml")]
+        {
+            assert!(FlowDefinition::from_yaml(&deep).is_err());
+            let dashes = format!("name: x\ntasks:\n{}- 1\n", "- ".repeat(50_000));
+            let err = FlowDefinition::from_yaml(&dashes).unwrap_err();
+            assert!(err.problems[0].contains("nested deeper"), "{err}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let huge = " ".repeat(MAX_SOURCE_BYTES + 1);
+        assert!(FlowDefinition::from_json(&huge).unwrap_err().problems[0].contains("bytes"));
+        // Brackets inside strings do not count.
+        let quoted = format!(r#"{{"name": "{}", "tasks": []}}"#, "[".repeat(200));
+        assert!(check_source(&quoted, "JSON", false).is_ok());
     }
 }

@@ -103,6 +103,9 @@ pub struct StartedInstance {
     pub created: bool,
 }
 
+/// Starts read per page by [`Flows::rebuild_read_models`].
+const REBUILD_PAGE: u64 = 500;
+
 impl Flows {
     /// The flow engine on `store`. Its tables are installed in the store's schema
     /// the first time it needs them.
@@ -224,6 +227,18 @@ impl Flows {
     #[tracing::instrument(name = "dcbflow.flow.register", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.store.schema(), flow = %definition.name))]
     pub async fn register(&self, definition: &FlowDefinition) -> Result<String, FlowError> {
         self.ready().await?;
+        // Size first: an oversized definition is refused before the work of
+        // validating it.
+        let size = serde_json::to_vec(definition).map_or(usize::MAX, |v| v.len());
+        let max = self.inner.store.limits().max_payload_bytes;
+        if size > max {
+            return Err(FlowError::Definition(crate::flow::DefinitionError {
+                flow: definition.name.clone(),
+                problems: vec![format!(
+                    "the definition is {size} bytes as JSON, the store's payload limit is {max}"
+                )],
+            }));
+        }
         let names = self.function_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         validate_for(definition, &names, super::executor::AVAILABLE)?;
@@ -390,14 +405,34 @@ impl Flows {
     pub async fn rebuild_read_models(&self) -> Result<u64, FlowError> {
         self.ready().await?;
         let store = &self.inner.store;
-        let starts = store
-            .read_all(
-                &Query::items_of([types::STARTED], Vec::<String>::new()),
-                ReadOptions::default(),
-            )
-            .await?;
+        // In pages: never every start in memory at once.
+        let starts_query = Query::items_of([types::STARTED], Vec::<String>::new());
+        let mut after = None;
         let mut n = 0;
-        for e in starts.events {
+        loop {
+            let mut options = ReadOptions::default().limit(REBUILD_PAGE);
+            if let Some(p) = after {
+                options = options.after(p);
+            }
+            let page = store.read_all(&starts_query, options).await?.events;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(last.position);
+            let full = page.len() as u64 == REBUILD_PAGE;
+            n += self.rebuild_page(page).await?;
+            if !full {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Rebuilds the read models of the instances whose starts are `starts`.
+    async fn rebuild_page(&self, starts: Vec<SequencedEvent>) -> Result<u64, FlowError> {
+        let store = &self.inner.store;
+        let mut n = 0;
+        for e in starts {
             let Ok(s) = Started::deserialize(e.data()) else {
                 tracing::warn!(position = %e.position, "unreadable flow start skipped");
                 continue;

@@ -83,7 +83,23 @@ pub struct Worker {
 
 impl Flows {
     /// A worker running this engine's instances.
-    pub fn worker(&self, options: WorkerOptions) -> Worker {
+    ///
+    /// Its concurrency never exceeds what the store's pool can serve: every
+    /// instance in progress may need a connection, and the worker's own loop
+    /// needs one, so a `concurrency` above the pool's size minus one is lowered to
+    /// it (with a warning). Size the pool from the concurrency you want.
+    pub fn worker(&self, mut options: WorkerOptions) -> Worker {
+        let pool = self.store().pool().status().max_size;
+        let most = pool.saturating_sub(1).max(1);
+        if options.concurrency > most {
+            tracing::warn!(
+                worker = %options.id,
+                concurrency = options.concurrency,
+                pool,
+                "worker concurrency lowered to what the pool can serve"
+            );
+            options.concurrency = most;
+        }
         Worker {
             flows: self.clone(),
             options: Arc::new(options),
@@ -122,6 +138,12 @@ impl Failure {
 const WAKE_GAP: Duration = Duration::from_millis(5);
 
 impl Worker {
+    /// The concurrency this worker runs with (after [`Flows::worker`] fitted it
+    /// to the pool).
+    pub fn concurrency(&self) -> usize {
+        self.options.concurrency
+    }
+
     /// Runs until `cancel` fires. Woken by a subscription to the flow events that
     /// create work (starts, operator actions) and by the earliest due time.
     ///

@@ -26,6 +26,10 @@ use super::definition::{Action, FlowDefinition, SqlStatement, TaskDefinition, Va
 use super::template::{self, Reference};
 use crate::flow::DefinitionError;
 
+/// Most tasks in one flow (validation's dependency closure grows with the
+/// square of a chain's length; this keeps it to well under a second).
+pub const MAX_TASKS: usize = 500;
+
 /// The HTTP methods an `http` action may use.
 const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
@@ -57,6 +61,16 @@ pub fn validate_for(
     functions: &[&str],
     executors: &[&str],
 ) -> Result<(), DefinitionError> {
+    // Bounded before the expensive work (dependency closure, templates).
+    if flow.tasks.len() > MAX_TASKS {
+        return Err(DefinitionError {
+            flow: flow.name.clone(),
+            problems: vec![format!(
+                "the flow has {} tasks, the limit is {MAX_TASKS}",
+                flow.tasks.len()
+            )],
+        });
+    }
     let mut checker = Checker {
         flow,
         functions,
