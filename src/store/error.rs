@@ -75,6 +75,17 @@ pub enum Error {
     /// positions. The text carries the driver's error, SQLSTATE and message.
     #[error("the outcome of the commit is unknown: {0}")]
     CommitUnknown(String),
+    /// An event the log holds cannot be decoded: it was written around the
+    /// store's checks (by SQL, or before they existed). Readers stop at it rather
+    /// than skip it; repair or remove the event by its position, or move the
+    /// consumer's checkpoint past it.
+    #[error("the event at position {position} cannot be read: {reason}")]
+    Unreadable {
+        /// Its position.
+        position: Position,
+        /// What failed.
+        reason: String,
+    },
     /// Waiting took longer than its bound (for a pooled connection, for a new
     /// connection): nothing was attempted; back off and try again.
     #[error("timed out {0}")]

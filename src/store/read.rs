@@ -249,6 +249,15 @@ fn decode(row: &Row) -> Result<Decoded> {
             head.as_ref().and_then(serde_json::Value::as_i64),
         ));
     };
+    // Payloads the store refused to write (nested past what JSON parsers read)
+    // can only come from around its checks; name the event instead of failing
+    // with a bare driver error.
+    let unreadable = |field: &'static str| {
+        move |e: tokio_postgres::Error| Error::Unreadable {
+            position: Position(position),
+            reason: format!("{field}: {}", std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)),
+        }
+    };
     Ok(Decoded::Event(SequencedEvent {
         position: Position(position),
         transaction_id: row.try_get(1)?,
@@ -256,8 +265,8 @@ fn decode(row: &Row) -> Result<Decoded> {
         event: Event {
             event_type: row.try_get(2)?,
             tags: row.try_get(3)?,
-            data: row.try_get(4)?,
-            metadata: row.try_get(5)?,
+            data: row.try_get(4).map_err(unreadable("data"))?,
+            metadata: row.try_get(5).map_err(unreadable("metadata"))?,
             id: row.try_get(6)?,
         },
     }))
