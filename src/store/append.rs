@@ -221,7 +221,14 @@ impl Store {
                         .map(|s| s.to_string()),
                 )
             }
-            _ => (None, None, None),
+            // No items: nothing to check, but a cursor beyond the head is still
+            // refused (by the guard), never passed silently.
+            Some(c) => (
+                None,
+                c.after.as_ref().and_then(|c| c.position).map(|p| p.0),
+                None,
+            ),
+            None => (None, None, None),
         };
         Ok(PreparedAppend {
             lock_keys,

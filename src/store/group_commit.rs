@@ -170,25 +170,18 @@ impl Writer {
             .flat_map(|r| r.append.cols.ids.iter().flatten().copied())
             .collect();
         let mut stored: HashMap<Uuid, (i64, TransactionId)> = HashMap::new();
-        let mut contents: HashMap<Uuid, Stored> = HashMap::new();
         if !ids.is_empty() {
-            let sql = format!(
-                "SELECT id, position, transaction_id, type, tags, data, metadata \
-                 FROM {events} WHERE id = ANY($1)"
-            );
+            let sql =
+                format!("SELECT id, position, transaction_id FROM {events} WHERE id = ANY($1)");
             for row in tx.query(&sql, &[&ids]).await.map_err(Failed::retry)? {
                 stored.insert(row.get(0), (row.get(1), row.get(2)));
-                contents.insert(
-                    row.get(0),
-                    Stored {
-                        event_type: row.get(3),
-                        tags: row.get(4),
-                        data: row.get(5),
-                        metadata: row.get(6),
-                    },
-                );
             }
         }
+
+        let match_events = format!(
+            "SELECT \"{}\".stored_events_match($1, $2, $3, $4, $5, $6, $7)",
+            self.schema
+        );
 
         // 3a. Conditions against the log, pipelined.
         let check = tx
@@ -203,9 +196,9 @@ impl Writer {
             let check = &check;
             let tx = &tx;
             async move {
-                match &a.condition {
-                    None => Ok(None),
-                    Some(c) => tx
+                match (&a.condition, a.after) {
+                    (None, None) => Ok(None),
+                    (c, _) => tx
                         .query_one(check, &[c, &a.after, &a.snapshot])
                         .await
                         .map(|row| {
@@ -242,8 +235,29 @@ impl Writer {
                     .filter_map(|id| batch_ids.get(id).copied())
                     .collect();
                 if in_store == own_ids.len() {
-                    if let Some(index) = differs(&a.cols, &contents) {
-                        fates.push(Fate::Invalid(InvalidInput::IdReused { index }));
+                    // The same comparison as a single append's (jsonb equality,
+                    // so 10 and 10.0 are the same number).
+                    let c = &a.cols;
+                    let differs: i32 = tx
+                        .query_one(
+                            &match_events,
+                            &[
+                                &c.types,
+                                &c.tags,
+                                &c.tag_starts,
+                                &c.tag_counts,
+                                &c.data,
+                                &c.metadata,
+                                &c.ids,
+                            ],
+                        )
+                        .await
+                        .map_err(Failed::retry)?
+                        .get(0);
+                    if differs > 0 {
+                        fates.push(Fate::Invalid(InvalidInput::IdReused {
+                            index: differs as usize - 1,
+                        }));
                         continue;
                     }
                     let mut found: Vec<(i64, TransactionId)> =
@@ -390,30 +404,6 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
-}
-
-/// A stored event, as far as a replay compares it.
-struct Stored {
-    event_type: String,
-    tags: Vec<String>,
-    data: serde_json::Value,
-    metadata: Option<serde_json::Value>,
-}
-
-/// The index of the first event of `cols` whose stored twin (by id) differs.
-fn differs(cols: &super::validate::Columns, stored: &HashMap<Uuid, Stored>) -> Option<usize> {
-    (0..cols.types.len()).find(|&k| {
-        let Some(s) = cols.ids[k].and_then(|id| stored.get(&id)) else {
-            return false;
-        };
-        let start = cols.tag_starts[k] as usize - 1;
-        let tags = &cols.tags[start..start + cols.tag_counts[k] as usize];
-        let parse = |raw: &super::validate::RawJson| serde_json::from_slice(raw.bytes()).ok();
-        s.event_type != cols.types[k]
-            || s.tags != tags
-            || parse(&cols.data[k]).as_ref() != Some(&s.data)
-            || cols.metadata[k].as_ref().and_then(parse) != s.metadata
-    })
 }
 
 /// Event `k` of a request, as far as matching needs it (type and tags).

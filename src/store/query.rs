@@ -158,6 +158,13 @@ impl Snapshot {
     /// # Errors
     /// What is wrong with it.
     pub fn check(&self) -> Result<(), String> {
+        // PostgreSQL's 64-bit transaction ids are at least 1 and below 2^63.
+        if self.xmin.0 == 0 || self.xmax.0 > i64::MAX as u64 {
+            return Err(format!(
+                "snapshot ids must be 1 to 2^63 - 1 (xmin {}, xmax {})",
+                self.xmin, self.xmax
+            ));
+        }
         if self.xmin > self.xmax {
             return Err(format!("snapshot xmin {} > xmax {}", self.xmin, self.xmax));
         }

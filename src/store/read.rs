@@ -255,7 +255,10 @@ fn decode(row: &Row) -> Result<Decoded> {
     let unreadable = |field: &'static str| {
         move |e: tokio_postgres::Error| Error::Unreadable {
             position: Position(position),
-            reason: format!("{field}: {}", std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)),
+            reason: format!(
+                "{field}: {}",
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
+            ),
         }
     };
     Ok(Decoded::Event(SequencedEvent {

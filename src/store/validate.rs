@@ -14,13 +14,6 @@ use super::{Event, Limits, Query};
 #[derive(Debug)]
 pub(crate) struct RawJson(Vec<u8>);
 
-impl RawJson {
-    /// The serialized JSON.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 impl ToSql for RawJson {
     fn to_sql(
         &self,
