@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use dcbflow::flow::{FlowDefinition, Flows, InstanceStatus, WorkerOptions};
+use dcbflow::flow::{FlowDefinition, Flows, HttpPolicy, InstanceStatus, WorkerOptions};
 use dcbflow::{CancellationToken, Store};
 use serde_json::{Value, json};
 use support::BoxError;
@@ -196,7 +196,8 @@ async fn service() -> Result<(String, Shared), BoxError> {
 
 async fn run(store: Store, orders: usize, workers: usize) -> Result<(), BoxError> {
     let (url, shop) = service().await?;
-    let flows = Flows::new(store);
+    // The shop runs on 127.0.0.1: HTTP tasks may call loopback only when allowed.
+    let flows = Flows::new(store).http_policy(HttpPolicy::default().allow_loopback(true));
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/flows/order_saga.yaml"

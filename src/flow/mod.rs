@@ -28,7 +28,8 @@ pub use model::state::{InstanceState, InstanceStatus, StepState, StepStatus};
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 pub use runtime::{
-    FlowStats, Flows, StartedInstance, TaskContext, TaskExecutor, Worker, WorkerOptions,
+    FlowStats, Flows, HttpPolicy, HttpRuleError, StartedInstance, TaskContext, TaskExecutor,
+    Worker, WorkerOptions,
 };
 
 use crate::store::migrate::{Layer, Migration};

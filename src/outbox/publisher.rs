@@ -256,9 +256,9 @@ impl Publisher for WebhookPublisher {
                 .await
                 .map_err(|e| {
                     if e.is_connect() || e.is_timeout() {
-                        PublishFailure::unreachable(delivered, e.to_string())
+                        PublishFailure::unreachable(delivered, e.without_url().to_string())
                     } else {
-                        PublishFailure::refused(delivered, e.to_string())
+                        PublishFailure::refused(delivered, e.without_url().to_string())
                     }
                 })?;
             let status = response.status();

@@ -284,7 +284,8 @@ async fn an_untrusted_certificate_is_refused_and_a_trusted_one_accepted() {
 async fn an_http_task_calls_an_https_endpoint() {
     let server = HttpsServer::start().await;
     let t = TestStore::new().await;
-    let flows = Flows::with_http_client(t.store.clone(), server.trusting_client());
+    let flows = Flows::with_http_client(t.store.clone(), server.trusting_client())
+        .http_policy(dcbflow::flow::HttpPolicy::default().allow_loopback(true));
     let def = FlowDefinition::builder("reserve_tls")
         .input("sku", ValueType::String)
         .task(TaskDefinition::new(

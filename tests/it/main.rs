@@ -8,6 +8,7 @@ mod conditions;
 #[cfg(feature = "flow")]
 mod flow;
 mod group_commit;
+mod hostile;
 #[cfg(all(feature = "flow", feature = "http"))]
 mod https;
 mod input;
@@ -16,6 +17,7 @@ mod migrate;
 mod outbox;
 mod read;
 mod resilience;
+mod security;
 mod send;
 mod subscription;
 #[cfg(feature = "tcc")]

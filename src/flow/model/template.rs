@@ -5,6 +5,12 @@
 //! A string that is exactly one template takes the referenced JSON value with its
 //! type (a number stays a number); templates inside longer strings are replaced by
 //! the value's text.
+//!
+//! In an HTTP task's URL ([`render_url`], feature `http`), a template in the path,
+//! the query or the fragment is percent-encoded, so a value like `../admin?x=1`
+//! stays one path segment or one query component and cannot change the URL's
+//! shape; a template where the URL begins (`{{flow.input.service}}/orders`) is the
+//! base URL and goes in as it is, and one in the host must be a host name.
 
 use std::collections::BTreeMap;
 
@@ -177,6 +183,162 @@ fn render_str(s: &str, ctx: &Context<'_>) -> Result<Value, String> {
     Ok(Value::String(out))
 }
 
+/// Where in a URL a template stands (by the text rendered before it).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UrlPart {
+    /// Before `://`: the template is (the start of) the base URL.
+    Base,
+    /// After `://`, before the path: the host (and port).
+    Authority,
+    Path,
+    Query,
+    Fragment,
+}
+
+/// The part of a URL that `rendered` (a prefix of it) ends in.
+#[cfg(feature = "http")]
+fn url_part(rendered: &str) -> UrlPart {
+    let mut part = UrlPart::Base;
+    let mut rest = rendered;
+    if let Some(i) = rest.find("://") {
+        part = UrlPart::Authority;
+        rest = &rest[i + 3..];
+    } else {
+        return part;
+    }
+    for c in rest.chars() {
+        part = match (part, c) {
+            (UrlPart::Authority, '/' | '\\') => UrlPart::Path,
+            (UrlPart::Authority | UrlPart::Path, '?') => UrlPart::Query,
+            (UrlPart::Authority | UrlPart::Path | UrlPart::Query, '#') => UrlPart::Fragment,
+            (p, _) => p,
+        };
+    }
+    part
+}
+
+/// Everything but the unreserved characters of RFC 3986 (`A-Z a-z 0-9 - . _ ~`):
+/// what a templated path segment or query component is encoded with.
+#[cfg(feature = "http")]
+const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// An HTTP task's URL with its templates replaced, safely for the URL's shape:
+///
+/// - a template where the URL begins (before any `://`) is the base URL, inserted
+///   as it is (`{{flow.input.service}}/orders`, or a whole `{{input.url}}`): which
+///   hosts it may name is the engine's [`HttpPolicy`](crate::flow::HttpPolicy)'s
+///   business;
+/// - a template in the host must render to host characters (letters, digits,
+///   `-`, `.`, `_`, `:` and the brackets of an IPv6 address), or it is refused;
+/// - a template in the path, the query or the fragment is percent-encoded (every
+///   byte but `A-Z a-z 0-9 - . _ ~`), so `/`, `?`, `&`, `=`, `#` in a value stay
+///   data; and a path segment a template makes empty, `.` or `..` is refused
+///   (it would change which resource the URL names).
+///
+/// # Errors
+/// The first template that refers to nothing, or a value refused as above.
+#[cfg(feature = "http")]
+pub fn render_url(s: &str, ctx: &Context<'_>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    // Byte ranges of `out` filled by templates in the path.
+    let mut in_path: Vec<(usize, usize)> = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start + 2..].find("}}") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        let path = rest[start + 2..start + 2 + len].trim();
+        let value = match lookup(path, ctx) {
+            Some(Value::String(v)) => v,
+            Some(v) => v.to_string(),
+            None => return Err(format!("template {{{{{path}}}}} refers to nothing")),
+        };
+        match url_part(&out) {
+            UrlPart::Base => out.push_str(&value),
+            UrlPart::Authority => {
+                let host_like = !value.is_empty()
+                    && value.bytes().all(|b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+                    });
+                if !host_like {
+                    return Err(format!(
+                        "template {{{{{path}}}}} in the URL's host is not a host name"
+                    ));
+                }
+                out.push_str(&value);
+            }
+            UrlPart::Path => {
+                let from = out.len();
+                out.extend(percent_encoding::utf8_percent_encode(&value, COMPONENT));
+                in_path.push((from, out.len()));
+            }
+            UrlPart::Query | UrlPart::Fragment => {
+                out.extend(percent_encoding::utf8_percent_encode(&value, COMPONENT));
+            }
+        }
+        rest = &rest[start + 2 + len + 2..];
+    }
+    out.push_str(rest);
+    check_templated_segments(&out, &in_path)?;
+    Ok(out)
+}
+
+/// Refuses a path segment of `url` that contains a templated range of `ranges`
+/// and is empty, `.` or `..` (also spelled `%2e`): a URL parser would drop it or
+/// step up a level.
+#[cfg(feature = "http")]
+fn check_templated_segments(url: &str, ranges: &[(usize, usize)]) -> Result<(), String> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let Some(scheme_end) = url.find("://") else {
+        return Ok(());
+    };
+    let after = scheme_end + 3;
+    let Some(path_start) = url[after..].find(['/', '\\', '?', '#']).map(|i| i + after) else {
+        return Ok(());
+    };
+    let path_end = url[path_start..]
+        .find(['?', '#'])
+        .map_or(url.len(), |i| i + path_start);
+    let mut seg_start = path_start;
+    for (i, c) in url[path_start..path_end].char_indices() {
+        let at = path_start + i;
+        if c == '/' || c == '\\' {
+            check_segment(url, seg_start, at, ranges)?;
+            seg_start = at + 1;
+        }
+    }
+    check_segment(url, seg_start, path_end, ranges)
+}
+
+#[cfg(feature = "http")]
+fn check_segment(
+    url: &str,
+    from: usize,
+    to: usize,
+    ranges: &[(usize, usize)],
+) -> Result<(), String> {
+    if from > to || !ranges.iter().any(|&(a, b)| a >= from && b <= to) {
+        return Ok(());
+    }
+    let segment = url[from..to].to_ascii_lowercase().replace("%2e", ".");
+    if matches!(segment.as_str(), "" | "." | "..") {
+        return Err(format!(
+            "a template makes the URL path segment {:?}, which would change the path",
+            &url[from..to]
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -218,5 +380,105 @@ mod tests {
         ] {
             assert!(refs.contains(&r), "{r:?}");
         }
+    }
+
+    #[cfg(feature = "http")]
+    fn url_ctx<'a>(input: &'a Value, outputs: &'a BTreeMap<String, Value>) -> Context<'a> {
+        Context {
+            flow_input: input,
+            outputs,
+            input: None,
+            instance: "i1",
+            idempotency_key: "i1/call/action",
+            business_key: Some("order 7/8"),
+        }
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn templates_in_a_url_path_or_query_cannot_change_its_shape() {
+        let input = json!({
+            "id": "../admin?x=1",
+            "q": "a&b=c#d",
+            "n": 42,
+            "service": "http://shop.internal:8080/api",
+            "unicode": "café/ü",
+        });
+        let outputs = BTreeMap::new();
+        let ctx = url_ctx(&input, &outputs);
+        let url = |s: &str| render_url(s, &ctx);
+        assert_eq!(
+            url("https://x.example/users/{{flow.input.id}}/orders").unwrap(),
+            "https://x.example/users/..%2Fadmin%3Fx%3D1/orders"
+        );
+        assert_eq!(
+            url("https://x.example/search?q={{flow.input.q}}&n={{flow.input.n}}").unwrap(),
+            "https://x.example/search?q=a%26b%3Dc%23d&n=42"
+        );
+        assert_eq!(
+            url("https://x.example/o/{{business_key}}#{{flow.input.q}}").unwrap(),
+            "https://x.example/o/order%207%2F8#a%26b%3Dc%23d"
+        );
+        assert_eq!(
+            url("https://x.example/{{flow.input.unicode}}").unwrap(),
+            "https://x.example/caf%C3%A9%2F%C3%BC"
+        );
+        // The base URL is the template at the start, inserted as it is; what
+        // follows it is encoded again.
+        assert_eq!(
+            url("{{flow.input.service}}/stock/{{flow.input.id}}").unwrap(),
+            "http://shop.internal:8080/api/stock/..%2Fadmin%3Fx%3D1"
+        );
+        assert_eq!(
+            url("{{flow.input.service}}").unwrap(),
+            "http://shop.internal:8080/api"
+        );
+        // Unreserved characters stay as they are.
+        assert_eq!(
+            url("https://x.example/{{instance}}/{{idempotency_key}}").unwrap(),
+            "https://x.example/i1/i1%2Fcall%2Faction"
+        );
+        // No template: unchanged, whatever it contains.
+        assert_eq!(
+            url("https://x.example/a/../b?c=d").unwrap(),
+            "https://x.example/a/../b?c=d"
+        );
+        assert!(url("https://x.example/{{flow.input.nope}}").is_err());
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_template_making_a_dot_or_empty_segment_or_a_bad_host_is_refused() {
+        let input = json!({"dots": "..", "dot": ".", "empty": "", "host": "evil.example/x?", "ok": "api.example:8443"});
+        let outputs = BTreeMap::new();
+        let ctx = url_ctx(&input, &outputs);
+        let url = |s: &str| render_url(s, &ctx);
+        for bad in [
+            "https://x.example/users/{{flow.input.dots}}",
+            "https://x.example/users/{{flow.input.dots}}/admin",
+            "https://x.example/users/{{flow.input.dot}}/admin",
+            "https://x.example/users/.{{flow.input.dot}}/admin",
+            "https://x.example/users/{{flow.input.dot}}%2E",
+            "https://x.example/users/{{flow.input.empty}}",
+            "https://x.example/users/{{flow.input.empty}}/delete",
+            "https://{{flow.input.host}}/x",
+            "https://{{flow.input.empty}}/x",
+        ] {
+            assert!(url(bad).is_err(), "{bad} was accepted: {:?}", url(bad));
+        }
+        // Dots inside a longer segment, and in the query, are fine.
+        assert_eq!(
+            url("https://x.example/f/{{flow.input.dots}}x?up={{flow.input.dots}}").unwrap(),
+            "https://x.example/f/..x?up=.."
+        );
+        assert_eq!(
+            url("https://{{flow.input.ok}}/x").unwrap(),
+            "https://api.example:8443/x"
+        );
+        // An empty value in the query is just an empty value.
+        assert_eq!(
+            url("https://x.example/s?q={{flow.input.empty}}").unwrap(),
+            "https://x.example/s?q="
+        );
     }
 }

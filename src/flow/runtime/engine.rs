@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::executor::{Erased, TaskExecutor};
+use super::executor::{Erased, HttpPolicy, SharedPolicy, TaskExecutor};
 use super::transition::instance_query;
 use crate::flow::FlowError;
 use crate::flow::model::decide::{incidents, next_due};
@@ -53,7 +53,9 @@ pub(super) struct Inner {
     functions: RwLock<HashMap<String, Arc<dyn Erased>>>,
     definitions: RwLock<HashMap<(String, String), Arc<FlowDefinition>>>,
     #[cfg(feature = "http")]
-    pub(super) http: reqwest::Client,
+    pub(super) http: super::executor::HttpTasks,
+    /// Which targets HTTP tasks may call (shared with `http`).
+    http_policy: SharedPolicy,
     pub(super) stats: Counters,
 }
 
@@ -109,37 +111,63 @@ const REBUILD_PAGE: u64 = 500;
 impl Flows {
     /// The flow engine on `store`. Its tables are installed in the store's schema
     /// the first time it needs them.
+    ///
+    /// HTTP tasks may call public addresses only until
+    /// [`http_policy`](Self::http_policy) says otherwise.
     pub fn new(store: Store) -> Self {
+        let policy = SharedPolicy::default();
         #[cfg(feature = "http")]
-        let http = crate::http::client_builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .expect("HTTP client");
+        let http = super::executor::guarded(
+            crate::http::client_builder().connect_timeout(std::time::Duration::from_secs(5)),
+            &policy,
+        )
+        .build()
+        .expect("HTTP client");
         Self::with_parts(
             store,
+            policy,
             #[cfg(feature = "http")]
             http,
         )
     }
 
     /// The flow engine on `store`, calling HTTP tasks with `http` (for example a
-    /// client that trusts a private certificate authority).
+    /// client that trusts a private certificate authority). The
+    /// [`HttpPolicy`] is checked before each call and on its final URL; build
+    /// `http` with `.redirect(reqwest::redirect::Policy::none())` so that no
+    /// redirect it follows reaches a refused target in between.
     #[cfg(feature = "http")]
     pub fn with_http_client(store: Store, http: reqwest::Client) -> Self {
-        Self::with_parts(store, http)
+        Self::with_parts(store, SharedPolicy::default(), http)
     }
 
-    fn with_parts(store: Store, #[cfg(feature = "http")] http: reqwest::Client) -> Self {
+    fn with_parts(
+        store: Store,
+        http_policy: SharedPolicy,
+        #[cfg(feature = "http")] http: reqwest::Client,
+    ) -> Self {
         Flows {
             inner: Arc::new(Inner {
                 store,
                 functions: RwLock::default(),
                 definitions: RwLock::default(),
                 #[cfg(feature = "http")]
-                http,
+                http: super::executor::HttpTasks::new(http, http_policy.clone()),
+                http_policy,
                 stats: Counters::default(),
             }),
         }
+    }
+
+    /// Sets which targets HTTP tasks may call (default: public addresses only,
+    /// see [`HttpPolicy`]); for example `HttpPolicy::default().allow_loopback(true)`
+    /// for tests against a local server. It applies to this engine and its
+    /// clones from their next call on; set it before starting workers. Without the
+    /// `http` feature there are no HTTP tasks and it changes nothing.
+    #[must_use]
+    pub fn http_policy(self, policy: HttpPolicy) -> Self {
+        *self.inner.http_policy.write().expect("HTTP policy lock") = Arc::new(policy);
+        self
     }
 
     /// Installs or upgrades the flow layer's tables (the read models) now;

@@ -8,6 +8,6 @@ mod transition;
 mod worker;
 
 pub use engine::{FlowStats, Flows, StartedInstance};
-pub use executor::{TaskContext, TaskExecutor};
+pub use executor::{HttpPolicy, HttpRuleError, TaskContext, TaskExecutor};
 pub(crate) use transition::instance_query;
 pub use worker::{Worker, WorkerOptions};

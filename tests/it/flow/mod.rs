@@ -10,7 +10,9 @@ mod workers;
 use std::time::Duration;
 
 use dcbflow::CancellationToken;
-use dcbflow::flow::{Flows, InstanceState, InstanceStatus, WorkerOptions, events::types};
+use dcbflow::flow::{
+    Flows, HttpPolicy, InstanceState, InstanceStatus, WorkerOptions, events::types,
+};
 use uuid::Uuid;
 
 use crate::support::TestStore;
@@ -108,7 +110,7 @@ pub async fn steps(flows: &Flows, id: Uuid) -> Vec<(String, String)> {
 /// A test store and its flow engine.
 pub async fn engine() -> (TestStore, Flows) {
     let t = TestStore::new().await;
-    let flows = Flows::new(t.store.clone());
+    let flows = Flows::new(t.store.clone()).http_policy(HttpPolicy::default().allow_loopback(true));
     (t, flows)
 }
 
