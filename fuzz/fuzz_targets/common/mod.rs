@@ -1,6 +1,8 @@
 //! What every definition target checks once its format's parser has run.
 
 use dcbflow::flow::{Action, DefinitionError, FlowDefinition, validate};
+use std::sync::OnceLock;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -41,15 +43,26 @@ fn depth(v: &Value) -> usize {
 
 /// Validates a parsed definition; one that passes must survive what
 /// `Flows::register` and `Flows::definition` do to it (JSON and back) unchanged.
+///
+/// With `DCBFLOW_FUZZ_DEBUG` set, prints what the parser and validation said (to
+/// check seeds: `DCBFLOW_FUZZ_DEBUG=1 cargo fuzz run <target> <file>`).
 pub fn check(parsed: Result<FlowDefinition, DefinitionError>) {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    let debug = *DEBUG.get_or_init(|| std::env::var_os("DCBFLOW_FUZZ_DEBUG").is_some());
     let def = match parsed {
         Ok(def) => def,
         Err(e) => {
-            let _ = e.to_string();
+            let e = e.to_string();
+            if debug {
+                eprintln!("parse error: {e}");
+            }
             return;
         }
     };
     let bare = validate(&def, &[]);
+    if debug {
+        eprintln!("parsed {:?} ({} tasks); validate(&[]): {bare:?}", def.name, def.tasks.len());
+    }
     if let Err(e) = &bare {
         let _ = e.to_string();
     }

@@ -286,6 +286,16 @@ pub fn render_url(s: &str, ctx: &Context<'_>) -> Result<String, String> {
         rest = &rest[start + 2 + len + 2..];
     }
     out.push_str(rest);
+    // URL parsers drop tabs and newlines anywhere and trim spaces and control
+    // characters at the ends, which would join a templated `..` to its
+    // neighbours after the check below (a YAML `url: |` block ends with a
+    // newline). Template values are percent-encoded, so such characters can only
+    // come from the URL text itself: refuse them.
+    if let Some(c) = out.chars().find(|c| c.is_ascii_control() || *c == ' ') {
+        return Err(format!(
+            "the URL contains {c:?}; spaces and control characters must be percent-encoded"
+        ));
+    }
     check_templated_segments(&out, &in_path)?;
     Ok(out)
 }
@@ -341,6 +351,33 @@ fn check_segment(
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `template_url` fuzz target: whitespace or control characters
+    /// next to a templated `..` were stripped by the URL parser after the check.
+    #[cfg(feature = "http")]
+    #[test]
+    fn whitespace_cannot_smuggle_a_dot_dot_segment() {
+        use serde_json::json;
+        let input = json!({"dots": ".."});
+        let outputs = std::collections::BTreeMap::new();
+        let ctx = super::Context {
+            flow_input: &input,
+            outputs: &outputs,
+            input: None,
+            instance: "i",
+            idempotency_key: "k",
+            business_key: None,
+        };
+        for url in [
+            "https://files.example/users/{{flow.input.dots}}\n",
+            "https://files.example/users/{{flow.input.dots}} ",
+            "https://files.example/users/{{flow.input.dots}}\t/admin",
+            "p:////.{{flow.input.dots}}\u{4}",
+        ] {
+            assert!(super::render_url(url, &ctx).is_err(), "{url:?}");
+        }
+        assert!(super::render_url("https://files.example/users/{{flow.input.dots}}x", &ctx).is_ok());
+    }
+
     use serde_json::json;
 
     use super::*;
