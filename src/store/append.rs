@@ -73,10 +73,16 @@ impl Store {
             let prepared = self.prepare_append(events, condition)?;
             return group.append(prepared).await;
         }
-        let client = self.inner.pool.get().await?;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
         // Committed by the statement itself: no notification inside it (see
         // `wake`), the wake-up is sent after the commit.
-        let result = self.append_with(&client, events, condition, false).await;
+        let result = self
+            .bounded(
+                deadline,
+                self.append_with(&client, events, condition, false),
+            )
+            .await;
         if matches!(&result, Ok(r) if !r.replayed) {
             self.wake_subscribers();
         }

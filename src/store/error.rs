@@ -2,6 +2,10 @@
 
 use super::event::Position;
 
+/// What [`Error::Timeout`] says when a call to the database took longer than
+/// [`StoreBuilder::call_timeout`](super::StoreBuilder::call_timeout).
+pub(crate) const CALL_TIMED_OUT: &str = "waiting for the database to answer";
+
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -147,6 +151,9 @@ impl Error {
     pub(crate) fn breaks_connection(&self) -> bool {
         match self {
             Error::Database(e) => sqlstate::breaks_connection(e),
+            // The server did not answer in time: the connection may be stuck in
+            // a network that swallows everything; never hand it out again.
+            Error::Timeout(what) => *what == CALL_TIMED_OUT,
             _ => false,
         }
     }

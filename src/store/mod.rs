@@ -109,6 +109,8 @@ struct Inner {
     /// The longest a transaction that appended or locked a scope may stay idle (and
     /// its statements run, unless it set its own `statement_timeout`), in ms.
     hold_ms: i32,
+    /// The longest one call to the database may take (see [`StoreBuilder::call_timeout`]).
+    call_timeout: std::time::Duration,
     /// The layers whose schema this handle has installed or found current.
     layers: Mutex<HashMap<&'static str, Arc<OnceCell<()>>>>,
     /// The `NOTIFY` channel of this store (see [`Store::channel`]).
@@ -179,6 +181,7 @@ impl Store {
             listen: None,
             group_commit: None,
             lock_hold_timeout: std::time::Duration::from_secs(60),
+            call_timeout: std::time::Duration::from_secs(15),
         }
     }
 
@@ -220,6 +223,36 @@ impl Store {
         }
     }
 
+    /// `call`, failing with [`Error::Timeout`] if it has not ended by `deadline`
+    /// (the caller then drops the connection, see [`release`]).
+    pub(crate) async fn bounded<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(error::CALL_TIMED_OUT)),
+        }
+    }
+
+    /// When a call starting now must have ended (the store's call timeout): the
+    /// wait for a pooled connection and the statement share it.
+    pub(crate) fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.inner.call_timeout
+    }
+
+    /// A pooled connection, waiting at most until `deadline`.
+    pub(crate) async fn checkout(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<deadpool_postgres::Object> {
+        match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
+            Ok(client) => Ok(client?),
+            Err(_) => Err(Error::Timeout("waiting for a pooled connection")),
+        }
+    }
+
     /// Counts a reopened `LISTEN` connection.
     pub(crate) fn note_listen_reconnect(&self) {
         self.inner
@@ -233,17 +266,19 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub async fn allocated_head(&self) -> Result<Position> {
-        let client = self.inner.pool.get().await?;
-        let result = async {
-            let stmt = client
-                .prepare_cached(&format!(
-                    "SELECT \"{}\".allocated_head()",
-                    self.inner.schema
-                ))
-                .await?;
-            Ok(Position(client.query_one(&stmt, &[]).await?.get(0)))
-        }
-        .await;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT \"{}\".allocated_head()",
+                        self.inner.schema
+                    ))
+                    .await?;
+                Ok(Position(client.query_one(&stmt, &[]).await?.get(0)))
+            })
+            .await;
         release(client, result)
     }
 
@@ -304,38 +339,42 @@ impl Store {
     /// lock. Once they have all ended, no event with a position up to the first
     /// can still appear (see `sql/store/0003_horizon.sql`).
     pub(crate) async fn writer_horizon(&self) -> Result<(i64, Vec<String>)> {
-        let client = self.inner.pool.get().await?;
-        let result = async {
-            let stmt = client
-                .prepare_cached(&format!(
-                    "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
-                    self.inner.schema
-                ))
-                .await?;
-            let row = client.query_one(&stmt, &[&self.store_key()]).await?;
-            Ok((row.get(0), row.get(1)))
-        }
-        .await;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
+                        self.inner.schema
+                    ))
+                    .await?;
+                let row = client.query_one(&stmt, &[&self.store_key()]).await?;
+                Ok((row.get(0), row.get(1)))
+            })
+            .await;
         release(client, result)
     }
 
     /// Whether every one of `writers` (from [`writer_horizon`](Self::writer_horizon))
     /// has ended.
     pub(crate) async fn writers_finished(&self, writers: &[String]) -> Result<bool> {
-        let client = self.inner.pool.get().await?;
-        let result = async {
-            let stmt = client
-                .prepare_cached(&format!(
-                    "SELECT \"{}\".writers_finished($1, $2)",
-                    self.inner.schema
-                ))
-                .await?;
-            Ok(client
-                .query_one(&stmt, &[&self.store_key(), &writers])
-                .await?
-                .get(0))
-        }
-        .await;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT \"{}\".writers_finished($1, $2)",
+                        self.inner.schema
+                    ))
+                    .await?;
+                Ok(client
+                    .query_one(&stmt, &[&self.store_key(), &writers])
+                    .await?
+                    .get(0))
+            })
+            .await;
         release(client, result)
     }
 
@@ -346,16 +385,18 @@ impl Store {
     #[tracing::instrument(name = "dcbflow.head", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
     pub async fn head(&self) -> Result<Option<Position>> {
         let _permit = self.permit()?;
-        let client = self.inner.pool.get().await?;
-        let result = async {
-            let stmt = client.prepare_cached(&self.inner.sql.head).await?;
-            Ok(client
-                .query_one(&stmt, &[])
-                .await?
-                .get::<_, Option<i64>>(0)
-                .map(Position))
-        }
-        .await;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, async {
+                let stmt = client.prepare_cached(&self.inner.sql.head).await?;
+                Ok(client
+                    .query_one(&stmt, &[])
+                    .await?
+                    .get::<_, Option<i64>>(0)
+                    .map(Position))
+            })
+            .await;
         release(client, result)
     }
 
@@ -387,6 +428,7 @@ pub struct StoreBuilder {
     listen: Option<tokio_postgres::Config>,
     group_commit: Option<usize>,
     lock_hold_timeout: std::time::Duration,
+    call_timeout: std::time::Duration,
 }
 
 impl StoreBuilder {
@@ -438,6 +480,17 @@ impl StoreBuilder {
     /// PostgreSQL ends the transaction (and, for idleness, the session).
     pub fn lock_hold_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.lock_hold_timeout = timeout;
+        self
+    }
+
+    /// The longest one call to the database may wait for its answer (an append,
+    /// the start of a read, a head or horizon query; default 15 s). Past it the
+    /// call fails with [`Error::Timeout`] and its connection is dropped, so a
+    /// network that swallows packets cannot hang a caller, and the store recovers
+    /// with fresh connections once it heals. Rows of a read that has started
+    /// stream without this bound.
+    pub fn call_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.call_timeout = timeout;
         self
     }
 
@@ -507,6 +560,7 @@ impl StoreBuilder {
                 sql,
                 migrate: self.migrate,
                 hold_ms: i32::try_from(self.lock_hold_timeout.as_millis()).unwrap_or(i32::MAX),
+                call_timeout: self.call_timeout,
                 layers: Mutex::default(),
                 channel,
                 listen_reconnects: std::sync::atomic::AtomicU64::new(0),

@@ -303,15 +303,17 @@ impl Store {
     pub async fn read(&self, query: &Query, options: ReadOptions) -> Result<EventStream> {
         self.check_read(query, &options)?;
         let permit = self.permit()?;
-        let client = self.inner.pool.get().await?;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
         let (sql, params) = self.read_sql(query, &options);
-        let started = async {
-            let stmt = client.prepare_cached(&sql).await?;
-            Ok(client
-                .query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
-                .await?)
-        }
-        .await;
+        let started = self
+            .bounded(deadline, async {
+                let stmt = client.prepare_cached(&sql).await?;
+                Ok(client
+                    .query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
+                    .await?)
+            })
+            .await;
         let rows = match started {
             Ok(rows) => rows,
             Err(e) => return super::release(client, Err(e)),
@@ -394,20 +396,22 @@ impl Store {
     ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>)> {
         self.check_query(query)?;
         let (filter, params) = filter_sql(query, &ReadOptions::default().after(after));
-        let client = self.inner.pool.get().await?;
-        let result = async {
-            let row = client
-                .query_one(
-                    &format!(
-                        "SELECT count(*), min(recorded_at) FROM {} WHERE {filter}",
-                        self.inner.sql.events
-                    ),
-                    &params.iter().map(|p| &**p as _).collect::<Vec<_>>(),
-                )
-                .await?;
-            Ok((row.get(0), row.get(1)))
-        }
-        .await;
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, async {
+                let row = client
+                    .query_one(
+                        &format!(
+                            "SELECT count(*), min(recorded_at) FROM {} WHERE {filter}",
+                            self.inner.sql.events
+                        ),
+                        &params.iter().map(|p| &**p as _).collect::<Vec<_>>(),
+                    )
+                    .await?;
+                Ok((row.get(0), row.get(1)))
+            })
+            .await;
         super::release(client, result)
     }
 

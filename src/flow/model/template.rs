@@ -375,7 +375,9 @@ mod tests {
         ] {
             assert!(super::render_url(url, &ctx).is_err(), "{url:?}");
         }
-        assert!(super::render_url("https://files.example/users/{{flow.input.dots}}x", &ctx).is_ok());
+        assert!(
+            super::render_url("https://files.example/users/{{flow.input.dots}}x", &ctx).is_ok()
+        );
     }
 
     use serde_json::json;
