@@ -1544,6 +1544,8 @@ fn flow_cases(c: &mut Vec<Case>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_inputs_give_typed_errors_and_write_nothing() {
+    // Its giant appends would show in a memory-measuring test running beside it.
+    let _memory = crate::support::MEMORY.lock().await;
     let mut failures = Vec::new();
     let ctx = Arc::new(setup(&mut failures).await);
     let cases = cases();

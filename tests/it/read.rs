@@ -186,6 +186,8 @@ fn rss_kib() -> u64 {
 /// (320 MiB on the wire) pass through with far less resident memory growth.
 #[tokio::test]
 async fn streaming_read_keeps_memory_flat() {
+    // Measures the process's memory: not while another test balloons it.
+    let _memory = crate::support::MEMORY.lock().await;
     let t = TestStore::new().await;
     let c = t.store.pool().get().await.unwrap();
     c.batch_execute(&format!(

@@ -229,3 +229,7 @@ where
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
 }
+
+/// Held by tests that measure the process's memory, and by those that make it
+/// balloon: they share one test process, so they must not overlap.
+pub static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
