@@ -266,20 +266,8 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub async fn allocated_head(&self) -> Result<Position> {
-        let deadline = self.deadline();
-        let client = self.checkout(deadline).await?;
-        let result = self
-            .bounded(deadline, async {
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT \"{}\".allocated_head()",
-                        self.inner.schema
-                    ))
-                    .await?;
-                Ok(Position(client.query_one(&stmt, &[]).await?.get(0)))
-            })
-            .await;
-        release(client, result)
+        let sql = format!("SELECT \"{}\".allocated_head()", self.inner.schema);
+        Ok(Position(self.query_one(&sql, &[]).await?.get(0)))
     }
 
     /// The advisory lock key every append holds shared until it ends.
@@ -339,40 +327,37 @@ impl Store {
     /// lock. Once they have all ended, no event with a position up to the first
     /// can still appear (see `sql/store/0003_horizon.sql`).
     pub(crate) async fn writer_horizon(&self) -> Result<(i64, Vec<String>)> {
-        let deadline = self.deadline();
-        let client = self.checkout(deadline).await?;
-        let result = self
-            .bounded(deadline, async {
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
-                        self.inner.schema
-                    ))
-                    .await?;
-                let row = client.query_one(&stmt, &[&self.store_key()]).await?;
-                Ok((row.get(0), row.get(1)))
-            })
-            .await;
-        release(client, result)
+        let sql = format!(
+            "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
+            self.inner.schema
+        );
+        let row = self.query_one(&sql, &[&self.store_key()]).await?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Whether every one of `writers` (from [`writer_horizon`](Self::writer_horizon))
     /// has ended.
     pub(crate) async fn writers_finished(&self, writers: &[String]) -> Result<bool> {
+        let sql = format!("SELECT \"{}\".writers_finished($1, $2)", self.inner.schema);
+        Ok(self
+            .query_one(&sql, &[&self.store_key(), &writers])
+            .await?
+            .get(0))
+    }
+
+    /// One row of `sql` (prepared once per connection) on a pooled connection,
+    /// within the call timeout; the connection is dropped if the call broke it.
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row> {
         let deadline = self.deadline();
         let client = self.checkout(deadline).await?;
         let result = self
             .bounded(deadline, async {
-                let stmt = client
-                    .prepare_cached(&format!(
-                        "SELECT \"{}\".writers_finished($1, $2)",
-                        self.inner.schema
-                    ))
-                    .await?;
-                Ok(client
-                    .query_one(&stmt, &[&self.store_key(), &writers])
-                    .await?
-                    .get(0))
+                let stmt = client.prepare_cached(sql).await?;
+                Ok(client.query_one(&stmt, params).await?)
             })
             .await;
         release(client, result)
@@ -385,19 +370,8 @@ impl Store {
     #[tracing::instrument(name = "dcbflow.head", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
     pub async fn head(&self) -> Result<Option<Position>> {
         let _permit = self.permit()?;
-        let deadline = self.deadline();
-        let client = self.checkout(deadline).await?;
-        let result = self
-            .bounded(deadline, async {
-                let stmt = client.prepare_cached(&self.inner.sql.head).await?;
-                Ok(client
-                    .query_one(&stmt, &[])
-                    .await?
-                    .get::<_, Option<i64>>(0)
-                    .map(Position))
-            })
-            .await;
-        release(client, result)
+        let row = self.query_one(&self.inner.sql.head, &[]).await?;
+        Ok(row.get::<_, Option<i64>>(0).map(Position))
     }
 
     /// The schema-qualified name of one of the store's tables.
