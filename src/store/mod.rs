@@ -28,6 +28,9 @@ pub use event::{Event, Position, SequencedEvent, TransactionId};
 pub use query::{AppendCondition, Cursor, ParseCursorError, Query, QueryItem, Snapshot};
 pub use read::{EventStream, ReadOptions, ReadResult};
 
+/// How often [`Store::settled_head`] looks whether the writers it waits for have ended.
+const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Default schema a store is installed into.
 pub const DEFAULT_SCHEMA: &str = "dcbflow";
 
@@ -345,6 +348,69 @@ impl Store {
             .get(0))
     }
 
+    /// The highest position `P` such that every event with a position up to `P`
+    /// that will ever exist is committed, and visible to any read that starts
+    /// after this call returns (`Position(0)` for an empty log).
+    ///
+    /// It reads the last allocated position and this store's writers still
+    /// holding the store lock (the [writer horizon](crate::Subscription)), and,
+    /// if there are any, waits until all of them have ended (committed or rolled
+    /// back), looking every 2 ms. Writers that start after the first look draw
+    /// positions above it and are not waited for, so the wait is bounded by the
+    /// longest transaction in flight at the call.
+    ///
+    /// Use it to hand out bare positions: a position no greater than the settled
+    /// head can later serve as `AppendCondition::after(Cursor::at(p))` without
+    /// missing a late committer, because none can appear below it any more (see
+    /// "The settled head" in `docs/architecture.md`). A read up to it
+    /// ([`ReadOptions::up_to`]) returns a prefix of the log that will never change.
+    ///
+    /// Events written around the store's functions (a plain `INSERT` into the
+    /// `events` table) take no store lock and are not waited for. Do not call it
+    /// while holding an open transaction that appended to this store: it would
+    /// wait for that transaction until it times out.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if the writers have not all ended within the store's
+    /// [call timeout](StoreBuilder::call_timeout) (a transaction kept open that
+    /// long is bounded by [`StoreBuilder::lock_hold_timeout`]); database, pool
+    /// or overload errors.
+    #[tracing::instrument(name = "dcbflow.settled_head", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
+    pub async fn settled_head(&self) -> Result<Position> {
+        let deadline = self.deadline();
+        let horizon = format!(
+            "SELECT allocated, writers FROM \"{}\".writer_horizon($1)",
+            self.inner.schema
+        );
+        let row = {
+            let _permit = self.permit()?;
+            self.query_one_by(deadline, &horizon, &[&self.store_key()])
+                .await?
+        };
+        let (allocated, writers): (i64, Vec<String>) = (row.get(0), row.get(1));
+        if writers.is_empty() {
+            return Ok(Position(allocated));
+        }
+        let finished = format!("SELECT \"{}\".writers_finished($1, $2)", self.inner.schema);
+        loop {
+            if tokio::time::Instant::now() + SETTLE_POLL >= deadline {
+                return Err(Error::Timeout(
+                    "waiting for the writers in flight to finish",
+                ));
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+            // No permit is held while sleeping: a long wait must not use up the
+            // in-flight capacity of appends.
+            let _permit = self.permit()?;
+            let row = self
+                .query_one_by(deadline, &finished, &[&self.store_key(), &writers])
+                .await?;
+            if row.get::<_, bool>(0) {
+                return Ok(Position(allocated));
+            }
+        }
+    }
+
     /// One row of `sql` (prepared once per connection) on a pooled connection,
     /// within the call timeout; the connection is dropped if the call broke it.
     async fn query_one(
@@ -352,7 +418,16 @@ impl Store {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<tokio_postgres::Row> {
-        let deadline = self.deadline();
+        self.query_one_by(self.deadline(), sql, params).await
+    }
+
+    /// [`query_one`](Self::query_one), ending by `deadline`.
+    async fn query_one_by(
+        &self,
+        deadline: tokio::time::Instant,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row> {
         let client = self.checkout(deadline).await?;
         let result = self
             .bounded(deadline, async {

@@ -19,6 +19,7 @@ mod read;
 mod resilience;
 mod security;
 mod send;
+mod settled;
 mod subscription;
 #[cfg(feature = "tcc")]
 mod tcc_barrier;
