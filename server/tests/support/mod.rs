@@ -1,0 +1,166 @@
+//! Test servers: a real `dcbflow` HTTP service on a random loopback port, on
+//! real PostgreSQL, in a schema of its own (dropped afterwards).
+#![allow(dead_code)]
+
+#[path = "../../../examples/support/mod.rs"]
+pub mod db;
+
+use std::time::Duration;
+
+use dcbflow_server::app::App;
+use dcbflow_server::config::Config;
+use serde_json::Value;
+
+/// The token of the operator in [`TestServer::with_tokens`].
+pub const OPERATOR: &str = "operator-token-0123456789";
+/// The read-only token in [`TestServer::with_tokens`].
+pub const READER: &str = "reader-token-0123456789";
+
+/// Longest a test waits for a condition.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A running service.
+pub struct TestServer {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Its parts.
+    pub app: App,
+    /// Its schema.
+    pub schema: String,
+    /// The database URL.
+    pub db_url: String,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    /// The token requests send (None: none).
+    pub token: Option<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// A server with the default configuration (no tokens, no workers).
+    pub async fn start() -> TestServer {
+        Self::with(|_| {}).await
+    }
+
+    /// A server with the operator and read-only tokens configured; requests
+    /// send the operator token.
+    pub async fn with_tokens() -> TestServer {
+        let mut s = Self::with(|c| {
+            c.auth.operator_token = Some(OPERATOR.into());
+            c.auth.read_token = Some(READER.into());
+        })
+        .await;
+        s.token = Some(OPERATOR.into());
+        s
+    }
+
+    /// A server with the configuration `edit` makes (workers default to 0).
+    pub async fn with(edit: impl FnOnce(&mut Config)) -> TestServer {
+        let schema = format!("s_{}", uuid::Uuid::new_v4().simple());
+        let db_url = db::Database::shared_url().to_owned();
+        let mut config = Config::default();
+        config.database.schema = schema.clone();
+        config.database.pool_size = 12;
+        config.workers.count = 0;
+        edit(&mut config);
+        let app = App::connect(&db_url, config).await.expect("app");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = dcbflow_server::api::router(app.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        TestServer {
+            url,
+            app,
+            schema,
+            db_url,
+            http: reqwest::Client::new(),
+            token: None,
+            task,
+        }
+    }
+
+    /// A request to `path` with the server's token.
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.url));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    /// GET `path`: status and JSON body (Null if none).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    /// POST JSON to `path`: status and JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        send(self.req(reqwest::Method::POST, path).json(&body)).await
+    }
+}
+
+/// Sends and returns the status and JSON body (Null when empty or not JSON);
+/// every problem document is checked for the RFC 9457 shape.
+pub async fn send(r: reqwest::RequestBuilder) -> (u16, Value) {
+    let res = r.send().await.expect("request");
+    let status = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = res.text().await.expect("body");
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if status >= 400 {
+        assert!(
+            ct.starts_with("application/problem+json"),
+            "error {status} without a problem document: {ct} {text}"
+        );
+        assert_eq!(body["status"], status, "{text}");
+        assert!(body["code"].is_string() && body["detail"].is_string(), "{text}");
+    }
+    (status, body)
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let (url, schema) = (self.db_url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Waits until `check` returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
