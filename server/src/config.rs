@@ -585,3 +585,94 @@ fn remove(value: &mut toml::Value, path: &[String]) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, &no_env).unwrap();
+        assert_eq!(c.listen_addr().to_string(), "127.0.0.1:8080");
+        assert_eq!(c.workers.count, 1);
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key_path() {
+        let text = r#"
+listen = "0.0.0.0:80"
+colour = "blue"
+[database]
+pool_size = "many"
+schema = "1bad"
+group_commit = "x"
+unknown = 1
+[workers]
+concurrency = 0
+count = 2
+[[relays]]
+name = "r"
+[[relays]]
+name = "r"
+webhook = { url = "ftp://x" }
+[auth]
+operator_token = "short"
+"#;
+        let err = Config::parse(text, None).unwrap_err();
+        let joined = err.join("\n");
+        for expected in [
+            "colour: unknown key",
+            "database.pool_size:",
+            "database.group_commit:",
+            "database.unknown: unknown key",
+        ] {
+            assert!(joined.contains(expected), "{expected:?} not in:\n{joined}");
+        }
+        // Values are checked once the types are right.
+        let text = "listen = \"0.0.0.0:80\"\n[database]\nschema = \"1bad\"\n[workers]\nconcurrency = 0\n[[relays]]\nname = \"r\"\n[[relays]]\nname = \"r\"\nwebhook = { url = \"ftp://x\" }\n[auth]\noperator_token = \"short\"\n";
+        let dir = std::env::temp_dir().join(format!("dcbflow-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = Config::load(Some(&path), &no_env).unwrap_err();
+        let joined = e.problems.join("\n");
+        for expected in [
+            "database.schema:",
+            "workers.concurrency: must be at least 1",
+            "relays[0]: needs a target",
+            "relays[1].name: \"r\" is also relays[0]'s name",
+            "relays[1].webhook.url:",
+            "auth.operator_token: must be at least 16 characters",
+        ] {
+            assert!(joined.contains(expected), "{expected:?} not in:\n{joined}");
+        }
+        assert!(e.to_string().contains("bad.toml"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_public_address_needs_tokens() {
+        let c = Config::parse("listen = \"0.0.0.0:8080\"", None).unwrap();
+        assert!(c.check().iter().any(|p| p.starts_with("listen:")));
+        let env = |k: &str| (k == ENV_OPERATOR_TOKEN).then(|| "a-long-operator-token".to_owned());
+        let dir = std::env::temp_dir().join(format!("dcbflow-config-pub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pub.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:8080\"").unwrap();
+        let c = Config::load(Some(&path), &env).unwrap();
+        assert_eq!(c.auth.operator_token.as_deref(), Some("a-long-operator-token"));
+        assert!(!format!("{c:?}").contains("a-long-operator-token"), "tokens are never printed");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn environment_overrides_the_database_url() {
+        let env = |k: &str| (k == "DATABASE_URL").then(|| "postgres://u@h/db".to_owned());
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.database.url.as_deref(), Some("postgres://u@h/db"));
+    }
+}

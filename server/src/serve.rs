@@ -104,6 +104,10 @@ pub async fn publisher(relay: &Relay) -> ApiResult<AnyPublisher> {
 /// Configuration, database and bind errors.
 pub async fn serve(config: Config, options: ServeOptions) -> Result<Drained, Box<dyn std::error::Error>> {
     let mut config = config;
+    if options.demo && !config.flows.http_allow.iter().any(|a| a == "loopback") {
+        // The demo's shop service runs on 127.0.0.1.
+        config.flows.http_allow.push("loopback".into());
+    }
     if let Some(l) = options.listen {
         config.listen = Some(l);
         let problems = config.check();

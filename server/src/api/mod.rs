@@ -95,7 +95,8 @@ pub fn routes(app: &App) -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(relays::discard))
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
-        .routes(routes!(health::metrics));
+        .routes(routes!(health::metrics))
+        .routes(routes!(health::openapi));
     if app.config.api.dcb_endpoints {
         r = r.routes(routes!(dcb::read)).routes(routes!(dcb::append));
     }
@@ -114,13 +115,7 @@ pub fn router(app: App) -> Router {
         .route("/health/live", axum::routing::get(health::live))
         .route("/health/ready", axum::routing::get(health::ready));
     let guarded = api
-        .route(
-            "/api/openapi.json",
-            axum::routing::get(move || {
-                let doc = doc.clone();
-                async move { Json(doc.as_ref().clone()) }
-            }),
-        )
+        .layer(axum::Extension(doc))
         .layer(middleware::from_fn_with_state(slots, shed))
         .layer(middleware::from_fn_with_state(tokens, auth::require));
     open.merge(guarded)

@@ -33,6 +33,8 @@ pub struct TestServer {
     pub http: reqwest::Client,
     /// The token requests send (None: none).
     pub token: Option<String>,
+    /// The OpenAPI document, as served.
+    pub doc: Value,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -63,9 +65,11 @@ impl TestServer {
         config.database.pool_size = 12;
         config.workers.count = 0;
         edit(&mut config);
-        let app = App::connect(&db_url, config).await.expect("app");
+        let mut app = App::connect(&db_url, config).await.expect("app");
+        app.metrics = Some(dcbflow_server::metrics::install());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let doc = serde_json::to_value(dcbflow_server::api::routes(&app).1).unwrap();
         let router = dcbflow_server::api::router(app.clone());
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.unwrap();
@@ -77,6 +81,7 @@ impl TestServer {
             db_url,
             http: reqwest::Client::new(),
             token: None,
+            doc,
             task,
         }
     }
@@ -90,14 +95,20 @@ impl TestServer {
         }
     }
 
-    /// GET `path`: status and JSON body (Null if none).
+    /// GET `path`: status and JSON body (Null if none), checked against the
+    /// OpenAPI document.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        send(self.req(reqwest::Method::GET, path)).await
+        let r = send(self.req(reqwest::Method::GET, path)).await;
+        conform(&self.doc, "get", path, r.0, &r.1);
+        r
     }
 
-    /// POST JSON to `path`: status and JSON body.
+    /// POST JSON to `path`: status and JSON body, checked against the OpenAPI
+    /// document.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        send(self.req(reqwest::Method::POST, path).json(&body)).await
+        let r = send(self.req(reqwest::Method::POST, path).json(&body)).await;
+        conform(&self.doc, "post", path, r.0, &r.1);
+        r
     }
 }
 
@@ -163,4 +174,57 @@ where
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The OpenAPI path template `path` (without its query) matches, if any.
+pub fn template<'a>(doc: &'a Value, path: &str) -> Option<&'a str> {
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    doc["paths"].as_object()?.keys().map(String::as_str).find(|t| {
+        let ts: Vec<&str> = t.split('/').collect();
+        ts.len() == segs.len()
+            && ts
+                .iter()
+                .zip(&segs)
+                .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
+    })
+}
+
+/// Panics unless the OpenAPI document declares `status` for `method path`
+/// and `body` validates against its schema.
+pub fn conform(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let t = template(doc, path).unwrap_or_else(|| panic!("{path} is not in the OpenAPI document"));
+    let op = &doc["paths"][t][method];
+    assert!(op.is_object(), "{method} {t} is not in the OpenAPI document");
+    let response = &op["responses"][status.to_string()];
+    assert!(
+        response.is_object(),
+        "{method} {t} answered {status}, which its OpenAPI operation does not declare: {body}"
+    );
+    let Some(content) = response["content"].as_object() else {
+        return;
+    };
+    let Some(schema) = content
+        .iter()
+        .find(|(ct, _)| ct.contains("json"))
+        .map(|(_, c)| c["schema"].clone())
+    else {
+        return;
+    };
+    let mut root = serde_json::json!({"components": doc["components"].clone()});
+    if let (Some(r), Some(s)) = (root.as_object_mut(), schema.as_object()) {
+        for (k, v) in s {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    let validator = jsonschema::validator_for(&root)
+        .unwrap_or_else(|e| panic!("schema of {method} {t} {status}: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {t} {status}: the body does not match the OpenAPI schema: {errors:?}\n{body}"
+    );
 }
