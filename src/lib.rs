@@ -34,14 +34,15 @@ pub use command::{
     Command, CommandError, CommandExecutor, CommandOutcome, CommandRetry, Concurrency, Decided,
 };
 pub use projection::{
-    BoxError, Checkpoints, DecisionModel, Lag, Projected, ProjectionHandler, ProjectionRunner,
-    Projector, RunnerError, Subscription, SubscriptionOptions, project, project_in_tx,
+    BoxError, Checkpoint, Checkpoints, DecisionModel, Lag, Projected, ProjectionHandler,
+    ProjectionRunner, Projector, RunnerError, Subscription, SubscriptionOptions, project,
+    project_in_tx,
 };
 pub use store::{
     AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Error, Event, EventStream, InvalidInput,
-    Limits, ParseCursorError, Position, Query, QueryItem, ReadOptions, ReadResult, Result,
-    SequencedEvent, Snapshot, Store, StoreBuilder, StoreStats, TransactionId, pool_from_url,
-    sqlstate,
+    LayerStatus, Limits, MigrationStatus, ParseCursorError, Position, Query, QueryItem,
+    ReadOptions, ReadResult, Result, SequencedEvent, Snapshot, Store, StoreBuilder, StoreStats,
+    TransactionId, pool_from_url, sqlstate,
 };
 
 #[cfg(feature = "nats")]

@@ -47,6 +47,77 @@ impl DeadLetters {
         DeadLetters { store }
     }
 
+    /// Installs or upgrades the outbox layer's schema now, instead of on first
+    /// use (on a store built with `migrate(false)`: checks that it is installed
+    /// and current).
+    ///
+    /// # Errors
+    /// [`SchemaNotInstalled`](crate::store::Error::SchemaNotInstalled) on a
+    /// non-migrating handle; database errors.
+    pub async fn migrate(&self) -> Result<()> {
+        Ok(self.store.ensure_layer(&super::SCHEMA).await?)
+    }
+
+    /// The dead letters of every relay, by id, at most `limit` of them with an id
+    /// greater than `after_id` (keyset pagination: pass the last id of a page to
+    /// get the next one; `None` for the first page).
+    ///
+    /// # Errors
+    /// Database, pool or timeout errors.
+    #[tracing::instrument(name = "dcbflow.dead_letters.list_all", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), after_id, limit))]
+    pub async fn list_all(&self, after_id: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} WHERE id > $1 ORDER BY id LIMIT $2",
+            self.store.table("dead_letters")
+        );
+        let (after, limit) = (after_id.unwrap_or(i64::MIN), i64::from(limit));
+        let rows = self.query(&sql, &[&after, &limit]).await?;
+        Ok(rows.iter().map(letter).collect())
+    }
+
+    /// How many dead letters there are, over every relay.
+    ///
+    /// # Errors
+    /// Database, pool or timeout errors.
+    #[tracing::instrument(name = "dcbflow.dead_letters.count", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema()))]
+    pub async fn count(&self) -> Result<i64> {
+        let sql = format!("SELECT count(*) FROM {}", self.store.table("dead_letters"));
+        Ok(self.query(&sql, &[]).await?[0].get(0))
+    }
+
+    /// Dead letter `id`, if there is one.
+    ///
+    /// # Errors
+    /// Database, pool or timeout errors.
+    #[tracing::instrument(name = "dcbflow.dead_letters.get", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema(), id))]
+    pub async fn get(&self, id: i64) -> Result<Option<DeadLetter>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} WHERE id = $1",
+            self.store.table("dead_letters")
+        );
+        Ok(self.query(&sql, &[&id]).await?.first().map(letter))
+    }
+
+    /// The rows of `sql` (prepared once per connection), within the store's
+    /// call timeout; the connection is dropped if the call broke it.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
+        let deadline = self.store.deadline();
+        let client = self.store.checkout(deadline).await?;
+        let result = self
+            .store
+            .bounded(deadline, async {
+                let stmt = client.prepare_cached(sql).await?;
+                Ok(client.query(&stmt, params).await?)
+            })
+            .await;
+        Ok(crate::store::release(client, result)?)
+    }
+
     /// The dead letters of relay `subscription`, oldest first.
     ///
     /// # Errors
@@ -58,25 +129,13 @@ impl DeadLetters {
         let rows = client
             .query(
                 &format!(
-                    "SELECT id, subscription, position, message_id, error, attempts, created_at \
-                     FROM {} WHERE subscription = $1 ORDER BY position",
+                    "SELECT {COLUMNS} FROM {} WHERE subscription = $1 ORDER BY position",
                     self.store.table("dead_letters")
                 ),
                 &[&subscription],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeadLetter {
-                id: r.get(0),
-                subscription: r.get(1),
-                position: Position(r.get(2)),
-                message_id: r.get(3),
-                error: r.get(4),
-                attempts: r.get(5),
-                created_at: r.get(6),
-            })
-            .collect())
+        Ok(rows.iter().map(letter).collect())
     }
 
     /// Publishes dead letter `id` again with `publisher`; on success it is removed.
@@ -153,6 +212,22 @@ impl DeadLetters {
             )
             .await?;
         Ok(n > 0)
+    }
+}
+
+/// The columns [`letter`] decodes.
+const COLUMNS: &str = "id, subscription, position, message_id, error, attempts, created_at";
+
+/// A row of [`COLUMNS`].
+fn letter(r: &tokio_postgres::Row) -> DeadLetter {
+    DeadLetter {
+        id: r.get(0),
+        subscription: r.get(1),
+        position: Position(r.get(2)),
+        message_id: r.get(3),
+        error: r.get(4),
+        attempts: r.get(5),
+        created_at: r.get(6),
     }
 }
 

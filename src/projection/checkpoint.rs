@@ -23,6 +23,18 @@ pub struct Checkpoints {
     store: Store,
 }
 
+/// The checkpoint of one named subscription (see [`Checkpoints::list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Checkpoint {
+    /// The subscription's name (a projection runner's or an outbox relay's).
+    pub name: String,
+    /// Every matching event up to here has been processed.
+    pub position: Position,
+    /// When the checkpoint was created or last moved.
+    pub updated_at: DateTime<Utc>,
+}
+
 /// How far a named subscription is behind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lag {
@@ -49,6 +61,49 @@ impl Checkpoints {
     /// The checkpoints of `store`.
     pub fn new(store: Store) -> Self {
         Checkpoints { store }
+    }
+
+    /// Installs or upgrades the projection layer's schema now, instead of on
+    /// first use (on a store built with `migrate(false)`: checks that it is
+    /// installed and current).
+    ///
+    /// # Errors
+    /// [`Error::SchemaNotInstalled`](crate::store::Error::SchemaNotInstalled) on
+    /// a non-migrating handle; database errors.
+    pub async fn migrate(&self) -> Result<()> {
+        self.store.ensure_layer(&super::SCHEMA).await
+    }
+
+    /// Every named checkpoint of the store, by name.
+    ///
+    /// # Errors
+    /// Database, pool or timeout errors.
+    #[tracing::instrument(name = "dcbflow.checkpoints.list", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store.schema()))]
+    pub async fn list(&self) -> Result<Vec<Checkpoint>> {
+        self.store.ensure_layer(&super::SCHEMA).await?;
+        let deadline = self.store.deadline();
+        let client = self.store.checkout(deadline).await?;
+        let result = self
+            .store
+            .bounded(deadline, async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT name, position, updated_at FROM {} ORDER BY name",
+                        self.store.table("subscriptions")
+                    ))
+                    .await?;
+                let rows = client.query(&stmt, &[]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| Checkpoint {
+                        name: r.get(0),
+                        position: Position(r.get(1)),
+                        updated_at: r.get(2),
+                    })
+                    .collect())
+            })
+            .await;
+        crate::store::release(client, result)
     }
 
     /// The checkpoint of subscription `name`, created at 0 if new.

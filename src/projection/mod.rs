@@ -10,7 +10,7 @@ mod projector;
 mod runner;
 mod subscription;
 
-pub use checkpoint::{Checkpoints, Lag};
+pub use checkpoint::{Checkpoint, Checkpoints, Lag};
 pub use decision::{Projected, project, project_in_tx};
 pub(crate) use projector::union as union_queries;
 pub use projector::{DecisionModel, Projector};

@@ -11,6 +11,9 @@
 //! newer than this build knows. Rows of layers this build does not have (a
 //! store-only build looking at a schema a full build migrated) are left alone.
 
+use std::sync::Mutex;
+
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::error::{Error, Result};
@@ -62,6 +65,139 @@ pub(crate) const STORE: Layer = Layer {
         },
     ],
 };
+
+/// Whether a store's schema is what this binary expects (see
+/// [`Store::migration_status`](super::Store::migration_status)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct MigrationStatus {
+    /// `true` if every installed layer this process knows has all of its
+    /// migrations applied, with the checksums of this binary's files, and none
+    /// newer; the store layer always counts as installed.
+    pub current: bool,
+    /// Every layer this process knows, and every other layer recorded in the
+    /// schema: the store first, then by name.
+    pub layers: Vec<LayerStatus>,
+}
+
+/// The migrations of one layer: recorded in the schema, and known to this binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LayerStatus {
+    /// The layer's name (`store`, `projection`, `command`, `outbox`, `flow`).
+    pub layer: String,
+    /// Migrations of the layer recorded as applied in the schema (0: not installed).
+    pub applied: u32,
+    /// Migrations of the layer this process knows (0: a layer recorded by another
+    /// build, which this one leaves alone).
+    pub known: u32,
+    /// Versions whose recorded checksum differs from this binary's file.
+    pub changed: Vec<u32>,
+    /// Whether this layer is current: not installed (upper layers install on
+    /// first use), or installed with exactly the known migrations and checksums.
+    /// Always `true` for a layer this process does not know.
+    pub current: bool,
+}
+
+/// The upper layers this process has installed or checked on some store (see
+/// [`register`]); the store layer is always known.
+static KNOWN: Mutex<Vec<&'static Layer>> = Mutex::new(Vec::new());
+
+/// Makes `layer` known to [`status`] in this process. The migrator cannot name
+/// the layers above the store (they own their SQL and sit above it), so each is
+/// registered when it first goes through
+/// [`Store::ensure_layer`](super::Store::ensure_layer): every upper layer's
+/// `migrate()` and first use does.
+pub(crate) fn register(layer: &'static Layer) {
+    let mut known = KNOWN.lock().expect("known layers lock");
+    if !known.iter().any(|l| l.name == layer.name) {
+        known.push(layer);
+    }
+}
+
+/// The layers this process knows: the store, then the registered ones by name.
+fn known_layers() -> Vec<&'static Layer> {
+    let mut upper = KNOWN.lock().expect("known layers lock").clone();
+    upper.sort_by_key(|l| l.name);
+    std::iter::once(&STORE).chain(upper).collect()
+}
+
+/// The migration status of `schema` against the layers this process knows.
+pub(crate) async fn status(
+    client: &deadpool_postgres::Object,
+    schema: &str,
+) -> Result<MigrationStatus> {
+    let sql = format!(
+        "SELECT layer, version, checksum FROM \"{schema}\".migrations ORDER BY layer, version"
+    );
+    let rows = match client.query(&sql, &[]).await {
+        Ok(rows) => rows,
+        // Nothing installed yet: no migrations table.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let recorded: Vec<(String, i32, Vec<u8>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok(compare(&known_layers(), &recorded))
+}
+
+/// Compares `(layer, version, checksum)` rows with the `known` layers.
+fn compare(known: &[&Layer], recorded: &[(String, i32, Vec<u8>)]) -> MigrationStatus {
+    let mut layers: Vec<LayerStatus> = known
+        .iter()
+        .map(|layer| {
+            let rows: Vec<_> = recorded.iter().filter(|r| r.0 == layer.name).collect();
+            let changed: Vec<u32> = layer
+                .migrations
+                .iter()
+                .filter(|m| {
+                    rows.iter().any(|r| {
+                        r.1 == m.version && r.2 != Sha256::digest(m.sql.as_bytes()).as_slice()
+                    })
+                })
+                .map(|m| m.version as u32)
+                .collect();
+            let in_step = rows.len() == layer.migrations.len()
+                && rows
+                    .iter()
+                    .zip(layer.migrations)
+                    .all(|(r, m)| r.1 == m.version);
+            // The store layer is required; upper layers install on first use.
+            let installed = !rows.is_empty() || layer.name == STORE.name;
+            LayerStatus {
+                layer: layer.name.to_owned(),
+                applied: rows.len() as u32,
+                known: layer.migrations.len() as u32,
+                current: !installed || (in_step && changed.is_empty()),
+                changed,
+            }
+        })
+        .collect();
+    let mut others: Vec<&str> = recorded
+        .iter()
+        .map(|r| r.0.as_str())
+        .filter(|name| !known.iter().any(|l| l.name == *name))
+        .collect();
+    others.dedup();
+    for name in others {
+        layers.push(LayerStatus {
+            layer: name.to_owned(),
+            applied: recorded.iter().filter(|r| r.0 == name).count() as u32,
+            known: 0,
+            changed: Vec::new(),
+            current: true,
+        });
+    }
+    // The store first (it is first of `known`), the others by name.
+    let first = layers.len().min(1);
+    layers[first..].sort_by(|a, b| a.layer.cmp(&b.layer));
+    MigrationStatus {
+        current: layers.iter().all(|l| l.current),
+        layers,
+    }
+}
 
 /// Applies `layer`'s migrations to `schema` that are not applied yet.
 pub(crate) async fn run(
@@ -165,6 +301,67 @@ pub(crate) async fn is_current(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UPPER: Layer = Layer {
+        name: "upper",
+        migrations: &[
+            Migration {
+                version: 1,
+                name: "0001_a.sql",
+                sql: "SELECT 1",
+            },
+            Migration {
+                version: 2,
+                name: "0002_b.sql",
+                sql: "SELECT 2",
+            },
+        ],
+    };
+
+    fn rows(layer: &Layer, n: usize) -> Vec<(String, i32, Vec<u8>)> {
+        layer.migrations[..n]
+            .iter()
+            .map(|m| {
+                let sum = Sha256::digest(m.sql.as_bytes()).to_vec();
+                (layer.name.to_owned(), m.version, sum)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn status_compares_installed_layers_with_the_known_ones() {
+        let known = [&STORE, &UPPER];
+        let store = rows(&STORE, STORE.migrations.len());
+        // Upper layer not installed: current (it installs on first use).
+        let s = compare(&known, &store);
+        assert!(s.current, "{s:?}");
+        assert_eq!(s.layers[1].applied, 0);
+        assert_eq!(s.layers[1].known, 2);
+        // Installed with fewer migrations than known: not current.
+        let mut r = store.clone();
+        r.extend(rows(&UPPER, 1));
+        let s = compare(&known, &r);
+        assert!(!s.current && !s.layers[1].current, "{s:?}");
+        // All applied: current.
+        let mut r = store.clone();
+        r.extend(rows(&UPPER, 2));
+        assert!(compare(&known, &r).current);
+        // A changed checksum: not current, and named.
+        r.last_mut().unwrap().2 = vec![0];
+        let s = compare(&known, &r);
+        assert!(!s.current, "{s:?}");
+        assert_eq!(s.layers[1].changed, vec![2]);
+        // The store layer is required.
+        let s = compare(&known, &[]);
+        assert!(!s.current && !s.layers[0].current, "{s:?}");
+        // A layer this process does not know: listed, left alone.
+        let mut r = store.clone();
+        r.push(("zzz".into(), 1, vec![1]));
+        let s = compare(&[&STORE], &r);
+        assert!(s.current);
+        assert_eq!(s.layers[1].layer, "zzz");
+        assert_eq!((s.layers[1].applied, s.layers[1].known), (1, 0));
+    }
 
     #[test]
     fn store_versions_are_dense() {

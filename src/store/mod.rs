@@ -25,6 +25,7 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 pub use append::AppendResult;
 pub use error::{Error, InvalidInput, Result, sqlstate};
 pub use event::{Event, Position, SequencedEvent, TransactionId};
+pub use migrate::{LayerStatus, MigrationStatus};
 pub use query::{AppendCondition, Cursor, ParseCursorError, Query, QueryItem, Snapshot};
 pub use read::{EventStream, ReadOptions, ReadResult};
 
@@ -294,12 +295,43 @@ impl Store {
         migrate::run(&mut client, &self.inner.schema, &migrate::STORE).await
     }
 
+    /// Whether this store's schema is what this binary expects, layer by layer:
+    /// for a readiness probe ("migrations current"). Runs one query, no DDL and no
+    /// lock, within the store's call timeout.
+    ///
+    /// [`MigrationStatus::current`] is `false` if a layer that is installed has
+    /// fewer (or more) migrations applied than this binary knows, or a recorded
+    /// checksum differs from this binary's file. The store layer always counts
+    /// as installed; an upper layer with nothing recorded is current, because it
+    /// installs itself on first use (on a handle that migrates).
+    ///
+    /// The store layer is always known. An upper layer is known to this process
+    /// once it has installed or checked its schema on some store: its
+    /// `migrate()` (`Checkpoints::migrate`, `CommandExecutor::migrate`,
+    /// `DeadLetters::migrate`, `Flows::migrate`) or its first use. A service
+    /// that probes readiness calls those at start-up; layers recorded in the
+    /// schema but not known are listed with `known: 0` and left out of `current`.
+    ///
+    /// # Errors
+    /// Database, pool or timeout errors (a missing schema is not one: nothing is
+    /// installed, and the store layer is then not current).
+    #[tracing::instrument(name = "dcbflow.migration_status", level = "debug", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.inner.schema))]
+    pub async fn migration_status(&self) -> Result<MigrationStatus> {
+        let deadline = self.deadline();
+        let client = self.checkout(deadline).await?;
+        let result = self
+            .bounded(deadline, migrate::status(&client, &self.inner.schema))
+            .await;
+        release(client, result)
+    }
+
     /// Installs or upgrades the schema of an upper `layer` once per store handle
     /// (clones share it): the first call migrates, the others return at once. A
     /// store built with [`StoreBuilder::migrate`]`(false)` runs no DDL: it checks
     /// that the layer is installed and current, and fails with
     /// [`Error::SchemaNotInstalled`] if not.
     pub(crate) async fn ensure_layer(&self, layer: &'static migrate::Layer) -> Result<()> {
+        migrate::register(layer);
         let cell = self
             .inner
             .layers

@@ -1,5 +1,6 @@
-//! `Store::settled_head`: a position below which the log can no longer change,
-//! even with late committers in flight.
+//! What the operator API reads: `Store::settled_head` (a position below which
+//! the log can no longer change, even with late committers in flight), the
+//! migration status, checkpoints and dead letters.
 
 use std::time::Duration;
 
@@ -116,4 +117,117 @@ async fn settled_head_times_out_on_a_writer_that_stays_open() {
     // The rolled-back position is a gap: settled, and nothing will fill it.
     assert_eq!(store.settled_head().await.unwrap(), Position(1));
     assert!(t.events(&Query::all()).await.is_empty());
+}
+
+/// A fresh store is current; an installed layer behind this binary, or with a
+/// changed checksum, is not; a schema with nothing installed is not either.
+#[tokio::test]
+async fn migration_status_reports_layers_behind_or_changed() {
+    let t = TestStore::new().await;
+    let checkpoints = dcbflow::Checkpoints::new(t.store.clone());
+    checkpoints.migrate().await.unwrap();
+    let status = t.store.migration_status().await.unwrap();
+    assert!(status.current, "{status:?}");
+    assert_eq!(status.layers[0].layer, "store");
+    let projection = status
+        .layers
+        .iter()
+        .find(|l| l.layer == "projection")
+        .expect("the projection layer is known once migrated");
+    assert_eq!((projection.applied, projection.known), (1, 1));
+
+    let raw = t.raw().await;
+    let s = &t.schema;
+    raw.execute(
+        &format!("UPDATE \"{s}\".migrations SET checksum = '\\x00' WHERE layer = 'projection'"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let status = t.store.migration_status().await.unwrap();
+    assert!(!status.current, "{status:?}");
+    let projection = status
+        .layers
+        .iter()
+        .find(|l| l.layer == "projection")
+        .unwrap();
+    assert_eq!(projection.changed, vec![1]);
+
+    raw.execute(
+        &format!("DELETE FROM \"{s}\".migrations WHERE layer = 'store' AND version = 4"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let status = t.store.migration_status().await.unwrap();
+    assert!(!status.layers[0].current, "{status:?}");
+    assert_eq!(status.layers[0].applied + 1, status.layers[0].known);
+
+    let empty = Store::builder_for_url(&t.url, Some(2))
+        .unwrap()
+        .schema(format!("{}_none", t.schema))
+        .migrate(false)
+        .build()
+        .await
+        .unwrap();
+    let status = empty.migration_status().await.unwrap();
+    assert!(!status.current, "{status:?}");
+    assert_eq!(status.layers[0].applied, 0);
+}
+
+#[tokio::test]
+async fn checkpoints_are_listed_by_name() {
+    let t = TestStore::new().await;
+    let checkpoints = dcbflow::Checkpoints::new(t.store.clone());
+    assert!(checkpoints.list().await.unwrap().is_empty());
+    for name in ["b-relay", "a-projection"] {
+        checkpoints.get(name).await.unwrap();
+    }
+    let listed = checkpoints.list().await.unwrap();
+    let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["a-projection", "b-relay"]);
+    assert!(listed.iter().all(|c| c.position == Position(0)));
+}
+
+#[cfg(feature = "outbox")]
+#[tokio::test]
+async fn dead_letters_are_listed_by_id_counted_and_fetched() {
+    use dcbflow::outbox::DeadLetters;
+    let t = TestStore::new().await;
+    let dead = DeadLetters::new(t.store.clone());
+    dead.migrate().await.unwrap();
+    assert_eq!(dead.count().await.unwrap(), 0);
+    let raw = t.raw().await;
+    for (relay, position) in [("r1", 3i64), ("r2", 1), ("r1", 2), ("r2", 7), ("r3", 5)] {
+        raw.execute(
+            &format!(
+                "INSERT INTO \"{}\".dead_letters (subscription, position, message_id, error, attempts) \
+                 VALUES ($1, $2, 'm', 'boom', 3)",
+                t.schema
+            ),
+            &[&relay, &position],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(dead.count().await.unwrap(), 5);
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = dead.list_all(after, 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = page.last().map(|l| l.id);
+        pages.push(page);
+    }
+    assert_eq!(pages.len(), 3);
+    let all: Vec<_> = pages.into_iter().flatten().collect();
+    let relays: Vec<&str> = all.iter().map(|l| l.subscription.as_str()).collect();
+    assert_eq!(relays, ["r1", "r2", "r1", "r2", "r3"], "every relay, by id");
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(dead.get(all[3].id).await.unwrap().as_ref(), Some(&all[3]));
+    assert_eq!(dead.get(-1).await.unwrap(), None);
+    assert!(dead.list_all(None, 0).await.unwrap().is_empty());
 }
