@@ -16,7 +16,10 @@ mod error;
 mod model;
 mod runtime;
 
-pub use admin::{IncidentGroup, InstanceFilter, InstanceSummary, Operator};
+pub use admin::{
+    Incident, IncidentFilter, IncidentGroup, InstanceCursor, InstanceFilter, InstanceSummary,
+    Operator, ParseInstanceCursorError, StatusCount, incident_id, parse_incident_id,
+};
 pub use error::{DefinitionError, FlowError};
 pub use model::definition::{
     Action, FlowBuilder, FlowDefinition, OnExhausted, SqlStatement, TaskDefinition, TaskRetry, Tcc,
@@ -24,7 +27,7 @@ pub use model::definition::{
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
-pub use model::state::{InstanceState, InstanceStatus, StepState, StepStatus};
+pub use model::state::{Acknowledgement, InstanceState, InstanceStatus, StepState, StepStatus};
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 pub use runtime::{
@@ -34,12 +37,20 @@ pub use runtime::{
 
 use crate::store::migrate::{Layer, Migration};
 
-/// The flow layer's schema: the read models of instances, wake-ups, incidents.
+/// The flow layer's schema: the read models of instances, wake-ups, incidents
+/// (and, from 0002, the admin queries' indexes and incident acknowledgements).
 pub(crate) const SCHEMA: Layer = Layer {
     name: "flow",
-    migrations: &[Migration {
-        version: 1,
-        name: "0001_flows.sql",
-        sql: include_str!("../../sql/flow/0001_flows.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "0001_flows.sql",
+            sql: include_str!("../../sql/flow/0001_flows.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "0002_admin.sql",
+            sql: include_str!("../../sql/flow/0002_admin.sql"),
+        },
+    ],
 };

@@ -1,13 +1,16 @@
-//! Manual operations on flow instances: retry now, skip, abort, pause, resume.
-//! Each is an event recording who and why, refused if the instance moved since
-//! the operator looked.
+//! Manual operations on flow instances: retry now, skip, abort, pause, resume,
+//! acknowledge an incident. Each is an event recording who and why, refused if
+//! the instance moved since the operator looked.
 
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::flow::FlowError;
+use crate::flow::model::decide::incidents;
 use crate::flow::model::definition::FlowDefinition;
-use crate::flow::model::events::{FlowEvent, InstanceChange, Phase, StepId, StepIntervention};
+use crate::flow::model::events::{
+    FlowEvent, IncidentAcknowledged, InstanceChange, Phase, StepId, StepIntervention,
+};
 use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
 use crate::flow::runtime::Flows;
 use crate::store::Position;
@@ -33,13 +36,14 @@ impl Operator {
 
 impl Flows {
     /// A manual operation: refused with [`FlowError::Moved`] unless the instance
-    /// is still at `seen` (its `last_position` when the operator looked).
+    /// is still at `seen` (its `last_position` when the operator looked; `None`:
+    /// not checked).
     #[tracing::instrument(name = "dcbflow.flow.operate", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), operation = operation, instance = %id))]
     async fn operate<D>(
         &self,
         operation: &'static str,
         id: Uuid,
-        seen: Position,
+        seen: Option<Position>,
         decide: D,
     ) -> Result<InstanceState, FlowError>
     where
@@ -49,7 +53,7 @@ impl Flows {
         self.ready().await?;
         let result = self
             .transition(id, None, |state, def, _| {
-                if state.last_position != seen {
+                if let Some(seen) = seen.filter(|p| *p != state.last_position) {
                     return Err(FlowError::Moved {
                         expected: seen,
                         actual: state.last_position,
@@ -74,7 +78,7 @@ impl Flows {
         seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate("retry_now", id, seen, |state, _| {
+        self.operate("retry_now", id, Some(seen), |state, _| {
             let s = state.step(step);
             if !matches!(s.status, StepStatus::Failed | StepStatus::RetryDue) {
                 return Err(FlowError::NotAllowed(format!(
@@ -105,7 +109,7 @@ impl Flows {
         seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate("skip", id, seen, |state, def| {
+        self.operate("skip", id, Some(seen), |state, def| {
             if def.task(task).is_none() {
                 return Err(FlowError::NotAllowed(format!(
                     "no task {task:?} in flow {:?}",
@@ -152,7 +156,7 @@ impl Flows {
         seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate("abort", id, seen, |state, _| {
+        self.operate("abort", id, Some(seen), |state, _| {
             require(
                 state,
                 &[
@@ -176,7 +180,7 @@ impl Flows {
         seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate("pause", id, seen, |state, _| {
+        self.operate("pause", id, Some(seen), |state, _| {
             require(
                 state,
                 &[InstanceStatus::Running, InstanceStatus::Compensating],
@@ -196,9 +200,46 @@ impl Flows {
         seen: Position,
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
-        self.operate("resume", id, seen, |state, _| {
+        self.operate("resume", id, Some(seen), |state, _| {
             require(state, &[InstanceStatus::Paused])?;
             Ok(FlowEvent::Resumed(change(by)))
+        })
+        .await
+    }
+
+    /// Acknowledges the open incident of `step`: records that `by.actor` is
+    /// handling it, with `by.reason` as the note (a `FlowIncidentAcknowledged`
+    /// event; nothing else changes). The acknowledgement shows in
+    /// [`Flows::incident`], [`Flows::group_incidents`] and the groups'
+    /// [`acknowledged`](crate::flow::IncidentGroup::acknowledged) counts until
+    /// the incident is resolved or the step fails again with another kind or
+    /// error. Acknowledging again replaces it. `seen`: the instance's
+    /// `last_position` the operator looked at (`None`: not checked).
+    ///
+    /// # Errors
+    /// [`FlowError::Moved`], [`FlowError::NotAllowed`] (the step has no open
+    /// incident), [`FlowError::UnknownInstance`], store errors.
+    pub async fn acknowledge(
+        &self,
+        instance: Uuid,
+        step: &StepId,
+        seen: Option<Position>,
+        by: &Operator,
+    ) -> Result<InstanceState, FlowError> {
+        self.operate("acknowledge", instance, seen, |state, _| {
+            let key = step.key();
+            let Some(open) = incidents(state).into_iter().find(|i| i.step == key) else {
+                return Err(FlowError::NotAllowed(format!(
+                    "step {step} has no open incident"
+                )));
+            };
+            Ok(FlowEvent::IncidentAcknowledged(IncidentAcknowledged {
+                step: step.clone(),
+                actor: by.actor.clone(),
+                note: by.reason.clone(),
+                kind: open.kind.to_owned(),
+                error: open.error,
+            }))
         })
         .await
     }

@@ -13,7 +13,7 @@ use super::events::{
 };
 use super::failure::TaskError;
 use super::plan::{Plan, plan};
-use super::state::{InstanceState, InstanceStatus, StepStatus};
+use super::state::{Acknowledgement, InstanceState, InstanceStatus};
 use crate::store::{Event, SequencedEvent, TransactionId};
 
 /// Who starts the steps a transition starts, and for how long they hold them.
@@ -188,6 +188,9 @@ pub(crate) struct Incident {
     pub(crate) error: String,
     /// Attempts made.
     pub(crate) occurrences: u32,
+    /// The operator's acknowledgement, if the incident has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) acknowledged: Option<Acknowledgement>,
 }
 
 /// The incidents of an instance in its current state.
@@ -201,18 +204,21 @@ pub(crate) fn incidents(state: &InstanceState) -> Vec<Incident> {
         return out;
     }
     for s in state.steps.values() {
-        let kind = match (s.status, s.step.phase) {
-            (StepStatus::Failed, Phase::Compensate | Phase::Cancel) => "compensation_failed",
-            (StepStatus::Failed, _) => "exhausted",
-            (StepStatus::RetryDue, _) if s.timed_out => "timed_out",
-            _ => continue,
+        let Some(kind) = s.incident_kind() else {
+            continue;
         };
+        let error = s.error.clone().unwrap_or_default();
+        let acknowledged = s
+            .acknowledged
+            .clone()
+            .filter(|a| a.kind == kind && a.error == error);
         out.push(Incident {
             step: s.step.key(),
             task: s.step.task.clone(),
             kind,
-            error: s.error.clone().unwrap_or_default(),
+            error,
             occurrences: s.attempts,
+            acknowledged,
         });
     }
     if state.status == InstanceStatus::Paused && out.is_empty() {
@@ -222,6 +228,7 @@ pub(crate) fn incidents(state: &InstanceState) -> Vec<Incident> {
             kind: "paused",
             error: state.reason.clone().unwrap_or_default(),
             occurrences: 1,
+            acknowledged: None,
         });
     }
     out
@@ -366,5 +373,66 @@ mod tests {
             matches!(events.first(), Some(FlowEvent::StepTimedOut(f)) if f.code.as_deref() == Some("timeout")),
             "{events:?}"
         );
+    }
+    fn acknowledged(step: &StepId, kind: &str, error: &str) -> FlowEvent {
+        FlowEvent::IncidentAcknowledged(crate::flow::model::events::IncidentAcknowledged {
+            step: step.clone(),
+            actor: "ada".into(),
+            note: "on it".into(),
+            kind: kind.into(),
+            error: error.into(),
+        })
+    }
+
+    #[test]
+    fn an_acknowledgement_lasts_while_the_incident_is_the_same() {
+        let (def, now) = (serial(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        let step = StepId::new("reserve", Phase::Action);
+        let task = def.task("reserve").unwrap();
+        let fatal = TaskError::fatal("no stock");
+        state = apply(
+            &state,
+            &failure_events(task, &state, &step, &fatal, false, now),
+            now,
+        );
+        state = apply(&state, &[acknowledged(&step, "exhausted", "no stock")], now);
+        let ack = state.step(&step).acknowledged.expect("acknowledged");
+        assert_eq!((ack.actor.as_str(), ack.note.as_str()), ("ada", "on it"));
+        assert_eq!(incidents(&state)[0].acknowledged.as_ref(), Some(&ack));
+        // The same failure again keeps it; another error clears it.
+        state = apply(
+            &state,
+            &failure_events(task, &state, &step, &fatal, false, now),
+            now,
+        );
+        assert!(state.step(&step).acknowledged.is_some());
+        let other = TaskError::fatal("warehouse on fire");
+        state = apply(
+            &state,
+            &failure_events(task, &state, &step, &other, false, now),
+            now,
+        );
+        assert_eq!(state.step(&step).acknowledged, None);
+        assert_eq!(incidents(&state)[0].acknowledged, None);
+        // Success clears it too.
+        state = apply(
+            &state,
+            &[acknowledged(&step, "exhausted", "warehouse on fire")],
+            now,
+        );
+        assert!(state.step(&step).acknowledged.is_some());
+        state = apply(
+            &state,
+            &[FlowEvent::StepSucceeded(StepSucceeded {
+                step: step.clone(),
+                attempt: 2,
+                output: json!({}),
+            })],
+            now,
+        );
+        assert_eq!(state.step(&step).acknowledged, None);
+        assert!(incidents(&state).is_empty());
     }
 }

@@ -47,6 +47,8 @@ pub mod types {
     pub const FAILED: &str = "FlowFailed";
     /// A message for the outbox (NATS executor).
     pub const MESSAGE: &str = "FlowMessage";
+    /// An operator acknowledged a step's open incident (is handling it).
+    pub const INCIDENT_ACKNOWLEDGED: &str = "FlowIncidentAcknowledged";
 }
 
 /// The tag every event of an instance carries.
@@ -135,6 +137,38 @@ impl StepId {
         match &self.participant {
             Some(p) => format!("{}.{p}/{}", self.task, self.phase.as_str()),
             None => format!("{}/{}", self.task, self.phase.as_str()),
+        }
+    }
+
+    /// The step of a [`key`](Self::key) (`None` if it is not one).
+    ///
+    /// A key names its phase unambiguously, and only the TCC phases (`try`,
+    /// `confirm`, `cancel`) have a participant. Since task and participant
+    /// names may both contain `.`, a TCC key is split at its first `.`: the
+    /// key of task `a.b`, participant `c` reads back as task `a`, participant
+    /// `b.c`. Where that matters, take the step from the state
+    /// ([`InstanceState::steps`](crate::flow::InstanceState::steps)) or from
+    /// [`Incident::step`](crate::flow::Incident::step) instead.
+    pub fn parse_key(key: &str) -> Option<StepId> {
+        let (name, phase) = key.rsplit_once('/')?;
+        let phase = match phase {
+            "action" => Phase::Action,
+            "compensate" => Phase::Compensate,
+            "try" => Phase::Try,
+            "confirm" => Phase::Confirm,
+            "cancel" => Phase::Cancel,
+            _ => return None,
+        };
+        if name.is_empty() || name.contains('/') {
+            return None;
+        }
+        match phase {
+            Phase::Action | Phase::Compensate => Some(StepId::new(name, phase)),
+            Phase::Try | Phase::Confirm | Phase::Cancel => {
+                let (task, participant) = name.split_once('.')?;
+                (!task.is_empty() && !participant.is_empty())
+                    .then(|| StepId::participant(task, participant, phase))
+            }
         }
     }
 
@@ -240,6 +274,27 @@ pub struct StepIntervention {
     pub reason: Option<String>,
 }
 
+/// `FlowIncidentAcknowledged`: an operator acknowledged the open incident of a
+/// step (they are handling it). It changes nothing but the incident's
+/// acknowledgement, which a later failure of the step with another kind or
+/// error clears.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentAcknowledged {
+    /// The step whose incident it is.
+    pub step: StepId,
+    /// Who acknowledged it.
+    pub actor: String,
+    /// Their note (the operator's reason).
+    #[serde(default)]
+    pub note: String,
+    /// The incident's kind when it was acknowledged (`exhausted`,
+    /// `compensation_failed`, `timed_out`).
+    pub kind: String,
+    /// The incident's error when it was acknowledged.
+    #[serde(default)]
+    pub error: String,
+}
+
 /// Instance-level events (compensating, compensated, compensation failed, paused,
 /// resumed, aborted, completed, failed): who (an operator, or nobody when the
 /// engine decided) and why.
@@ -304,6 +359,8 @@ pub enum FlowEvent {
     Failed(InstanceChange),
     /// `FlowMessage`.
     Message(Message),
+    /// `FlowIncidentAcknowledged`.
+    IncidentAcknowledged(IncidentAcknowledged),
 }
 
 impl FlowEvent {
@@ -327,6 +384,7 @@ impl FlowEvent {
             FlowEvent::Completed(_) => types::COMPLETED,
             FlowEvent::Failed(_) => types::FAILED,
             FlowEvent::Message(_) => types::MESSAGE,
+            FlowEvent::IncidentAcknowledged(_) => types::INCIDENT_ACKNOWLEDGED,
         }
     }
 
@@ -366,6 +424,7 @@ impl FlowEvent {
             types::STEP_SKIPPED => de(e).map(FlowEvent::StepSkipped),
             types::RETRY_REQUESTED => de(e).map(FlowEvent::RetryRequested),
             types::MESSAGE => de(e).map(FlowEvent::Message),
+            types::INCIDENT_ACKNOWLEDGED => de(e).map(FlowEvent::IncidentAcknowledged),
             other => {
                 let change = de::<InstanceChange>(e);
                 match change {
@@ -397,6 +456,7 @@ impl FlowEvent {
             | FlowEvent::Completed(d)
             | FlowEvent::Failed(d) => serde_json::to_value(d),
             FlowEvent::Message(d) => serde_json::to_value(d),
+            FlowEvent::IncidentAcknowledged(d) => serde_json::to_value(d),
         }
         .expect("flow events serialize");
         let event = Event::new(self.event_type(), [instance_tag(instance)], data);
@@ -414,4 +474,56 @@ impl FlowEvent {
 /// Decodes a sequenced event (see [`FlowEvent::decode`]).
 pub(crate) fn decode(e: &SequencedEvent) -> Option<Result<FlowEvent, serde_json::Error>> {
     FlowEvent::decode(&e.event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_key_reads_back_as_its_step() {
+        for step in [
+            StepId::new("ship", Phase::Action),
+            StepId::new("ship-it", Phase::Compensate),
+            StepId::new("a.b", Phase::Action),
+            StepId::participant("book", "hotel", Phase::Try),
+            StepId::participant("book", "car", Phase::Confirm),
+            StepId::participant("book", "car_2", Phase::Cancel),
+        ] {
+            assert_eq!(StepId::parse_key(&step.key()), Some(step.clone()), "{step}");
+        }
+        // A dotted TCC key splits at its first dot.
+        assert_eq!(
+            StepId::parse_key("a.b.c/try"),
+            Some(StepId::participant("a", "b.c", Phase::Try))
+        );
+        for bad in [
+            "",
+            "ship",
+            "ship/",
+            "/action",
+            "ship/run",
+            "a/b/action",
+            "book/try",
+            ".x/try",
+            "x./cancel",
+        ] {
+            assert_eq!(StepId::parse_key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_round_trips() {
+        let id = Uuid::new_v4();
+        let e = FlowEvent::IncidentAcknowledged(IncidentAcknowledged {
+            step: StepId::new("ship", Phase::Action),
+            actor: "ada".into(),
+            note: "calling the carrier".into(),
+            kind: "exhausted".into(),
+            error: "refused".into(),
+        });
+        let stored = e.to_event(id);
+        assert_eq!(stored.event_type, types::INCIDENT_ACKNOWLEDGED);
+        assert_eq!(FlowEvent::decode(&stored).unwrap().unwrap(), e);
+    }
 }

@@ -72,6 +72,23 @@ pub enum StepStatus {
     Skipped,
 }
 
+/// An operator's acknowledgement of a step's open incident: someone is handling
+/// it (recorded by a `FlowIncidentAcknowledged` event).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledgement {
+    /// Who acknowledged it.
+    pub actor: String,
+    /// Their note.
+    pub note: String,
+    /// When (the event's record time).
+    pub at: DateTime<Utc>,
+    /// The kind of incident acknowledged (`exhausted`, `compensation_failed`,
+    /// `timed_out`).
+    pub kind: String,
+    /// The error acknowledged.
+    pub error: String,
+}
+
 /// One step's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
@@ -97,6 +114,12 @@ pub struct StepState {
     pub first_started: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The operator's acknowledgement of the step's incident. It stays through
+    /// retries (automatic or "retry now") while the step fails again with the
+    /// same kind and error; a failure of another kind or error clears it, and
+    /// so does the step's success or skip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<Acknowledgement>,
 }
 
 impl StepState {
@@ -113,6 +136,18 @@ impl StepState {
             timed_out: false,
             first_started: None,
             updated_at: at,
+            acknowledged: None,
+        }
+    }
+
+    /// The kind of incident the step is in (`exhausted`, `compensation_failed`,
+    /// `timed_out`), if any.
+    pub fn incident_kind(&self) -> Option<&'static str> {
+        match (self.status, self.step.phase) {
+            (StepStatus::Failed, Phase::Compensate | Phase::Cancel) => Some("compensation_failed"),
+            (StepStatus::Failed, _) => Some("exhausted"),
+            (StepStatus::RetryDue, _) if self.timed_out => Some("timed_out"),
+            _ => None,
         }
     }
 
@@ -223,6 +258,16 @@ impl InstanceState {
         let by_incident = self.paused_by_incident();
         match event {
             FlowEvent::Started(_) | FlowEvent::Message(_) => {}
+            FlowEvent::IncidentAcknowledged(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.acknowledged = Some(Acknowledgement {
+                    actor: d.actor,
+                    note: d.note,
+                    at,
+                    kind: d.kind,
+                    error: d.error,
+                });
+            }
             FlowEvent::StepStarted(d) => {
                 let step = self.step_mut(&d.step, at);
                 step.updated_at = at;
@@ -241,6 +286,7 @@ impl InstanceState {
                 step.lease_until = None;
                 step.error = None;
                 step.timed_out = false;
+                step.acknowledged = None;
                 if d.step.phase == Phase::Action {
                     self.outputs.insert(d.step.task.clone(), d.output);
                 }
@@ -258,6 +304,15 @@ impl InstanceState {
                 step.lease_until = None;
                 step.error = Some(d.error);
                 step.timed_out = timed_out;
+                // Still the problem that was acknowledged (the same error, and
+                // no incident of another kind), or a new one?
+                let same = step.acknowledged.as_ref().is_some_and(|a| {
+                    step.error.as_deref() == Some(a.error.as_str())
+                        && step.incident_kind().is_none_or(|k| k == a.kind)
+                });
+                if !same {
+                    step.acknowledged = None;
+                }
             }
             FlowEvent::RetryScheduled(d) => {
                 let step = self.step_mut(&d.step, at);
@@ -290,6 +345,7 @@ impl InstanceState {
                 step.status = StepStatus::Skipped;
                 step.worker = None;
                 step.lease_until = None;
+                step.acknowledged = None;
                 if d.step.phase == Phase::Action || d.step.phase == Phase::Try {
                     self.outputs
                         .insert(d.step.task.clone(), d.output.unwrap_or(Value::Null));

@@ -1,5 +1,6 @@
 //! The flow engine against a real PostgreSQL (and a real local HTTP server).
 
+mod admin;
 mod basic;
 mod nats;
 mod ops;
