@@ -8,6 +8,7 @@
 //! | [`dcbflow::outbox`](outbox) | the relay, publishers, dead letters, consumer dedupe, the typed [`Envelope`](outbox::Envelope) | `outbox` |
 //! | [`dcbflow::flow`](flow) | the flow engine: definitions, events, templates, workers, operations | `flow` |
 //! | [`dcbflow::tcc`](tcc) | the participant-side try/confirm/cancel barrier | `tcc` |
+//! | `dcbflow::metrics` | metric names and `describe()`, for the `metrics` facade | `metrics` |
 //! | [`dcbflow::testing`](testing) | given / when / then tests of commands | always |
 //!
 //! Layers depend only downward: store → projection → command → outbox → flow
@@ -21,6 +22,8 @@ mod command;
 pub mod flow;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 mod projection;

@@ -31,8 +31,8 @@ pub use model::state::{Acknowledgement, InstanceState, InstanceStatus, StepState
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 pub use runtime::{
-    FlowStats, Flows, HttpPolicy, HttpRuleError, StartedInstance, TaskContext, TaskExecutor,
-    Worker, WorkerOptions,
+    Drained, FlowStats, Flows, HttpPolicy, HttpRuleError, StartedInstance, TaskContext,
+    TaskExecutor, Worker, WorkerOptions,
 };
 
 use crate::store::migrate::{Layer, Migration};

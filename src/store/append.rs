@@ -68,6 +68,14 @@ impl Store {
         events: Vec<Event>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
+        observed(self.append_now(events, condition)).await
+    }
+
+    async fn append_now(
+        &self,
+        events: Vec<Event>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
         let _permit = self.permit()?;
         if let Some(group) = &self.inner.group_commit {
             let prepared = self.prepare_append(events, condition)?;
@@ -106,8 +114,11 @@ impl Store {
         events: Vec<Event>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
-        let _permit = self.permit()?;
-        self.append_with(tx, events, condition, true).await
+        observed(async {
+            let _permit = self.permit()?;
+            self.append_with(tx, events, condition, true).await
+        })
+        .await
     }
 
     /// Like [`append_in_tx`](Self::append_in_tx), but the caller wakes the
@@ -119,8 +130,11 @@ impl Store {
         events: Vec<Event>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
-        let _permit = self.permit()?;
-        self.append_with(tx, events, condition, false).await
+        observed(async {
+            let _permit = self.permit()?;
+            self.append_with(tx, events, condition, false).await
+        })
+        .await
     }
 
     /// Asks for a wake-up of the store's subscribers, sent after this call on
@@ -246,6 +260,37 @@ impl Store {
             snapshot,
         })
     }
+}
+
+/// Counter of appends by `result` (`ok`, `conflict`, `invalid`, `error`).
+#[cfg(feature = "metrics")]
+pub(crate) const APPENDS_TOTAL: &str = "dcbflow_appends_total";
+/// Histogram of append durations, in seconds.
+#[cfg(feature = "metrics")]
+pub(crate) const APPEND_DURATION_SECONDS: &str = "dcbflow_append_duration_seconds";
+
+/// Runs one append, and with feature `metrics` counts its result and records
+/// its duration: the one place every append path (plain, group commit, in the
+/// caller's transaction, the command executor's) goes through. Without the
+/// feature it only awaits `append`.
+async fn observed(
+    append: impl std::future::Future<Output = Result<AppendResult>>,
+) -> Result<AppendResult> {
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
+    let result = append.await;
+    #[cfg(feature = "metrics")]
+    {
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(Error::Conflict { .. }) => "conflict",
+            Err(Error::InvalidInput(_)) => "invalid",
+            Err(_) => "error",
+        };
+        ::metrics::counter!(APPENDS_TOTAL, "result" => label).increment(1);
+        ::metrics::histogram!(APPEND_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+    }
+    result
 }
 
 /// The parameters of one call of `append_events`.

@@ -23,6 +23,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 pub use append::AppendResult;
+#[cfg(feature = "metrics")]
+pub(crate) use append::{APPEND_DURATION_SECONDS, APPENDS_TOTAL};
 pub use error::{Error, InvalidInput, Result, sqlstate};
 pub use event::{Event, Position, SequencedEvent, TransactionId};
 pub use migrate::{LayerStatus, MigrationStatus};

@@ -6,12 +6,16 @@ mod append;
 mod command;
 mod conditions;
 #[cfg(feature = "flow")]
+mod drain;
+#[cfg(feature = "flow")]
 mod flow;
 mod group_commit;
 mod hostile;
 #[cfg(all(feature = "flow", feature = "http"))]
 mod https;
 mod input;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod migrate;
 #[cfg(feature = "nats")]
 mod outbox;

@@ -10,4 +10,4 @@ mod worker;
 pub use engine::{FlowStats, Flows, StartedInstance};
 pub use executor::{HttpPolicy, HttpRuleError, TaskContext, TaskExecutor};
 pub(crate) use transition::instance_query;
-pub use worker::{Worker, WorkerOptions};
+pub use worker::{Drained, Worker, WorkerOptions};

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -107,6 +108,110 @@ impl Flows {
     }
 }
 
+/// What a worker did after its stop signal fired (see [`Worker::run_until`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drained {
+    /// Steps whose results were recorded after the stop fired (they were
+    /// running, or had just finished, and ended within the grace period).
+    pub steps_finished: usize,
+    /// Steps still running when the grace period ended: cancelled, their
+    /// results never recorded. Their leases expire as usual, after which any
+    /// worker times the attempt out and runs the next one.
+    pub steps_abandoned: usize,
+    /// Claimed instances released after the stop fired (every claim the worker
+    /// held, unless the database refused a release; such a claim expires after
+    /// `claim_ttl`).
+    pub instances_released: usize,
+}
+
+/// The stop and abandon signals of one run, and what the drain counted.
+#[derive(Debug, Clone, Default)]
+struct Drain {
+    /// Claim nothing more, start no step, record what finishes.
+    stop: CancellationToken,
+    /// The grace period is over: cancel the steps still running.
+    abandon: CancellationToken,
+    counts: Arc<DrainCounts>,
+}
+
+#[derive(Debug, Default)]
+struct DrainCounts {
+    finished: AtomicUsize,
+    abandoned: AtomicUsize,
+    released: AtomicUsize,
+}
+
+impl DrainCounts {
+    fn drained(&self) -> Drained {
+        Drained {
+            steps_finished: self.finished.load(Ordering::Relaxed),
+            steps_abandoned: self.abandoned.load(Ordering::Relaxed),
+            instances_released: self.released.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// When each step a transition started became due, by step key (feature `metrics`).
+#[cfg(feature = "metrics")]
+type DueTimes = std::sync::Mutex<std::collections::HashMap<String, chrono::DateTime<Utc>>>;
+
+/// Notes in `due` when each step started by `events` became due, as seen in
+/// `state`, the state they were decided on: the attempt's due time (a retry's
+/// backoff, a delayed step) if it had one, or else the instance's last change,
+/// the event that made the step ready (the start, a predecessor's success, an
+/// operator's action).
+#[cfg(feature = "metrics")]
+fn note_due(due: &DueTimes, state: &InstanceState, events: &[FlowEvent]) {
+    let mut due = due.lock().expect("due times lock");
+    for e in events {
+        if let FlowEvent::StepStarted(d) = e {
+            let key = d.step.key();
+            let at = state
+                .steps
+                .get(&key)
+                .and_then(|s| s.due_at)
+                .unwrap_or(state.updated_at);
+            due.insert(key, at);
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Worker {
+    /// Counter of finished step attempts, by `flow`, `task` and `outcome`.
+    pub(crate) const STEP_ATTEMPTS_TOTAL: &'static str = "dcbflow_step_attempts_total";
+    /// Histogram of step attempt durations, by `flow` and `task`.
+    pub(crate) const STEP_DURATION_SECONDS: &'static str = "dcbflow_step_duration_seconds";
+    /// Histogram of how long due steps waited for a worker, by `flow`.
+    ///
+    /// A step becomes due when the event that makes it runnable is recorded (the
+    /// instance's start, its predecessor's success, an operator's retry), or at
+    /// its retry time if it has one; the wait ends when a worker starts running
+    /// it. Both ends are read from the instance's own state (its last change, or
+    /// the step's due time, in the state the starting transition decided on),
+    /// so the wait covers everything in between: waiting for a free worker slot,
+    /// for a claim, for the poll or wake-up, and the starting transition itself.
+    /// The time the due work sat in `flow_wakeups` would miss the part before
+    /// its row was written and after it was claimed.
+    pub(crate) const STEP_QUEUE_WAIT_SECONDS: &'static str = "dcbflow_step_queue_wait_seconds";
+}
+
+/// Counts a finished attempt and records how long it took.
+#[cfg(feature = "metrics")]
+fn count_attempt(flow: &str, task: &str, outcome: &'static str, took: Duration) {
+    let (flow, task) = (flow.to_owned(), task.to_owned());
+    ::metrics::counter!(
+        Worker::STEP_ATTEMPTS_TOTAL,
+        "flow" => flow.clone(),
+        "task" => task.clone(),
+        "outcome" => outcome
+    )
+    .increment(1);
+    ::metrics::histogram!(Worker::STEP_DURATION_SECONDS, "flow" => flow, "task" => task)
+        .record(took.as_secs_f64());
+}
+
 /// A finished attempt.
 #[derive(Debug)]
 struct Finished {
@@ -115,6 +220,12 @@ struct Finished {
     /// The task's timeout, in milliseconds.
     timeout_ms: u64,
     result: Result<Effect, Failure>,
+    /// The instance's flow (a metric label).
+    #[cfg(feature = "metrics")]
+    flow: String,
+    /// How long the action ran.
+    #[cfg(feature = "metrics")]
+    ran: Duration,
 }
 
 /// A failed attempt.
@@ -147,15 +258,41 @@ impl Worker {
     /// Runs until `cancel` fires. Woken by a subscription to the flow events that
     /// create work (starts, operator actions) and by the earliest due time.
     ///
+    /// The same as [`run_until`](Self::run_until) with no grace period: steps
+    /// still running when `cancel` fires are abandoned at once (their leases
+    /// expire as usual), and the claims are released.
+    ///
+    /// # Errors
+    /// Store errors that persist (transient ones are logged and retried).
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), FlowError> {
+        self.run_until(cancel, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// Runs until `stop` fires, then drains: claims no new instance and starts
+    /// no new step; steps already running go on, and their results are recorded
+    /// as usual (completion events appended, without planning the steps after
+    /// them, which the next worker to claim the instance starts), for up to
+    /// `grace`. Steps still running after `grace` are abandoned (cancelled;
+    /// their leases expire normally and another worker times them out). Every
+    /// claim is released; the returned [`Drained`] counts what happened after
+    /// `stop`.
+    ///
+    /// A transition already in flight when `stop` fires still completes, and a
+    /// step it started is run like the others.
+    ///
     /// # Errors
     /// Store errors that persist (transient ones are logged and retried).
     #[tracing::instrument(name = "dcbflow.worker.run", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.flows.store().schema(), worker = %self.options.id, concurrency = self.options.concurrency))]
-    pub async fn run(self, cancel: CancellationToken) -> Result<(), FlowError> {
+    pub async fn run_until(
+        self,
+        stop: CancellationToken,
+        grace: Duration,
+    ) -> Result<Drained, FlowError> {
         self.flows.ready().await?;
         let store = self.flows.store().clone();
         let wake = Arc::new(Notify::new());
         let listener = {
-            let (wake, cancel) = (wake.clone(), cancel.clone());
+            let (wake, cancel) = (wake.clone(), stop.clone());
             let q = Query::items_of(
                 [
                     types::STARTED,
@@ -189,11 +326,15 @@ impl Worker {
                 .instrument(tracing::debug_span!("dcbflow.worker.wakeups")),
             )
         };
+        let drain = Drain {
+            stop: stop.clone(),
+            ..Drain::default()
+        };
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut busy: HashSet<Uuid> = HashSet::new();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
-        while !cancel.is_cancelled() {
+        while !stop.is_cancelled() {
             while let Ok(id) = done_rx.try_recv() {
                 busy.remove(&id);
             }
@@ -215,13 +356,16 @@ impl Worker {
                     continue;
                 }
                 let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-                let (me, cancel, done) = (self.clone(), cancel.clone(), done_tx.clone());
+                let (me, drain, done) = (self.clone(), drain.clone(), done_tx.clone());
                 tasks.spawn(
                     async move {
-                        if let Err(e) = me.reconcile(id, &cancel).await {
+                        if let Err(e) = me.reconcile(id, &drain).await {
                             tracing::warn!(worker = %me.options.id, instance = %id, error = %e, "flow instance step failed");
                         }
-                        let _ = me.release(id).await;
+                        let released = me.release(id).await;
+                        if drain.stop.is_cancelled() && released.is_ok() {
+                            drain.counts.released.fetch_add(1, Ordering::Relaxed);
+                        }
                         let _ = done.send(id);
                         drop(permit);
                     }
@@ -233,15 +377,22 @@ impl Worker {
                 .await
                 .unwrap_or(self.options.poll_interval);
             tokio::select! {
-                () = cancel.cancelled() => break,
+                () = stop.cancelled() => break,
                 () = wake.notified() => {}
                 Some(id) = done_rx.recv() => { busy.remove(&id); }
                 () = tokio::time::sleep(sleep.min(self.options.poll_interval)) => {}
             }
         }
-        tasks.shutdown().await;
         listener.abort();
-        Ok(())
+        // Drain: the instances' tasks record what finishes, then release.
+        let all_ended = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all_ended).await.is_err() {
+            drain.abandon.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        let drained = drain.counts.drained();
+        tracing::debug!(worker = %self.options.id, ?drained, "worker drained");
+        Ok(drained)
     }
 
     /// Claims up to `n` due, unclaimed instances.
@@ -314,16 +465,48 @@ impl Worker {
         seconds.map(|s| Duration::from_secs_f64(s.max(0.0)))
     }
 
-    /// Works on one instance until it needs nothing for a while.
-    async fn reconcile(&self, id: Uuid, cancel: &CancellationToken) -> Result<(), FlowError> {
+    /// Works on one instance until it needs nothing for a while, or the worker
+    /// stops (then until its running steps have been recorded or abandoned).
+    async fn reconcile(&self, id: Uuid, drain: &Drain) -> Result<(), FlowError> {
+        if drain.stop.is_cancelled() {
+            return Ok(());
+        }
         let mut running: JoinSet<Finished> = JoinSet::new();
+        let result = self.reconcile_with(id, drain, &mut running).await;
+        if !running.is_empty() {
+            if drain.stop.is_cancelled() {
+                drain
+                    .counts
+                    .abandoned
+                    .fetch_add(running.len(), Ordering::Relaxed);
+            }
+            running.shutdown().await;
+        }
+        result
+    }
+
+    async fn reconcile_with(
+        &self,
+        id: Uuid,
+        drain: &Drain,
+        running: &mut JoinSet<Finished>,
+    ) -> Result<(), FlowError> {
+        #[cfg(feature = "metrics")]
+        let due = DueTimes::default();
         let mut last_beat = tokio::time::Instant::now();
-        let (mut state, mut appended) = self.advance(id).await?;
+        let (mut state, mut appended) = self
+            .advance(
+                id,
+                #[cfg(feature = "metrics")]
+                &due,
+            )
+            .await?;
         loop {
-            if cancel.is_cancelled() {
-                running.shutdown().await;
+            if drain.abandon.is_cancelled() {
+                // The caller cancels what is still running.
                 return Ok(());
             }
+            let draining = drain.stop.is_cancelled();
             if last_beat.elapsed() > self.options.claim_ttl / 3 {
                 self.heartbeat(id).await?;
                 last_beat = tokio::time::Instant::now();
@@ -334,42 +517,84 @@ impl Worker {
                 .await?;
             for e in &appended {
                 if let FlowEvent::StepStarted(d) = e {
-                    self.spawn_step(&mut running, &def, &state, d.step.clone(), d.attempt);
+                    #[cfg(feature = "metrics")]
+                    let due_at = due.lock().expect("due times lock").remove(&d.step.key());
+                    self.spawn_step(
+                        running,
+                        &def,
+                        &state,
+                        d.step.clone(),
+                        d.attempt,
+                        #[cfg(feature = "metrics")]
+                        due_at,
+                    );
                 }
             }
-            let now = Utc::now();
-            let next = plan(&def, &state, now).next_due;
-            let wait = next.map(|at| (at - now).to_std().unwrap_or_default());
             if running.is_empty() {
+                if draining {
+                    return Ok(());
+                }
                 // Nothing in flight: keep the instance only for a due time that is near.
+                let now = Utc::now();
+                let next = plan(&def, &state, now).next_due;
+                let wait = next.map(|at| (at - now).to_std().unwrap_or_default());
                 match wait {
                     Some(w) if w <= self.options.poll_interval => {
                         tokio::select! {
                             () = tokio::time::sleep(w) => {
-                                (state, appended) = self.advance(id).await?;
+                                (state, appended) = self.advance(
+                                    id,
+                                    #[cfg(feature = "metrics")]
+                                    &due,
+                                ).await?;
                                 continue;
                             }
-                            () = cancel.cancelled() => return Ok(()),
+                            () = drain.stop.cancelled() => return Ok(()),
                         }
                     }
                     _ => return Ok(()),
                 }
             }
             let beat = self.options.claim_ttl / 3;
+            let now = Utc::now();
+            let wait = plan(&def, &state, now)
+                .next_due
+                .map(|at| (at - now).to_std().unwrap_or_default());
             tokio::select! {
                 Some(joined) = running.join_next() => {
                     match joined {
-                        Ok(outcome) => (state, appended) = self.record(id, outcome).await?,
+                        Ok(outcome) => {
+                            // Once stopped, record the outcome without planning
+                            // (and so starting) the steps after it.
+                            let stopped = drain.stop.is_cancelled();
+                            (state, appended) = self.record(
+                                id,
+                                outcome,
+                                !stopped,
+                                #[cfg(feature = "metrics")]
+                                &due,
+                            ).await?;
+                            if stopped {
+                                drain.counts.finished.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(instance = %id, error = %e, "step task panicked");
                             appended = Vec::new();
                         }
                     }
                 }
-                () = tokio::time::sleep(wait.unwrap_or(beat).min(beat)) => {
-                    (state, appended) = self.advance(id).await?;
+                () = tokio::time::sleep(wait.unwrap_or(beat).min(beat)), if !draining => {
+                    (state, appended) = self.advance(
+                        id,
+                        #[cfg(feature = "metrics")]
+                        &due,
+                    ).await?;
                 }
-                () = cancel.cancelled() => { appended = Vec::new(); }
+                // Draining: only keep the claim alive (the heartbeat above).
+                () = tokio::time::sleep(beat), if draining => { appended = Vec::new(); }
+                () = drain.stop.cancelled(), if !draining => { appended = Vec::new(); }
+                () = drain.abandon.cancelled() => { appended = Vec::new(); }
             }
         }
     }
@@ -383,11 +608,18 @@ impl Worker {
     }
 
     /// One planning round as one transition. Returns the state and what was appended.
-    async fn advance(&self, id: Uuid) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
+    async fn advance(
+        &self,
+        id: Uuid,
+        #[cfg(feature = "metrics")] due: &DueTimes,
+    ) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
         let result = self
             .flows
             .transition(id, None, |state, def, now| {
-                Ok(next_events(def, state, now, self.lessee()))
+                let events = next_events(def, state, now, self.lessee());
+                #[cfg(feature = "metrics")]
+                note_due(due, state, &events);
+                Ok(events)
             })
             .await;
         flatten(result)
@@ -400,10 +632,19 @@ impl Worker {
         state: &InstanceState,
         step: StepId,
         attempt: u32,
+        #[cfg(feature = "metrics")] due_at: Option<chrono::DateTime<Utc>>,
     ) {
         let Some(task) = def.task(&step.task).cloned() else {
             return;
         };
+        #[cfg(feature = "metrics")]
+        let flow = state.flow.clone();
+        #[cfg(feature = "metrics")]
+        if let Some(due_at) = due_at {
+            let waited = (Utc::now() - due_at).to_std().unwrap_or_default();
+            ::metrics::histogram!(Self::STEP_QUEUE_WAIT_SECONDS, "flow" => flow.clone())
+                .record(waited.as_secs_f64());
+        }
         let ctx = context(state, &task, &step, attempt);
         let action = task.action_for(&step).cloned();
         #[cfg(feature = "http")]
@@ -417,6 +658,8 @@ impl Worker {
         let span = tracing::debug_span!("dcbflow.step", step = %step, attempt);
         running.spawn(
             async move {
+                #[cfg(feature = "metrics")]
+                let started = std::time::Instant::now();
                 let result = match (ctx, action) {
                     (Err(e), _) => Err(Failure::new(e)),
                     (Ok(_), None) => Err(Failure::new(TaskError::fatal(format!(
@@ -450,6 +693,10 @@ impl Worker {
                     attempt,
                     timeout_ms: task.timeout_ms,
                     result,
+                    #[cfg(feature = "metrics")]
+                    flow,
+                    #[cfg(feature = "metrics")]
+                    ran: started.elapsed(),
                 }
             }
             .instrument(span),
@@ -458,17 +705,22 @@ impl Worker {
 
     /// Records an attempt's outcome, if the attempt is still the current one (a
     /// late worker whose lease expired loses here), together with the next
-    /// planning round, in one transition. SQL runs in this transaction.
+    /// planning round (with `plan`), in one transition. SQL runs in this transaction.
     async fn record(
         &self,
         id: Uuid,
         finished: Finished,
+        plan: bool,
+        #[cfg(feature = "metrics")] due: &DueTimes,
     ) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
+        #[cfg(feature = "metrics")]
+        let (flow, ran) = (finished.flow.clone(), finished.ran);
         let Finished {
             step,
             attempt,
             timeout_ms,
             result,
+            ..
         } = finished;
         let step = &step;
         let current = |state: &InstanceState| {
@@ -477,9 +729,15 @@ impl Worker {
         };
         let with_plan =
             |state: &InstanceState, def: &FlowDefinition, now, events: Vec<FlowEvent>| {
+                if !plan {
+                    return events;
+                }
                 let preview = preview(state, &events, now);
+                let planned = next_events(def, &preview, now, self.lessee());
+                #[cfg(feature = "metrics")]
+                note_due(due, &preview, &planned);
                 let mut events = events;
-                events.extend(next_events(def, &preview, now, self.lessee()));
+                events.extend(planned);
                 events
             };
         let failure = match result {
@@ -497,6 +755,8 @@ impl Worker {
                         }),
                     ),
                 };
+                #[cfg(feature = "metrics")]
+                let transaction = std::time::Instant::now();
                 let outcome = self
                     .flows
                     .transition(id, work.as_ref(), |state, def, now| {
@@ -514,12 +774,37 @@ impl Worker {
                         Ok(with_plan(state, def, now, out))
                     })
                     .await;
+                // A SQL step's action is its transaction.
+                #[cfg(feature = "metrics")]
+                let ran = match &work {
+                    Some(_) => ran + transaction.elapsed(),
+                    None => ran,
+                };
                 match outcome {
-                    Err(TransitionError::Sql(e)) => sql_failure(&e),
-                    other => return flatten(other),
+                    Err(TransitionError::Sql(e)) => {
+                        #[cfg(feature = "metrics")]
+                        count_attempt(&flow, &step.task, "failed", ran);
+                        sql_failure(&e)
+                    }
+                    other => {
+                        #[cfg(feature = "metrics")]
+                        if other.is_ok() {
+                            count_attempt(&flow, &step.task, "succeeded", ran);
+                        }
+                        return flatten(other);
+                    }
                 }
             }
-            Err(f) => f,
+            Err(f) => {
+                #[cfg(feature = "metrics")]
+                count_attempt(
+                    &flow,
+                    &step.task,
+                    if f.timed_out { "timed_out" } else { "failed" },
+                    ran,
+                );
+                f
+            }
         };
         let result = self
             .flows
