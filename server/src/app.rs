@@ -70,7 +70,9 @@ impl App {
         let flows = Flows::new(store.clone()).http_policy(policy);
         if db.migrate {
             flows.migrate().await?;
-            dcbflow::CommandExecutor::new(store.clone()).migrate().await?;
+            dcbflow::CommandExecutor::new(store.clone())
+                .migrate()
+                .await?;
         }
         Ok(App {
             store,
@@ -91,7 +93,9 @@ impl App {
         for p in &self.config.flows.paths {
             if p.is_dir() {
                 let mut found: Vec<_> = std::fs::read_dir(p)
-                    .map_err(|e| ApiError::bad_field("flows.paths", format!("{}: {e}", p.display())))?
+                    .map_err(|e| {
+                        ApiError::bad_field("flows.paths", format!("{}: {e}", p.display()))
+                    })?
                     .flatten()
                     .map(|e| e.path())
                     .filter(|f| {
@@ -137,12 +141,16 @@ impl App {
                 _ => String::new(),
             }),
         });
-        let projections = self.config.projections.iter().map(|p: &Projection| Watched {
-            name: p.name.clone(),
-            kind: "projection",
-            query: query_of(&p.types, &p.tags),
-            target: None,
-        });
+        let projections = self
+            .config
+            .projections
+            .iter()
+            .map(|p: &Projection| Watched {
+                name: p.name.clone(),
+                kind: "projection",
+                query: query_of(&p.types, &p.tags),
+                target: None,
+            });
         relays.chain(projections).collect()
     }
 
@@ -157,5 +165,7 @@ pub fn query_of(types: &[String], tags: &[String]) -> Query {
     if types.is_empty() && tags.is_empty() {
         return Query::all();
     }
-    Query::from_items([QueryItem::new().types(types.iter().cloned()).tags(tags.iter().cloned())])
+    Query::from_items([QueryItem::new()
+        .types(types.iter().cloned())
+        .tags(tags.iter().cloned())])
 }

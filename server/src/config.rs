@@ -207,7 +207,10 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print a token.
         f.debug_struct("Auth")
-            .field("operator_token", &self.operator_token.as_ref().map(|_| "***"))
+            .field(
+                "operator_token",
+                &self.operator_token.as_ref().map(|_| "***"),
+            )
             .field("read_token", &self.read_token.as_ref().map(|_| "***"))
             .finish()
     }
@@ -370,11 +373,17 @@ impl Config {
             p.push("database.pool_size: must be at least 2".to_owned());
         }
         if db.group_commit == 1 {
-            p.push("database.group_commit: a batch of 1 is no batching; use 0 (off) or 2 and more".to_owned());
+            p.push(
+                "database.group_commit: a batch of 1 is no batching; use 0 (off) or 2 and more"
+                    .to_owned(),
+            );
         }
         for (i, path) in self.flows.paths.iter().enumerate() {
             if !path.exists() {
-                p.push(format!("flows.paths[{i}]: {} does not exist", path.display()));
+                p.push(format!(
+                    "flows.paths[{i}]: {} does not exist",
+                    path.display()
+                ));
             }
         }
         for (i, entry) in self.flows.http_allow.iter().enumerate() {
@@ -396,7 +405,10 @@ impl Config {
                 p.push(format!("{key}.name: must not be empty"));
             }
             if let Some(j) = names.insert(r.name.clone(), i) {
-                p.push(format!("{key}.name: {:?} is also relays[{j}]'s name", r.name));
+                p.push(format!(
+                    "{key}.name: {:?} is also relays[{j}]'s name",
+                    r.name
+                ));
             }
             match (&r.nats, &r.webhook) {
                 (None, None) => p.push(format!("{key}: needs a target, nats or webhook")),
@@ -416,7 +428,9 @@ impl Config {
                 }
                 (None, Some(h)) => {
                     if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                        p.push(format!("{key}.webhook.url: must be an http:// or https:// URL"));
+                        p.push(format!(
+                            "{key}.webhook.url: must be an http:// or https:// URL"
+                        ));
                     }
                 }
             }
@@ -451,7 +465,10 @@ impl Config {
             p.push("auth.read_token: must differ from auth.operator_token".to_owned());
         }
         if a.read_token.is_some() && a.operator_token.is_none() {
-            p.push("auth.operator_token: a read token alone would leave no way to operate; set both".to_owned());
+            p.push(
+                "auth.operator_token: a read token alone would leave no way to operate; set both"
+                    .to_owned(),
+            );
         }
         let api = &self.api;
         if api.body_limit_bytes < 1024 {
@@ -526,7 +543,9 @@ fn typed<T: DeserializeOwned>(
     loop {
         let mut unknown = Vec::new();
         let result: Result<T, _> = serde_path_to_error::deserialize(
-            serde_ignored::Deserializer::new(value.clone(), &mut |path: serde_ignored::Path<'_>| {
+            serde_ignored::Deserializer::new(value.clone(), &mut |path: serde_ignored::Path<
+                '_,
+            >| {
                 unknown.push(path.to_string());
             }),
         );
@@ -664,8 +683,14 @@ operator_token = "short"
         let path = dir.join("pub.toml");
         std::fs::write(&path, "listen = \"0.0.0.0:8080\"").unwrap();
         let c = Config::load(Some(&path), &env).unwrap();
-        assert_eq!(c.auth.operator_token.as_deref(), Some("a-long-operator-token"));
-        assert!(!format!("{c:?}").contains("a-long-operator-token"), "tokens are never printed");
+        assert_eq!(
+            c.auth.operator_token.as_deref(),
+            Some("a-long-operator-token")
+        );
+        assert!(
+            !format!("{c:?}").contains("a-long-operator-token"),
+            "tokens are never printed"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

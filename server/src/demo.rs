@@ -52,7 +52,10 @@ async fn endpoint(
         .to_owned();
     let mut s = shop.lock().expect("shop");
     if rand::random::<f64>() < 0.1 {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "busy, try again"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "busy, try again"})),
+        );
     }
     if let Some((status, body)) = s.answered.get(&key) {
         return (*status, Json(body.clone()));
@@ -74,7 +77,9 @@ async fn endpoint(
                 Some((sku, _)) if sku == "fragile" => {
                     return (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        Json(json!({"error": "the warehouse cannot restock fragile items automatically"})),
+                        Json(
+                            json!({"error": "the warehouse cannot restock fragile items automatically"}),
+                        ),
                     );
                 }
                 _ => {}
@@ -87,7 +92,10 @@ async fn endpoint(
         "charge" => {
             let amount = b["amount"].as_i64().unwrap_or(0);
             if amount > 400 {
-                (StatusCode::PAYMENT_REQUIRED, json!({"error": "card declined"}))
+                (
+                    StatusCode::PAYMENT_REQUIRED,
+                    json!({"error": "card declined"}),
+                )
             } else {
                 let id = format!("pay-{order}");
                 s.payments.insert(id.clone(), amount);
@@ -127,7 +135,10 @@ async fn shop(tasks: &mut JoinSet<()>) -> ApiResult<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(ApiError::internal)?;
-    let url = format!("http://{}", listener.local_addr().map_err(ApiError::internal)?);
+    let url = format!(
+        "http://{}",
+        listener.local_addr().map_err(ApiError::internal)?
+    );
     tasks.spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -140,7 +151,11 @@ async fn shop(tasks: &mut JoinSet<()>) -> ApiResult<String> {
 pub fn order(service: &str, run: &str, n: u64) -> (String, Value) {
     let key = format!("demo-{run}-{n}");
     let declined = n % 5 == 4 || n % 11 == 10;
-    let amount = if declined { 450 + n % 50 } else { 20 + (n * 37) % 380 };
+    let amount = if declined {
+        450 + n % 50
+    } else {
+        20 + (n * 37) % 380
+    };
     let sku = if n % 11 == 10 { "fragile" } else { "widget" };
     (
         key.clone(),

@@ -5,6 +5,8 @@
 //! describe the database (head, lag, instances by status, incidents, outbox
 //! age, dead letters) are read when Prometheus scrapes, so they are never stale.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use metrics::gauge;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -20,8 +22,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0, 60.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
                 ])
                 .expect("buckets")
                 .install_recorder()
@@ -35,14 +37,31 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_gauge};
-    describe_gauge!("dcbflow_head_position", "The position of the newest event in the log");
-    describe_gauge!("dcbflow_consumer_lag_events", "Events a projection or relay has yet to process");
-    describe_gauge!("dcbflow_consumer_lag_seconds", Unit::Seconds, "Age of the oldest event a projection or relay has yet to process");
-    describe_gauge!("dcbflow_outbox_oldest_unpublished_seconds", Unit::Seconds, "Age of the oldest event an outbox relay has yet to publish");
+    describe_gauge!(
+        "dcbflow_head_position",
+        "The position of the newest event in the log"
+    );
+    describe_gauge!(
+        "dcbflow_consumer_lag_events",
+        "Events a projection or relay has yet to process"
+    );
+    describe_gauge!(
+        "dcbflow_consumer_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest event a projection or relay has yet to process"
+    );
+    describe_gauge!(
+        "dcbflow_outbox_oldest_unpublished_seconds",
+        Unit::Seconds,
+        "Age of the oldest event an outbox relay has yet to publish"
+    );
     describe_gauge!("dcbflow_dead_letters", "Dead letters of every relay");
     describe_gauge!("dcbflow_instances", "Flow instances by flow and status");
     describe_gauge!("dcbflow_incidents_open", "Open incidents by flow");
-    describe_gauge!("dcbflow_workers_running", "Flow workers running in this process");
+    describe_gauge!(
+        "dcbflow_workers_running",
+        "Flow workers running in this process"
+    );
 }
 
 /// Samples the gauges and renders every metric.
@@ -50,7 +69,9 @@ pub async fn render(app: &App) -> String {
     if let Err(e) = sample(app).await {
         tracing::warn!(error = %e, "sampling metrics failed");
     }
-    app.metrics.as_ref().map_or_else(String::new, PrometheusHandle::render)
+    app.metrics
+        .as_ref()
+        .map_or_else(String::new, PrometheusHandle::render)
 }
 
 async fn sample(app: &App) -> Result<(), crate::error::ApiError> {
@@ -68,17 +89,38 @@ async fn sample(app: &App) -> Result<(), crate::error::ApiError> {
                 .set(lag.oldest_age().as_secs_f64());
         }
     }
-    let dead = dcbflow::outbox::DeadLetters::new(app.store.clone()).count().await?;
+    let dead = dcbflow::outbox::DeadLetters::new(app.store.clone())
+        .count()
+        .await?;
     gauge!("dcbflow_dead_letters").set(dead as f64);
-    for c in app.flows.instance_counts().await? {
-        gauge!("dcbflow_instances", "flow" => c.flow, "status" => c.status).set(c.count as f64);
-    }
-    let mut open: std::collections::BTreeMap<String, i64> = Default::default();
+    // A flow and status with no instances left is reported as 0, not as its
+    // last value: remember every series set so far.
+    static SERIES: std::sync::Mutex<BTreeSet<(String, String)>> =
+        std::sync::Mutex::new(BTreeSet::new());
+    static FLOWS: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let counts = app.flows.instance_counts().await?;
+    let mut open: BTreeMap<String, i64> = BTreeMap::new();
     for g in app.flows.incidents().await? {
         *open.entry(g.flow).or_default() += g.instance_count;
     }
-    for (flow, n) in open {
-        gauge!("dcbflow_incidents_open", "flow" => flow).set(n as f64);
+    {
+        let mut series = SERIES.lock().expect("series");
+        let now: BTreeMap<(String, String), i64> = counts
+            .into_iter()
+            .map(|c| ((c.flow, c.status), c.count))
+            .collect();
+        series.extend(now.keys().cloned());
+        for key in series.iter() {
+            let n = now.get(key).copied().unwrap_or(0);
+            gauge!("dcbflow_instances", "flow" => key.0.clone(), "status" => key.1.clone())
+                .set(n as f64);
+        }
+        let mut flows = FLOWS.lock().expect("flows");
+        flows.extend(open.keys().cloned());
+        for flow in flows.iter() {
+            let n = open.get(flow).copied().unwrap_or(0);
+            gauge!("dcbflow_incidents_open", "flow" => flow.clone()).set(n as f64);
+        }
     }
     Ok(())
 }

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use dcbflow::CancellationToken;
 use dcbflow::flow::WorkerOptions;
-use dcbflow::outbox::{NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher, RelayOptions, WebhookPublisher};
+use dcbflow::outbox::{
+    NatsPublisher, OutboxMessage, OutboxRelay, PublishFailure, Publisher, RelayOptions,
+    WebhookPublisher,
+};
 use tokio::task::JoinSet;
 
 use crate::app::{App, query_of};
@@ -44,7 +47,11 @@ impl std::fmt::Display for Drained {
         write!(
             f,
             "drained: {} workers stopped, {} running steps finished, {} abandoned (their leases expire, another worker takes them), {} claims released; {} relays stopped",
-            self.workers, self.steps_finished, self.steps_abandoned, self.instances_released, self.relays
+            self.workers,
+            self.steps_finished,
+            self.steps_abandoned,
+            self.instances_released,
+            self.relays
         )
     }
 }
@@ -102,7 +109,10 @@ pub async fn publisher(relay: &Relay) -> ApiResult<AnyPublisher> {
 ///
 /// # Errors
 /// Configuration, database and bind errors.
-pub async fn serve(config: Config, options: ServeOptions) -> Result<Drained, Box<dyn std::error::Error>> {
+pub async fn serve(
+    config: Config,
+    options: ServeOptions,
+) -> Result<Drained, Box<dyn std::error::Error>> {
     let mut config = config;
     if options.demo && !config.flows.http_allow.iter().any(|a| a == "loopback") {
         // The demo's shop service runs on 127.0.0.1.
@@ -112,7 +122,11 @@ pub async fn serve(config: Config, options: ServeOptions) -> Result<Drained, Box
         config.listen = Some(l);
         let problems = config.check();
         if !problems.is_empty() {
-            return Err(crate::config::ConfigError { source_name: None, problems }.into());
+            return Err(crate::config::ConfigError {
+                source_name: None,
+                problems,
+            }
+            .into());
         }
     }
     let tokens = config.auth.operator_token.is_some();
@@ -161,8 +175,13 @@ async fn run(
         let publisher = publisher(r).await?;
         let mut o = RelayOptions::default();
         o.max_attempts = r.max_attempts;
-        let relay = OutboxRelay::new(app.store.clone(), &r.name, query_of(&r.types, &r.tags), publisher)
-            .options(o);
+        let relay = OutboxRelay::new(
+            app.store.clone(),
+            &r.name,
+            query_of(&r.types, &r.tags),
+            publisher,
+        )
+        .options(o);
         let stop = stop.clone();
         let name = r.name.clone();
         relays.spawn(async move {
@@ -180,13 +199,18 @@ async fn run(
             "no tokens configured: listening on loopback only, every request may read and operate"
         );
     }
-    println!("dcbflow listening on http://{local}  (API http://{local}/api/v1, OpenAPI http://{local}/api/openapi.json)");
+    println!(
+        "dcbflow listening on http://{local}  (API http://{local}/api/v1, OpenAPI http://{local}/api/openapi.json)"
+    );
     let router = crate::api::router(app.clone());
     let shutdown = {
         let stop = stop.clone();
         async move {
             signal().await;
-            println!("shutting down: no new work is claimed; running steps have {} ms to finish", grace.as_millis());
+            println!(
+                "shutting down: no new work is claimed; running steps have {} ms to finish",
+                grace.as_millis()
+            );
             stop.cancel();
         }
     };

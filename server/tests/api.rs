@@ -17,26 +17,32 @@ name: greeting
 input: { who: string }
 tasks:
   - name: hello
-    action: { executor: function, name: hello }
+    action: { executor: rust, function: hello }
   - name: shout
     depends_on: [hello]
-    action: { executor: function, name: shout }
+    action: { executor: rust, function: shout }
     retry: { max_attempts: 1 }
     on_exhausted: pause
 "#;
 
 /// Registers the `hello` and `shout` functions (`shout` fails for "nobody").
 fn functions(s: &TestServer) {
-    s.app.flows.function("hello", |ctx: TaskContext| async move {
-        Ok::<_, TaskError>(json!({"greeting": format!("hello {}", ctx.input["who"].as_str().unwrap_or("?"))}))
-    });
-    s.app.flows.function("shout", |ctx: TaskContext| async move {
-        if ctx.input["who"] == "nobody" {
-            Err(TaskError::fatal("nobody to shout at"))
-        } else {
-            Ok(json!({"shouted": true}))
-        }
-    });
+    s.app
+        .flows
+        .function("hello", |ctx: TaskContext| async move {
+            Ok::<_, TaskError>(
+                json!({"greeting": format!("hello {}", ctx.flow_input["who"].as_str().unwrap_or("?"))}),
+            )
+        });
+    s.app
+        .flows
+        .function("shout", |ctx: TaskContext| async move {
+            if ctx.flow_input["who"] == "nobody" {
+                Err(TaskError::fatal("nobody to shout at"))
+            } else {
+                Ok(json!({"shouted": true}))
+            }
+        });
 }
 
 async fn register_yaml(s: &TestServer, yaml: &str) -> (u16, Value) {
@@ -71,7 +77,14 @@ async fn every_documented_operation_is_routed_and_every_route_documented() {
     assert_eq!(doc["openapi"].as_str().unwrap().get(..3), Some("3.1"));
     let paths = doc["paths"].as_object().unwrap();
     // The routes outside /api/v1 are documented too.
-    for p in ["/health/live", "/health/ready", "/metrics", "/api/openapi.json", "/read", "/append"] {
+    for p in [
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/api/openapi.json",
+        "/read",
+        "/append",
+    ] {
         assert!(paths.contains_key(p), "{p} is not documented");
     }
     // Every documented operation reaches a handler: never the router's
@@ -103,7 +116,10 @@ async fn every_documented_operation_is_routed_and_every_route_documented() {
     let (st, body) = send(s.req(Method::GET, "/api/v1/nothing-here")).await;
     assert_eq!((st, body["code"].as_str()), (404, Some("not_found")));
     let (st, body) = send(s.req(Method::DELETE, "/api/v1/flows")).await;
-    assert_eq!((st, body["code"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -118,10 +134,10 @@ async fn flows_register_in_every_format_list_and_show() {
     let (st, again) = register_yaml(&s, GREETING).await;
     assert_eq!((st, again["created"].clone()), (200, json!(false)));
     // JSON and TOML bodies.
-    let json_def = json!({"name": "solo", "tasks": [{"name": "a", "action": {"executor": "function", "name": "hello"}}]});
+    let json_def = json!({"name": "solo", "tasks": [{"name": "a", "action": {"executor": "rust", "function": "hello"}}]});
     let (st, _) = send(s.req(Method::POST, "/api/v1/flows").json(&json_def)).await;
     assert_eq!(st, 201);
-    let toml_def = "name = \"tomlish\"\n[[tasks]]\nname = \"a\"\naction = { executor = \"function\", name = \"hello\" }\n";
+    let toml_def = "name = \"tomlish\"\n[[tasks]]\nname = \"a\"\naction = { executor = \"rust\", function = \"hello\" }\n";
     let (st, b) = send(
         s.req(Method::POST, "/api/v1/flows")
             .header("content-type", "application/toml")
@@ -130,9 +146,13 @@ async fn flows_register_in_every_format_list_and_show() {
     .await;
     assert_eq!(st, 201, "{b}");
     // Every validation problem in one 422.
-    let bad = "name: bad\ntasks:\n  - name: a\n    depends_on: [ghost]\n    action: { executor: function, name: missing_fn }\n  - name: a\n    action: { executor: function, name: hello }\n";
+    let bad = "name: bad\ntasks:\n  - name: a\n    depends_on: [ghost]\n    action: { executor: rust, function: missing_fn }\n  - name: a\n    action: { executor: rust, function: hello }\n";
     let (st, p) = register_yaml(&s, bad).await;
-    assert_eq!((st, p["code"].as_str()), (422, Some("definition_invalid")), "{p}");
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (422, Some("definition_invalid")),
+        "{p}"
+    );
     assert!(p["errors"].as_array().unwrap().len() >= 2, "{p}");
     // Not a definition format.
     let (st, p) = send(
@@ -141,14 +161,24 @@ async fn flows_register_in_every_format_list_and_show() {
             .body("x"),
     )
     .await;
-    assert_eq!((st, p["code"].as_str()), (415, Some("unsupported_media_type")));
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
     // List, paginated by name.
     let (st, page) = s.get("/api/v1/flows?limit=2").await;
     assert_eq!(st, 200);
-    let names: Vec<&str> = page["items"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["greeting", "solo"]);
     let cursor = page["next_cursor"].as_str().unwrap();
-    let (_, page2) = s.get(&format!("/api/v1/flows?limit=2&cursor={cursor}")).await;
+    let (_, page2) = s
+        .get(&format!("/api/v1/flows?limit=2&cursor={cursor}"))
+        .await;
     assert_eq!(page2["items"][0]["name"], "tomlish");
     assert!(page2.get("next_cursor").is_none());
     // Show: versions, source, graph.
@@ -157,11 +187,16 @@ async fn flows_register_in_every_format_list_and_show() {
     assert_eq!(f["version"], version.as_str());
     assert_eq!(f["versions"].as_array().unwrap().len(), 1);
     assert!(f["source"].as_str().unwrap().contains("shout"));
-    assert_eq!(f["graph"]["edges"], json!([{"from": "hello", "to": "shout"}]));
+    assert_eq!(
+        f["graph"]["edges"],
+        json!([{"from": "hello", "to": "shout"}])
+    );
     assert_eq!(f["graph"]["nodes"].as_array().unwrap().len(), 2);
     let (_, fj) = s.get("/api/v1/flows/greeting?format=json").await;
     assert!(serde_json::from_str::<Value>(fj["source"].as_str().unwrap()).is_ok());
-    let (st, _) = s.get(&format!("/api/v1/flows/greeting/versions/{version}")).await;
+    let (st, _) = s
+        .get(&format!("/api/v1/flows/greeting/versions/{version}"))
+        .await;
     assert_eq!(st, 200);
     let (st, p) = s.get("/api/v1/flows/nope").await;
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));
@@ -176,14 +211,35 @@ async fn instances_start_list_show_operate_and_bulk() {
     functions(&s);
     register_yaml(&s, GREETING).await;
     // Start, idempotent by business key.
-    let (st, a) = s.post("/api/v1/instances", json!({"flow": "greeting", "business_key": "order-1", "input": {"who": "ada"}})).await;
+    let (st, a) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "greeting", "business_key": "order-1", "input": {"who": "ada"}}),
+        )
+        .await;
     assert_eq!(st, 201, "{a}");
-    let (st, again) = s.post("/api/v1/instances", json!({"flow": "greeting", "business_key": "order-1", "input": {"who": "ada"}})).await;
+    let (st, again) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "greeting", "business_key": "order-1", "input": {"who": "ada"}}),
+        )
+        .await;
     assert_eq!((st, &again["id"]), (200, &a["id"]));
-    let (st, p) = s.post("/api/v1/instances", json!({"flow": "nope", "input": {}})).await;
+    let (st, p) = s
+        .post("/api/v1/instances", json!({"flow": "nope", "input": {}}))
+        .await;
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));
-    let (st, p) = s.post("/api/v1/instances", json!({"flow": "greeting", "input": {"who": 7}})).await;
-    assert_eq!((st, p["code"].as_str()), (422, Some("input_mismatch")), "{p}");
+    let (st, p) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "greeting", "input": {"who": 7}}),
+        )
+        .await;
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (422, Some("input_mismatch")),
+        "{p}"
+    );
     for i in 0..4 {
         s.post("/api/v1/instances", json!({"flow": "greeting", "business_key": format!("batch-{i}%_"), "input": {"who": "x"}})).await;
     }
@@ -200,7 +256,10 @@ async fn instances_start_list_show_operate_and_bulk() {
         let (st, page) = s.get(&q).await;
         assert_eq!(st, 200);
         for it in page["items"].as_array().unwrap() {
-            assert!(seen.insert(it["id"].as_str().unwrap().to_owned()), "a duplicate across pages");
+            assert!(
+                seen.insert(it["id"].as_str().unwrap().to_owned()),
+                "a duplicate across pages"
+            );
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -211,15 +270,29 @@ async fn instances_start_list_show_operate_and_bulk() {
     let (_, found) = s.get("/api/v1/instances?q=BATCH-2").await;
     assert_eq!(found["items"].as_array().unwrap().len(), 1);
     let (_, found) = s.get("/api/v1/instances?q=%25_").await;
-    assert_eq!(found["items"].as_array().unwrap().len(), 4, "LIKE metacharacters are literal");
-    let (_, found) = s.get("/api/v1/instances?business_key=order-1&status=running").await;
+    assert_eq!(
+        found["items"].as_array().unwrap().len(),
+        4,
+        "LIKE metacharacters are literal"
+    );
+    let (_, found) = s
+        .get("/api/v1/instances?business_key=order-1&status=running")
+        .await;
     assert_eq!(found["items"].as_array().unwrap().len(), 1);
-    let (_, none) = s.get("/api/v1/instances?started_after=2999-01-01T00:00:00Z").await;
+    let (_, none) = s
+        .get("/api/v1/instances?started_after=2999-01-01T00:00:00Z")
+        .await;
     assert!(none["items"].as_array().unwrap().is_empty());
     let (st, p) = s.get("/api/v1/instances?status=sleeping").await;
-    assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("status")));
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("status"))
+    );
     let (st, p) = s.get("/api/v1/instances?cursor=garbage").await;
-    assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("cursor")));
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("cursor"))
+    );
     let (st, p) = s.get("/api/v1/instances?limit=0").await;
     assert_eq!(st, 400, "{p}");
     let (st, p) = s.get("/api/v1/instances?colour=red").await;
@@ -233,45 +306,108 @@ async fn instances_start_list_show_operate_and_bulk() {
     let (st, tl) = s.get(&format!("/api/v1/instances/{id}/timeline")).await;
     assert_eq!(st, 200);
     assert_eq!(tl["events"][0]["type"], "FlowStarted");
-    let (st, p) = s.get("/api/v1/instances/00000000-0000-0000-0000-000000000000").await;
+    let (st, p) = s
+        .get("/api/v1/instances/00000000-0000-0000-0000-000000000000")
+        .await;
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));
     let (st, p) = s.get("/api/v1/instances/not-a-uuid").await;
     assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("id")));
 
     // Operations: pause needs actor and reason; a stale `seen` is 409 moved.
     let op = |seen: i64, reason: &str| json!({"seen": seen, "actor": "ada", "reason": reason});
-    let (st, p) = s.post(&format!("/api/v1/instances/{id}/pause"), op(seen_pos, "")).await;
+    let (st, p) = s
+        .post(&format!("/api/v1/instances/{id}/pause"), op(seen_pos, ""))
+        .await;
     assert_eq!((st, p["code"].as_str()), (422, Some("invalid_input")));
-    let (st, paused) = s.post(&format!("/api/v1/instances/{id}/pause"), op(seen_pos, "checking")).await;
-    assert_eq!((st, paused["status"].as_str()), (200, Some("paused")), "{paused}");
-    let (st, p) = s.post(&format!("/api/v1/instances/{id}/resume"), op(seen_pos, "stale")).await;
+    let (st, paused) = s
+        .post(
+            &format!("/api/v1/instances/{id}/pause"),
+            op(seen_pos, "checking"),
+        )
+        .await;
+    assert_eq!(
+        (st, paused["status"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/instances/{id}/resume"),
+            op(seen_pos, "stale"),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (409, Some("moved")), "{p}");
-    let (st, p) = s.post(&format!("/api/v1/instances/{id}/pause"), op(paused["seen"].as_i64().unwrap(), "again")).await;
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/instances/{id}/pause"),
+            op(paused["seen"].as_i64().unwrap(), "again"),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (409, Some("not_allowed")));
-    let (st, resumed) = s.post(&format!("/api/v1/instances/{id}/resume"), op(paused["seen"].as_i64().unwrap(), "done checking")).await;
+    let (st, resumed) = s
+        .post(
+            &format!("/api/v1/instances/{id}/resume"),
+            op(paused["seen"].as_i64().unwrap(), "done checking"),
+        )
+        .await;
     assert_eq!((st, resumed["status"].as_str()), (200, Some("running")));
-    let (st, p) = s.post(&format!("/api/v1/instances/{id}/skip"), json!({"task": "ghost", "seen": resumed["seen"], "actor": "ada", "reason": "r"})).await;
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/instances/{id}/skip"),
+            json!({"task": "ghost", "seen": resumed["seen"], "actor": "ada", "reason": "r"}),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (409, Some("not_allowed")));
     let (st, skipped) = s.post(&format!("/api/v1/instances/{id}/skip"), json!({"task": "hello", "output": {"greeting": "hi"}, "seen": resumed["seen"], "actor": "ada", "reason": "done by hand"})).await;
     assert_eq!(st, 200, "{skipped}");
     assert_eq!(skipped["outputs"]["hello"], json!({"greeting": "hi"}));
-    let (st, aborted) = s.post(&format!("/api/v1/instances/{id}/abort"), json!({"seen": skipped["seen"], "actor": "ada", "reason": "customer cancelled"})).await;
+    let (st, aborted) = s
+        .post(
+            &format!("/api/v1/instances/{id}/abort"),
+            json!({"seen": skipped["seen"], "actor": "ada", "reason": "customer cancelled"}),
+        )
+        .await;
     assert_eq!(st, 200, "{aborted}");
-    let (st, p) = s.post(&format!("/api/v1/instances/{id}/retry"), op(aborted["seen"].as_i64().unwrap(), "r")).await;
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/instances/{id}/retry"),
+            op(aborted["seen"].as_i64().unwrap(), "r"),
+        )
+        .await;
     assert!(st == 409 || st == 400, "{p}");
 
     // Bulk: a dry run counts, the real one acts (paced) and reports refusals.
     let bulk = |dry: bool| json!({"operation": "pause", "filter": {"flow": "greeting", "q": "batch"}, "dry_run": dry, "actor": "ada", "reason": "maintenance"});
     let (st, dry) = s.post("/api/v1/instances/bulk", bulk(true)).await;
-    assert_eq!((st, dry["matched"].as_i64(), dry["acted"].as_u64()), (200, Some(4), Some(0)), "{dry}");
+    assert_eq!(
+        (st, dry["matched"].as_i64(), dry["acted"].as_u64()),
+        (200, Some(4), Some(0)),
+        "{dry}"
+    );
     let (_, done) = s.post("/api/v1/instances/bulk", bulk(false)).await;
-    assert_eq!((done["matched"].as_i64(), done["acted"].as_u64()), (Some(4), Some(4)), "{done}");
+    assert_eq!(
+        (done["matched"].as_i64(), done["acted"].as_u64()),
+        (Some(4), Some(4)),
+        "{done}"
+    );
     let (_, again) = s.post("/api/v1/instances/bulk", bulk(false)).await;
-    assert_eq!(again["refused"].as_array().unwrap().len(), 4, "already paused: {again}");
+    assert_eq!(
+        again["refused"].as_array().unwrap().len(),
+        4,
+        "already paused: {again}"
+    );
     let (_, paused) = s.get("/api/v1/instances?status=paused&q=batch").await;
     assert_eq!(paused["items"].as_array().unwrap().len(), 4);
-    let (st, p) = s.post("/api/v1/instances/bulk", json!({"operation": "explode", "filter": {}, "actor": "a", "reason": "r"})).await;
-    assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("operation")));
+    let (st, p) = s
+        .post(
+            "/api/v1/instances/bulk",
+            json!({"operation": "explode", "filter": {}, "actor": "a", "reason": "r"}),
+        )
+        .await;
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("operation"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -287,10 +423,20 @@ async fn incidents_are_grouped_handled_and_retried() {
     }
     let page = eventually("three paused instances in one incident group", || async {
         let (_, page) = s.get("/api/v1/incidents").await;
-        (page["items"].as_array()?.iter().any(|g| g["task"] == "shout" && g["instance_count"] == 3)).then_some(page)
+        (page["items"]
+            .as_array()?
+            .iter()
+            .any(|g| g["task"] == "shout" && g["instance_count"] == 3))
+        .then_some(page)
     })
     .await;
-    let group = page["items"].as_array().unwrap().iter().find(|g| g["task"] == "shout").unwrap().clone();
+    let group = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["task"] == "shout")
+        .unwrap()
+        .clone();
     assert_eq!(group["kind"], "exhausted");
     let gid = group["id"].as_str().unwrap();
     let (st, detail) = s.get(&format!("/api/v1/incidents/{gid}")).await;
@@ -300,27 +446,69 @@ async fn incidents_are_grouped_handled_and_retried() {
     let iid = incidents[0]["id"].as_str().unwrap().to_owned();
     let enc = iid.replace('/', "%2F");
     // Handle: an event on the instance with the note.
-    let (st, p) = s.post(&format!("/api/v1/incidents/{enc}/handle"), json!({"actor": "ada", "note": ""})).await;
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/incidents/{enc}/handle"),
+            json!({"actor": "ada", "note": ""}),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (422, Some("invalid_input")));
-    let (st, handled) = s.post(&format!("/api/v1/incidents/{enc}/handle"), json!({"actor": "ada", "note": "customer notified"})).await;
+    let (st, handled) = s
+        .post(
+            &format!("/api/v1/incidents/{enc}/handle"),
+            json!({"actor": "ada", "note": "customer notified"}),
+        )
+        .await;
     assert_eq!(st, 200, "{handled}");
     assert_eq!(handled["note"], "customer notified");
     let inst = handled["instance"].as_str().unwrap();
     let (_, tl) = s.get(&format!("/api/v1/instances/{inst}/timeline")).await;
-    assert!(tl["events"].as_array().unwrap().iter().any(|e| e["type"] == "FlowIncidentAcknowledged"));
+    assert!(
+        tl["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "FlowIncidentAcknowledged")
+    );
     let (_, unacked) = s.get("/api/v1/incidents?unacknowledged=true").await;
-    let g = unacked["items"].as_array().unwrap().iter().find(|g| g["task"] == "shout").unwrap();
-    assert_eq!(g["acknowledged"], 1);
+    let g = unacked["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["task"] == "shout")
+        .unwrap();
+    assert_eq!(g["instance_count"], 2, "acknowledged incidents are left out: {g}");
+    let (_, all) = s.get("/api/v1/incidents").await;
+    let g = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["task"] == "shout")
+        .unwrap();
+    assert_eq!(
+        (g["instance_count"].as_i64(), g["acknowledged"].as_i64()),
+        (Some(3), Some(1))
+    );
     // Retry: the step runs again (and fails again: still an incident).
     let before = status_of(&s, inst).await["seen"].as_i64().unwrap();
-    let (st, r) = s.post(&format!("/api/v1/incidents/{enc}/retry"), json!({"actor": "ada", "reason": "try once more"})).await;
+    let (st, r) = s
+        .post(
+            &format!("/api/v1/incidents/{enc}/retry"),
+            json!({"actor": "ada", "reason": "try once more"}),
+        )
+        .await;
     assert_eq!(st, 200, "{r}");
     eventually("the retried step to fail again", || async {
         let v = status_of(&s, inst).await;
         (v["seen"].as_i64()? > before + 1 && v["status"] == "paused").then_some(())
     })
     .await;
-    let (st, p) = s.post("/api/v1/incidents/nope/handle", json!({"actor": "a", "note": "n"})).await;
+    let (st, p) = s
+        .post(
+            "/api/v1/incidents/nope/handle",
+            json!({"actor": "a", "note": "n"}),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));
     let (st, _) = s.get("/api/v1/incidents/deadbeef").await;
     assert_eq!(st, 404);
@@ -334,19 +522,34 @@ async fn tokens_gate_reading_and_operating() {
     functions(&s);
     register_yaml(&s, GREETING).await;
     // No token: 401 with a challenge.
-    let res = s.http.get(format!("{}/api/v1/flows", s.url)).send().await.unwrap();
+    let res = s
+        .http
+        .get(format!("{}/api/v1/flows", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
     assert!(res.headers().contains_key("www-authenticate"));
     let (st, p) = send(s.http.get(format!("{}/api/v1/flows", s.url))).await;
     assert_eq!((st, p["code"].as_str()), (401, Some("unauthorized")));
     // A wrong token: 401.
-    let (st, _) = send(s.http.get(format!("{}/api/v1/flows", s.url)).bearer_auth("operator-token-0123456788")).await;
+    let (st, _) = send(
+        s.http
+            .get(format!("{}/api/v1/flows", s.url))
+            .bearer_auth("operator-token-0123456788"),
+    )
+    .await;
     assert_eq!(st, 401);
     // The read-only token reads, and may not change anything.
     s.token = Some(READER.into());
     let (st, _) = s.get("/api/v1/flows").await;
     assert_eq!(st, 200);
-    let (st, p) = s.post("/api/v1/instances", json!({"flow": "greeting", "input": {"who": "x"}})).await;
+    let (st, p) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "greeting", "input": {"who": "x"}}),
+        )
+        .await;
     assert_eq!((st, p["code"].as_str()), (403, Some("forbidden")));
     let (st, _) = register_yaml(&s, GREETING).await;
     assert_eq!(st, 403);
@@ -356,12 +559,22 @@ async fn tokens_gate_reading_and_operating() {
     s.token = Some(OPERATOR.into());
     let (_, list) = s.get("/api/v1/instances").await;
     assert!(list["items"].as_array().unwrap().is_empty());
-    let (st, _) = s.post("/api/v1/instances", json!({"flow": "greeting", "input": {"who": "x"}})).await;
+    let (st, _) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "greeting", "input": {"who": "x"}}),
+        )
+        .await;
     assert_eq!(st, 201);
     // Health needs no token; metrics do.
     let (st, _) = send(s.http.get(format!("{}/health/live", s.url))).await;
     assert_eq!(st, 200);
-    let res = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap();
+    let res = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
 }
 
@@ -373,14 +586,22 @@ async fn hostile_input_gets_a_clear_4xx_and_writes_nothing() {
     let head = || async { s.app.store.head().await.unwrap() };
     let before = head().await;
     let post_raw = |path: &str, body: String| {
-        send(s.req(Method::POST, path).header("content-type", "application/json").body(body))
+        send(
+            s.req(Method::POST, path)
+                .header("content-type", "application/json")
+                .body(body),
+        )
     };
     // Oversized body.
     let big = json!({"flow": "greeting", "input": {"who": "x".repeat(10_000)}}).to_string();
     let (st, p) = post_raw("/api/v1/instances", big).await;
     assert_eq!((st, p["code"].as_str()), (413, Some("payload_too_large")));
     // Deeply nested JSON.
-    let deep = format!("{{\"flow\":\"greeting\",\"input\":{}{}}}", "[".repeat(200), "]".repeat(200));
+    let deep = format!(
+        "{{\"flow\":\"greeting\",\"input\":{}{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     let (st, p) = post_raw("/api/v1/instances", deep).await;
     assert_eq!(st, 400, "{p}");
     assert!(p["detail"].as_str().unwrap().contains("nests deeper"));
@@ -388,21 +609,45 @@ async fn hostile_input_gets_a_clear_4xx_and_writes_nothing() {
     let (st, p) = post_raw("/api/v1/instances", "{\"flow\": \"greeting\",".into()).await;
     assert_eq!((st, p["code"].as_str()), (400, Some("bad_request")));
     // Unknown field, named.
-    let (st, p) = post_raw("/api/v1/instances", json!({"flow": "greeting", "input": {}, "priority": 9}).to_string()).await;
+    let (st, p) = post_raw(
+        "/api/v1/instances",
+        json!({"flow": "greeting", "input": {}, "priority": 9}).to_string(),
+    )
+    .await;
     assert_eq!(st, 400);
     assert!(p["detail"].as_str().unwrap().contains("priority"), "{p}");
     // A field of the wrong type, named.
-    let (st, p) = post_raw("/api/v1/instances", json!({"flow": 42, "input": {}}).to_string()).await;
-    assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("flow")), "{p}");
+    let (st, p) = post_raw(
+        "/api/v1/instances",
+        json!({"flow": 42, "input": {}}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("flow")),
+        "{p}"
+    );
     // Not JSON at all.
-    let (st, p) = send(s.req(Method::POST, "/api/v1/instances").header("content-type", "text/xml").body("<a/>")).await;
-    assert_eq!((st, p["code"].as_str()), (415, Some("unsupported_media_type")));
+    let (st, p) = send(
+        s.req(Method::POST, "/api/v1/instances")
+            .header("content-type", "text/xml")
+            .body("<a/>"),
+    )
+    .await;
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
     // An operation on an instance id that is not one.
     let (st, _) = post_raw("/api/v1/instances/../../etc/abort", "{}".into()).await;
     assert!(st == 404 || st == 400);
     // Malformed query string values.
     let (st, p) = s.get("/api/v1/instances?limit=lots").await;
-    assert_eq!((st, p["errors"][0]["field"].as_str()), (400, Some("limit")), "{p}");
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("limit")),
+        "{p}"
+    );
     let (st, _) = s.get("/api/v1/instances?started_after=yesterday").await;
     assert_eq!(st, 400);
     assert_eq!(head().await, before, "nothing was written");
@@ -418,10 +663,17 @@ async fn overload_answers_503_with_retry_after() {
     functions(&s);
     register_yaml(&s, GREETING).await;
     for i in 0..6 {
-        s.app.flows.start("greeting", Some(&format!("k{i}")), json!({"who": "x"})).await.unwrap();
+        s.app
+            .flows
+            .start("greeting", Some(&format!("k{i}")), json!({"who": "x"}))
+            .await
+            .unwrap();
     }
     // A bulk operation paced at 2 per second holds the only slot for ~3 s.
-    let bulk = s.post("/api/v1/instances/bulk", json!({"operation": "pause", "filter": {"flow": "greeting"}, "actor": "a", "reason": "r"}));
+    let bulk = s.post(
+        "/api/v1/instances/bulk",
+        json!({"operation": "pause", "filter": {"flow": "greeting"}, "actor": "a", "reason": "r"}),
+    );
     let probe = async {
         eventually("a 503 while the slot is taken", || async {
             let res = s.req(Method::GET, "/api/v1/flows").send().await.unwrap();
@@ -447,11 +699,35 @@ async fn health_and_metrics() {
     assert_eq!((st, live["status"].as_str()), (200, Some("live")));
     let (st, ready) = s.get("/health/ready").await;
     assert_eq!(st, 200, "{ready}");
-    let names: Vec<&str> = ready["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["database", "migrations", "workers"]);
-    s.app.store.append(vec![dcbflow::Event::new("Pinged", ["t:1"], json!({}))], None).await.unwrap();
-    let text = s.req(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
-    for name in ["dcbflow_head_position", "dcbflow_dead_letters", "dcbflow_appends_total", "dcbflow_append_duration_seconds"] {
+    s.app
+        .store
+        .append(
+            vec![dcbflow::Event::new("Pinged", ["t:1"], json!({}))],
+            None,
+        )
+        .await
+        .unwrap();
+    let text = s
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "dcbflow_head_position",
+        "dcbflow_dead_letters",
+        "dcbflow_appends_total",
+        "dcbflow_append_duration_seconds",
+    ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
     // Workers configured but not running: not ready, 503 with Retry-After.

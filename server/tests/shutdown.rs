@@ -98,9 +98,17 @@ async fn sigterm_lets_the_running_step_finish_and_reports_the_drain() {
         .await
         .expect("the step to call the service");
     // The step is in flight: ask the server to stop.
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let announced = loop {
-        let line = tokio::time::timeout(support::DEADLINE, lines.recv()).await.expect("a shutdown line");
+        let line = tokio::time::timeout(support::DEADLINE, lines.recv())
+            .await
+            .expect("a shutdown line");
         let Some(line) = line else { break false };
         output.push(line.clone());
         if line.starts_with("shutting down") {
@@ -109,30 +117,54 @@ async fn sigterm_lets_the_running_step_finish_and_reports_the_drain() {
     };
     assert!(announced, "{output:?}");
     // It waits for the step: still running until the service answers.
-    assert!(child.try_wait().unwrap().is_none(), "the server exited with a step in flight");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server exited with a step in flight"
+    );
     release.notify_one();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < support::DEADLINE, "the server did not exit");
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "the server did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     while let Ok(l) = lines.try_recv() {
         output.push(l);
     }
     assert!(status.success(), "{status} {output:?}");
-    let drained = output.iter().find(|l| l.starts_with("drained:")).unwrap_or_else(|| panic!("{output:?}"));
+    let drained = output
+        .iter()
+        .find(|l| l.starts_with("drained:"))
+        .unwrap_or_else(|| panic!("{output:?}"));
     assert!(drained.contains("1 running steps finished"), "{drained}");
     assert!(drained.contains("0 abandoned"), "{drained}");
     // The step's success is in the log.
-    let store = Store::builder_for_url(&db_url, Some(2)).unwrap().schema(&schema).build().await.unwrap();
+    let store = Store::builder_for_url(&db_url, Some(2))
+        .unwrap()
+        .schema(&schema)
+        .build()
+        .await
+        .unwrap();
     let tl = store
-        .read_all(&Query::items_of(["FlowStepSucceeded"], [format!("flow_instance:{id}")]), ReadOptions::default())
+        .read_all(
+            &Query::items_of(["FlowStepSucceeded"], [format!("flow_instance:{id}")]),
+            ReadOptions::default(),
+        )
         .await
         .unwrap();
     assert_eq!(tl.events.len(), 1, "the step's success was recorded");
-    store.pool().get().await.unwrap().batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.unwrap();
+    store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Path, Request, State};
 use axum::http::header;
 use axum::response::Response;
-use axum::Json;
 use chrono::{DateTime, Utc};
 use dcbflow::flow::events::types;
 use dcbflow::flow::{FlowDefinition, FlowError};
@@ -190,10 +190,19 @@ pub async fn register_source(app: &App, text: &str, format: &str) -> ApiResult<R
         "yaml" => FlowDefinition::from_yaml(text),
         "json" => FlowDefinition::from_json(text),
         "toml" => FlowDefinition::from_toml(text),
-        other => return Err(ApiError::bad_field("format", format!("unknown format {other:?}"))),
+        other => {
+            return Err(ApiError::bad_field(
+                "format",
+                format!("unknown format {other:?}"),
+            ));
+        }
     };
     let def = parsed.map_err(|e| FlowError::Definition(e))?;
-    let existed = app.flows.definition(&def.name, Some(&def.version())).await.is_ok();
+    let existed = app
+        .flows
+        .definition(&def.name, Some(&def.version()))
+        .await
+        .is_ok();
     let version = app.flows.register(&def).await?;
     Ok(Registered {
         name: def.name.clone(),
@@ -205,12 +214,17 @@ pub async fn register_source(app: &App, text: &str, format: &str) -> ApiResult<R
 /// Lists the registered flows by name.
 #[utoipa::path(get, path = "/api/v1/flows", tag = "flows", params(ListParams),
     responses((status = 200, body = FlowPage)))]
-pub async fn list(State(app): State<App>, Params(p): Params<ListParams>) -> ApiResult<Json<FlowPage>> {
+pub async fn list(
+    State(app): State<App>,
+    Params(p): Params<ListParams>,
+) -> ApiResult<Json<FlowPage>> {
     Ok(Json(list_flows(&app, &p).await?))
 }
 
 /// Every registration, by flow name.
-async fn registrations(app: &App) -> ApiResult<BTreeMap<String, Vec<(String, DateTime<Utc>, i64, usize)>>> {
+async fn registrations(
+    app: &App,
+) -> ApiResult<BTreeMap<String, Vec<(String, DateTime<Utc>, i64, usize)>>> {
     let q = Query::items_of([types::DEFINITION_REGISTERED], Vec::<String>::new());
     let events = app.store.read_all(&q, ReadOptions::default()).await?.events;
     let mut by_name: BTreeMap<String, Vec<_>> = BTreeMap::new();
@@ -270,7 +284,9 @@ pub async fn show(
     Path(name): Path<String>,
     Params(p): Params<ShowParams>,
 ) -> ApiResult<Json<FlowDetail>> {
-    Ok(Json(flow_detail(&app, &name, None, p.format.as_deref()).await?))
+    Ok(Json(
+        flow_detail(&app, &name, None, p.format.as_deref()).await?,
+    ))
 }
 
 /// Shows one version of a flow.
@@ -282,7 +298,9 @@ pub async fn version(
     Path((name, version)): Path<(String, String)>,
     Params(p): Params<ShowParams>,
 ) -> ApiResult<Json<FlowDetail>> {
-    Ok(Json(flow_detail(&app, &name, Some(&version), p.format.as_deref()).await?))
+    Ok(Json(
+        flow_detail(&app, &name, Some(&version), p.format.as_deref()).await?,
+    ))
 }
 
 /// A flow at `version` (None: the newest) with its versions, source and graph.

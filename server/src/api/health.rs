@@ -110,7 +110,10 @@ pub async fn readiness(app: &App) -> Readiness {
 pub async fn metrics(State(app): State<App>) -> ApiResult<Response> {
     let text = crate::metrics::render(&app).await;
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response())

@@ -141,7 +141,7 @@ pub struct GroupDetail {
 pub struct ListParams {
     /// Only this flow.
     pub flow: Option<String>,
-    /// Leave out groups whose every instance is acknowledged.
+    /// Leave out acknowledged incidents (and groups left empty by that).
     #[serde(default)]
     pub unacknowledged: bool,
     /// From a previous page's `next_cursor`.
@@ -179,7 +179,10 @@ pub struct RetryRequest {
 /// Lists open incidents, grouped.
 #[utoipa::path(get, path = "/api/v1/incidents", tag = "incidents", params(ListParams),
     responses((status = 200, body = GroupPage)))]
-pub async fn list(State(app): State<App>, Params(p): Params<ListParams>) -> ApiResult<Json<GroupPage>> {
+pub async fn list(
+    State(app): State<App>,
+    Params(p): Params<ListParams>,
+) -> ApiResult<Json<GroupPage>> {
     Ok(Json(list_groups(&app, &p).await?))
 }
 
@@ -226,7 +229,9 @@ pub async fn group_detail(app: &App, id: &str) -> ApiResult<GroupDetail> {
     // The group itself: its page starts right before it.
     let group = find_group(app, id).await?;
     if incidents.is_empty() && group.is_none() {
-        return Err(ApiError::not_found(format!("no open incidents in group {id:?}")));
+        return Err(ApiError::not_found(format!(
+            "no open incidents in group {id:?}"
+        )));
     }
     let group = group.ok_or_else(|| ApiError::not_found(format!("no group {id:?}")))?;
     Ok(GroupDetail {
@@ -290,11 +295,10 @@ pub async fn handle_incident(app: &App, id: &str, req: &HandleRequest) -> ApiRes
     app.flows
         .acknowledge(incident.instance, step, seen, &by)
         .await?;
-    let now = app
-        .flows
-        .incident(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("incident {id:?} was resolved meanwhile")))?;
+    let now =
+        app.flows.incident(id).await?.ok_or_else(|| {
+            ApiError::not_found(format!("incident {id:?} was resolved meanwhile"))
+        })?;
     Ok(now.into())
 }
 
@@ -337,7 +341,11 @@ pub async fn retry_incident(app: &App, id: &str, req: &RetryRequest) -> ApiResul
         }
     };
     let state = match &incident.step_id {
-        Some(step) => app.flows.retry_now(incident.instance, step, seen, &by).await?,
+        Some(step) => {
+            app.flows
+                .retry_now(incident.instance, step, seen, &by)
+                .await?
+        }
         // A paused instance: retrying it is resuming it.
         None => app.flows.resume(incident.instance, seen, &by).await?,
     };

@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::Json;
 use chrono::{DateTime, Utc};
-use dcbflow::flow::{InstanceCursor, InstanceFilter, InstanceState, InstanceStatus, StepId, StepStatus};
+use dcbflow::flow::{
+    InstanceCursor, InstanceFilter, InstanceState, InstanceStatus, StepId, StepStatus,
+};
 use dcbflow::{Position, SequencedEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -115,8 +117,9 @@ impl ListParams {
             .cursor
             .as_deref()
             .map(|c| {
-                c.parse::<InstanceCursor>()
-                    .map_err(|_| ApiError::bad_field("cursor", "not a cursor this server handed out"))
+                c.parse::<InstanceCursor>().map_err(|_| {
+                    ApiError::bad_field("cursor", "not a cursor this server handed out")
+                })
             })
             .transpose()?;
         let limit = self.limit.unwrap_or(50);
@@ -393,7 +396,10 @@ pub struct BulkRefusal {
         (status = 404, description = "Unknown flow", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "The input does not match", body = crate::error::Problem, content_type = "application/problem+json"),
     ))]
-pub async fn start(State(app): State<App>, JsonBody(req): JsonBody<StartRequest>) -> ApiResult<Response> {
+pub async fn start(
+    State(app): State<App>,
+    JsonBody(req): JsonBody<StartRequest>,
+) -> ApiResult<Response> {
     let s = start_instance(&app, &req).await?;
     Ok(created(s.created, s))
 }
@@ -406,7 +412,11 @@ pub async fn start_instance(app: &App, req: &StartRequest) -> ApiResult<Started>
     if req.flow.is_empty() {
         return Err(ApiError::bad_field("flow", "must not be empty"));
     }
-    if req.business_key.as_deref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+    if req
+        .business_key
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > 200)
+    {
         return Err(ApiError::bad_field("business_key", "1 to 200 bytes"));
     }
     let s = app
@@ -423,7 +433,10 @@ pub async fn start_instance(app: &App, req: &StartRequest) -> ApiResult<Started>
 /// Lists instances, newest first, by filter.
 #[utoipa::path(get, path = "/api/v1/instances", tag = "instances", params(ListParams),
     responses((status = 200, body = InstancePage), (status = 400, body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn list(State(app): State<App>, Params(p): Params<ListParams>) -> ApiResult<Json<InstancePage>> {
+pub async fn list(
+    State(app): State<App>,
+    Params(p): Params<ListParams>,
+) -> ApiResult<Json<InstancePage>> {
     Ok(Json(list_instances(&app, &p).await?))
 }
 
@@ -580,7 +593,12 @@ fn retry_step(state: &InstanceState, step: Option<&str>) -> ApiResult<StepId> {
 ///
 /// # Errors
 /// 404, 409 `moved` / `not_allowed`, 422 without actor or reason.
-pub async fn operate(app: &App, id: Uuid, op: Operation, req: &OperationRequest) -> ApiResult<InstanceView> {
+pub async fn operate(
+    app: &App,
+    id: Uuid,
+    op: Operation,
+    req: &OperationRequest,
+) -> ApiResult<InstanceView> {
     let by = operator(&req.actor, &req.reason)?;
     if req.seen < 0 {
         return Err(ApiError::bad_field("seen", "must not be negative"));
@@ -624,10 +642,30 @@ macro_rules! operation {
     };
 }
 
-operation!(retry, Operation::Retry, "/api/v1/instances/{id}/retry", "Retries a failed or waiting step now, with a fresh budget of attempts.");
-operation!(abort, Operation::Abort, "/api/v1/instances/{id}/abort", "Aborts the instance: no new task starts, completed ones are compensated.");
-operation!(pause, Operation::Pause, "/api/v1/instances/{id}/pause", "Pauses the instance: no new step starts.");
-operation!(resume, Operation::Resume, "/api/v1/instances/{id}/resume", "Resumes a paused instance.");
+operation!(
+    retry,
+    Operation::Retry,
+    "/api/v1/instances/{id}/retry",
+    "Retries a failed or waiting step now, with a fresh budget of attempts."
+);
+operation!(
+    abort,
+    Operation::Abort,
+    "/api/v1/instances/{id}/abort",
+    "Aborts the instance: no new task starts, completed ones are compensated."
+);
+operation!(
+    pause,
+    Operation::Pause,
+    "/api/v1/instances/{id}/pause",
+    "Pauses the instance: no new step starts."
+);
+operation!(
+    resume,
+    Operation::Resume,
+    "/api/v1/instances/{id}/resume",
+    "Resumes a paused instance."
+);
 
 /// Marks a task done with an output, without running it.
 #[utoipa::path(post, path = "/api/v1/instances/{id}/skip", tag = "instances", request_body = SkipRequest,
@@ -670,7 +708,10 @@ pub async fn skip_task(app: &App, id: Uuid, req: &SkipRequest) -> ApiResult<Inst
         (status = 400, body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 422, body = crate::error::Problem, content_type = "application/problem+json"),
     ))]
-pub async fn bulk(State(app): State<App>, JsonBody(req): JsonBody<BulkRequest>) -> ApiResult<Json<BulkResult>> {
+pub async fn bulk(
+    State(app): State<App>,
+    JsonBody(req): JsonBody<BulkRequest>,
+) -> ApiResult<Json<BulkResult>> {
     Ok(Json(bulk_operate(&app, &req, &mut |_, _| {}).await?))
 }
 
@@ -703,7 +744,9 @@ pub async fn bulk_operate(
     if matched > max {
         return Err(ApiError::conflict(
             "not_allowed",
-            format!("{matched} instances match, more than one bulk operation may act on ({max}); narrow the filter"),
+            format!(
+                "{matched} instances match, more than one bulk operation may act on ({max}); narrow the filter"
+            ),
         ));
     }
     let pace = Duration::from_secs_f64(1.0 / f64::from(app.config.api.bulk_per_second.max(1)));

@@ -100,7 +100,62 @@ pub fn routes(app: &App) -> (Router<App>, utoipa::openapi::OpenApi) {
     if app.config.api.dcb_endpoints {
         r = r.routes(routes!(dcb::read)).routes(routes!(dcb::append));
     }
-    r.split_for_parts()
+    let (router, mut doc) = r.split_for_parts();
+    common_responses(&mut doc);
+    (router, doc)
+}
+
+/// Declares on every operation what any of them may answer: bad input, auth,
+/// body limits, overload.
+fn common_responses(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let common = [
+        (
+            "400",
+            "Bad request: a malformed body or parameter (the field is named)",
+        ),
+        ("401", "No token, or not a valid one"),
+        (
+            "403",
+            "The read-only token on an operation that changes something",
+        ),
+        ("413", "The body is larger than the configured limit"),
+        ("415", "Not a media type this operation takes"),
+        (
+            "503",
+            "Overloaded or the database is unavailable; see Retry-After",
+        ),
+    ];
+    for item in openapi.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for (code, what) in common {
+                op.responses
+                    .responses
+                    .entry(code.to_owned())
+                    .or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description(what)
+                            .content(
+                                crate::error::PROBLEM_JSON,
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("Problem")))
+                                    .build(),
+                            )
+                            .build()
+                            .into()
+                    });
+            }
+        }
+    }
 }
 
 /// The whole HTTP service for `app`.
@@ -111,14 +166,9 @@ pub fn router(app: App) -> Router {
     let tokens = Tokens::new(&app.config.auth);
     let slots = Arc::new(Semaphore::new(app.config.api.max_in_flight));
     let limit = app.config.api.body_limit_bytes;
-    let open = Router::new()
-        .route("/health/live", axum::routing::get(health::live))
-        .route("/health/ready", axum::routing::get(health::ready));
-    let guarded = api
-        .layer(axum::Extension(doc))
+    api.layer(axum::Extension(doc))
         .layer(middleware::from_fn_with_state(slots, shed))
-        .layer(middleware::from_fn_with_state(tokens, auth::require));
-    open.merge(guarded)
+        .layer(middleware::from_fn_with_state(tokens, auth::require))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -132,7 +182,11 @@ pub fn router(app: App) -> Router {
 }
 
 /// Load shedding: beyond `max_in_flight` requests at once, 503 with `Retry-After`.
+/// Health probes are never shed.
 async fn shed(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    if auth::is_probe(req.uri().path()) {
+        return next.run(req).await;
+    }
     match slots.try_acquire_owned() {
         Ok(permit) => {
             let res = next.run(req).await;

@@ -185,7 +185,10 @@ pub async fn list_dead_letters(app: &App, p: &DeadLetterParams) -> ApiResult<Dea
     let after = p
         .cursor
         .as_deref()
-        .map(|c| c.parse::<i64>().map_err(|_| ApiError::bad_field("cursor", "not a cursor this server handed out")))
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad_field("cursor", "not a cursor this server handed out"))
+        })
         .transpose()?;
     let dead = DeadLetters::new(app.store.clone());
     let mut items: Vec<DeadLetterView> = Vec::new();
@@ -228,7 +231,10 @@ fn dead_letter_id(id: &str) -> ApiResult<i64> {
         (status = 404, body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "The destination refused it again (it stays)", body = crate::error::Problem, content_type = "application/problem+json"),
     ))]
-pub async fn replay(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<DeadLetterAction>> {
+pub async fn replay(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeadLetterAction>> {
     Ok(Json(replay_dead_letter(&app, dead_letter_id(&id)?).await?))
 }
 
@@ -271,7 +277,10 @@ pub async fn replay_dead_letter(app: &App, id: i64) -> ApiResult<DeadLetterActio
 #[utoipa::path(post, path = "/api/v1/dead-letters/{id}/discard", tag = "relays",
     params(("id" = i64, Path, description = "Dead letter id")),
     responses((status = 200, body = DeadLetterAction), (status = 404, body = crate::error::Problem, content_type = "application/problem+json")))]
-pub async fn discard(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<DeadLetterAction>> {
+pub async fn discard(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeadLetterAction>> {
     Ok(Json(discard_dead_letter(&app, dead_letter_id(&id)?).await?))
 }
 

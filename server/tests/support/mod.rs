@@ -131,7 +131,10 @@ pub async fn send(r: reqwest::RequestBuilder) -> (u16, Value) {
             "error {status} without a problem document: {ct} {text}"
         );
         assert_eq!(body["status"], status, "{text}");
-        assert!(body["code"].is_string() && body["detail"].is_string(), "{text}");
+        assert!(
+            body["code"].is_string() && body["detail"].is_string(),
+            "{text}"
+        );
     }
     (status, body)
 }
@@ -180,14 +183,18 @@ where
 pub fn template<'a>(doc: &'a Value, path: &str) -> Option<&'a str> {
     let path = path.split('?').next().unwrap_or(path);
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    doc["paths"].as_object()?.keys().map(String::as_str).find(|t| {
-        let ts: Vec<&str> = t.split('/').collect();
-        ts.len() == segs.len()
-            && ts
-                .iter()
-                .zip(&segs)
-                .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
-    })
+    doc["paths"]
+        .as_object()?
+        .keys()
+        .map(String::as_str)
+        .find(|t| {
+            let ts: Vec<&str> = t.split('/').collect();
+            ts.len() == segs.len()
+                && ts
+                    .iter()
+                    .zip(&segs)
+                    .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
+        })
 }
 
 /// Panics unless the OpenAPI document declares `status` for `method path`
@@ -195,7 +202,10 @@ pub fn template<'a>(doc: &'a Value, path: &str) -> Option<&'a str> {
 pub fn conform(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
     let t = template(doc, path).unwrap_or_else(|| panic!("{path} is not in the OpenAPI document"));
     let op = &doc["paths"][t][method];
-    assert!(op.is_object(), "{method} {t} is not in the OpenAPI document");
+    assert!(
+        op.is_object(),
+        "{method} {t} is not in the OpenAPI document"
+    );
     let response = &op["responses"][status.to_string()];
     assert!(
         response.is_object(),
