@@ -63,8 +63,7 @@ impl App {
         let store = builder.build().await?;
         let mut policy = HttpPolicy::default();
         for entry in &config.flows.http_allow {
-            policy = policy
-                .allow(entry)
+            policy = allow(policy, entry)
                 .map_err(|e| ApiError::bad_field("flows.http_allow", e.to_string()))?;
         }
         let flows = Flows::new(store.clone()).http_policy(policy);
@@ -168,4 +167,19 @@ pub fn query_of(types: &[String], tags: &[String]) -> Query {
     Query::from_items([QueryItem::new()
         .types(types.iter().cloned())
         .tags(tags.iter().cloned())])
+}
+
+/// One `flows.http_allow` entry: `loopback`, `private` or `public` (classes of
+/// addresses), or what [`HttpPolicy::allow`] takes (a host, `host:port`,
+/// `*.domain`, an address or a CIDR network).
+///
+/// # Errors
+/// An entry that is none of these.
+pub fn allow(policy: HttpPolicy, entry: &str) -> Result<HttpPolicy, dcbflow::flow::HttpRuleError> {
+    match entry.trim() {
+        "loopback" => Ok(policy.allow_loopback(true)),
+        "private" => Ok(policy.allow_private(true)),
+        "public" => Ok(policy.allow_public(true)),
+        other => policy.allow(other),
+    }
 }

@@ -387,7 +387,7 @@ impl Config {
             }
         }
         for (i, entry) in self.flows.http_allow.iter().enumerate() {
-            if let Err(e) = dcbflow::flow::HttpPolicy::deny_all().allow(entry) {
+            if let Err(e) = crate::app::allow(dcbflow::flow::HttpPolicy::deny_all(), entry) {
                 p.push(format!("flows.http_allow[{i}]: {e}"));
             }
         }

@@ -107,7 +107,7 @@ async fn endpoint(
             s.payments.remove(id);
             (StatusCode::OK, json!({"refunded": id}))
         }
-        "fraud" => {
+        "check" => {
             if b["customer"].as_str().is_some_and(|c| c.ends_with("-7")) {
                 (StatusCode::FORBIDDEN, json!({"error": "customer flagged"}))
             } else {

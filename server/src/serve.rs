@@ -60,7 +60,7 @@ impl std::fmt::Display for Drained {
 #[derive(Debug, Clone)]
 pub enum AnyPublisher {
     /// NATS JetStream.
-    Nats(NatsPublisher),
+    Nats(Box<NatsPublisher>),
     /// A webhook.
     Webhook(WebhookPublisher),
 }
@@ -68,14 +68,14 @@ pub enum AnyPublisher {
 impl Publisher for AnyPublisher {
     fn system(&self) -> &'static str {
         match self {
-            AnyPublisher::Nats(p) => p.system(),
+            AnyPublisher::Nats(p) => p.as_ref().system(),
             AnyPublisher::Webhook(p) => p.system(),
         }
     }
 
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), PublishFailure> {
         match self {
-            AnyPublisher::Nats(p) => p.publish(messages).await,
+            AnyPublisher::Nats(p) => p.as_ref().publish(messages).await,
             AnyPublisher::Webhook(p) => p.publish(messages).await,
         }
     }
@@ -90,11 +90,11 @@ pub async fn publisher(relay: &Relay) -> ApiResult<AnyPublisher> {
         let client = dcbflow::async_nats::connect(&n.url).await.map_err(|e| {
             ApiError::unavailable("unavailable", format!("NATS at {}: {e}", n.url), 5)
         })?;
-        return Ok(AnyPublisher::Nats(NatsPublisher::new(
+        return Ok(AnyPublisher::Nats(Box::new(NatsPublisher::new(
             client,
             &n.prefix,
             Duration::from_secs(5),
-        )));
+        ))));
     }
     let w = relay
         .webhook
@@ -204,9 +204,11 @@ async fn run(
     );
     let router = crate::api::router(app.clone());
     let shutdown = {
-        let stop = stop.clone();
+        let (stop, app) = (stop.clone(), app.clone());
         async move {
             signal().await;
+            // Live tails (SSE) would keep the server open until every client left.
+            crate::api::events::end_live_tails(&app);
             println!(
                 "shutting down: no new work is claimed; running steps have {} ms to finish",
                 grace.as_millis()

@@ -477,7 +477,10 @@ async fn incidents_are_grouped_handled_and_retried() {
         .iter()
         .find(|g| g["task"] == "shout")
         .unwrap();
-    assert_eq!(g["instance_count"], 2, "acknowledged incidents are left out: {g}");
+    assert_eq!(
+        g["instance_count"], 2,
+        "acknowledged incidents are left out: {g}"
+    );
     let (_, all) = s.get("/api/v1/incidents").await;
     let g = all["items"]
         .as_array()

@@ -14,6 +14,16 @@ use dcbflow::{Query, ReadOptions, Store};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 
+/// Kills the server if the test fails half-way.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A service whose `/slow` answers only once the test says so.
 async fn slow_service() -> (String, mpsc::UnboundedReceiver<()>, Arc<Notify>) {
     let (arrived_tx, arrived) = mpsc::unbounded_channel();
@@ -57,14 +67,18 @@ async fn sigterm_lets_the_running_step_finish_and_reports_the_drain() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dcbflow"))
-        .args(["serve", "--config"])
-        .arg(dir.join("dcbflow.toml"))
-        .env_remove("DATABASE_URL")
-        .env_remove("DCBFLOW_DATABASE_URL")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_dcbflow"))
+            .args(["serve", "--config"])
+            .arg(dir.join("dcbflow.toml"))
+            .env_remove("DATABASE_URL")
+            .env_remove("DCBFLOW_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let (line_tx, mut lines) = mpsc::unbounded_channel::<String>();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -83,7 +97,7 @@ async fn sigterm_lets_the_running_step_finish_and_reports_the_drain() {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
-    let http = reqwest::Client::new();
+    let http = dcbflow::http::client_builder().build().unwrap();
     let started: serde_json::Value = http
         .post(format!("{url}/api/v1/instances"))
         .json(&json!({"flow": "slow", "input": {"url": service}}))

@@ -197,7 +197,7 @@ pub async fn register_source(app: &App, text: &str, format: &str) -> ApiResult<R
             ));
         }
     };
-    let def = parsed.map_err(|e| FlowError::Definition(e))?;
+    let def = parsed.map_err(FlowError::Definition)?;
     let existed = app
         .flows
         .definition(&def.name, Some(&def.version()))

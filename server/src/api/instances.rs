@@ -272,12 +272,12 @@ pub struct EventView {
     pub event_type: String,
     /// Tags.
     pub tags: Vec<String>,
-    /// Payload.
-    #[schema(value_type = Object)]
+    /// Payload (any JSON).
+    #[schema(value_type = Value)]
     pub data: Value,
-    /// Metadata, if any.
+    /// Metadata, if any (any JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub metadata: Option<Value>,
     /// The writing transaction's id (xid8).
     pub transaction_id: String,

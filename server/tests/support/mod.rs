@@ -79,7 +79,7 @@ impl TestServer {
             app,
             schema,
             db_url,
-            http: reqwest::Client::new(),
+            http: dcbflow::http::client_builder().build().unwrap(),
             token: None,
             doc,
             task,
