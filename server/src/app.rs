@@ -23,6 +23,8 @@ pub struct App {
     pub workers_running: Arc<AtomicUsize>,
     /// The Prometheus recorder's handle (the server only).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The overview's samples (taken by the server every 5 s).
+    pub samples: crate::api::overview::Samples,
 }
 
 impl std::fmt::Debug for App {
@@ -79,6 +81,7 @@ impl App {
             config: Arc::new(config),
             workers_running: Arc::new(AtomicUsize::new(0)),
             metrics: None,
+            samples: Default::default(),
         })
     }
 

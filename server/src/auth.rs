@@ -78,7 +78,7 @@ pub struct Granted(pub Role);
 /// The middleware: 401 without a valid token, 403 for a read-only token on a
 /// method that changes something.
 pub async fn require(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
-    if is_probe(req.uri().path()) {
+    if is_probe(req.uri().path()) || crate::ui::is_ui(req.uri().path()) {
         return next.run(req).await;
     }
     let role = if tokens.enabled() {

@@ -14,3 +14,4 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod serve;
+pub mod ui;

@@ -156,6 +156,7 @@ async fn run(
     if options.demo {
         crate::demo::start(&app, stop.clone(), &mut background).await?;
     }
+    background.spawn(app.samples.clone().run(app.clone(), stop.clone()));
     let mut workers = JoinSet::new();
     for i in 0..app.config.workers.count {
         let mut o = WorkerOptions::default().id(format!("{}-{i}", hostname()));

@@ -733,6 +733,26 @@ async fn health_and_metrics() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // The dashboard's calls.
+    let (st, who) = s.get("/api/v1/whoami").await;
+    assert_eq!(
+        (st, who["role"].as_str(), who["tokens"].as_bool()),
+        (200, Some("operator"), Some(false))
+    );
+    s.app.samples.take(&s.app).await.unwrap();
+    let (st, o) = s.get("/api/v1/overview").await;
+    assert_eq!(st, 200, "{o}");
+    assert_eq!(o["head"], 1);
+    assert_eq!(o["series"].as_array().unwrap().len(), 1);
+    // The dashboard's shell needs no token and carries no data.
+    let res = s.http.get(format!("{}/", s.url)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     // Workers configured but not running: not ready, 503 with Retry-After.
     let s2 = TestServer::with(|c| c.workers.count = 1).await;
     let res = s2.req(Method::GET, "/health/ready").send().await.unwrap();

@@ -11,6 +11,7 @@ pub mod flows;
 pub mod health;
 pub mod incidents;
 pub mod instances;
+pub mod overview;
 pub mod relays;
 
 use std::sync::Arc;
@@ -96,7 +97,9 @@ pub fn routes(app: &App) -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))
-        .routes(routes!(health::openapi));
+        .routes(routes!(health::openapi))
+        .routes(routes!(overview::whoami))
+        .routes(routes!(overview::overview));
     if app.config.api.dcb_endpoints {
         r = r.routes(routes!(dcb::read)).routes(routes!(dcb::append));
     }
@@ -166,7 +169,8 @@ pub fn router(app: App) -> Router {
     let tokens = Tokens::new(&app.config.auth);
     let slots = Arc::new(Semaphore::new(app.config.api.max_in_flight));
     let limit = app.config.api.body_limit_bytes;
-    api.layer(axum::Extension(doc))
+    api.merge(crate::ui::routes())
+        .layer(axum::Extension(doc))
         .layer(middleware::from_fn_with_state(slots, shed))
         .layer(middleware::from_fn_with_state(tokens, auth::require))
         .fallback(|| async { ApiError::not_found("no such endpoint") })

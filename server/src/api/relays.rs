@@ -41,6 +41,8 @@ pub struct ConsumerList {
     pub items: Vec<Consumer>,
     /// The log's head.
     pub head: i64,
+    /// Dead letters of every relay.
+    pub dead_letters_total: i64,
 }
 
 /// A dead letter.
@@ -123,9 +125,8 @@ pub async fn list(State(app): State<App>) -> ApiResult<Json<ConsumerList>> {
 pub async fn consumers(app: &App) -> ApiResult<ConsumerList> {
     let checkpoints = Checkpoints::new(app.store.clone());
     let stored = checkpoints.list().await?;
-    let dead = DeadLetters::new(app.store.clone());
-    let letters = dead.list_all(None, 10_000).await?;
-    let count = |name: &str| letters.iter().filter(|d| d.subscription == name).count() as i64;
+    let per_relay = dead_letter_counts(app).await?;
+    let count = |name: &str| per_relay.get(name).copied().unwrap_or(0);
     let mut items = Vec::new();
     for w in app.watched() {
         let lag = checkpoints.lag(&w.name, &w.query).await?;
@@ -160,7 +161,22 @@ pub async fn consumers(app: &App) -> ApiResult<ConsumerList> {
     Ok(ConsumerList {
         items,
         head: app.store.head().await?.map_or(0, |p| p.0),
+        dead_letters_total: per_relay.values().sum(),
     })
+}
+
+/// Dead letters per relay, in one aggregate query.
+async fn dead_letter_counts(app: &App) -> ApiResult<std::collections::BTreeMap<String, i64>> {
+    let client = app.store.pool().get().await.map_err(dcbflow::Error::from)?;
+    let sql = format!(
+        "SELECT subscription, count(*) FROM \"{}\".dead_letters GROUP BY 1",
+        app.store.schema()
+    );
+    let rows = client
+        .query(&sql, &[])
+        .await
+        .map_err(dcbflow::Error::from)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Lists dead letters, oldest first.
