@@ -1,7 +1,9 @@
 // Events (#/events): read the log by types and tags, forwards or backwards,
 // a page at a time; follow it live (new rows at the top when reading
 // backwards, at the bottom when forwards); click a tag to filter by it.
-import { html, useEffect, useState } from '../lib.js';
+import {
+  html, useEffect, useRef, useState,
+} from '../lib.js';
 import { api } from '../api.js';
 import { href, navigate } from '../router.js';
 import { followEvents } from '../live.js';
@@ -37,15 +39,24 @@ export function Events({ route }) {
   const [live, setLive] = useState([]);
   const [liveState, setLiveState] = useState('');
 
+  // The log's head when the page was read: following starts after it, so an
+  // event appended between reading the page and ticking "Follow live" is not missed.
+  const headAtLoad = useRef(null);
+  const [loaded, setLoaded] = useState(false);
   usePoll(async (isCurrent) => {
     try {
-      const p = await api('events', {
-        query: {
-          types: splitList(types).join(','), tags: splitList(tags).join(','), after, limit, backwards: backwards ? 'true' : '',
-        },
-      });
+      const [p, h] = await Promise.all([
+        api('events', {
+          query: {
+            types: splitList(types).join(','), tags: splitList(tags).join(','), after, limit, backwards: backwards ? 'true' : '',
+          },
+        }),
+        api('events', { query: { backwards: 'true', limit: 1 } }),
+      ]);
       if (!isCurrent()) return;
+      headAtLoad.current = h.events && h.events.length ? Number(h.events[0].position) : 0;
       setPage(p);
+      setLoaded(true);
       setError(null);
     } catch (e) {
       if (isCurrent()) setError(e);
@@ -55,30 +66,16 @@ export function Events({ route }) {
   useEffect(() => {
     setLive([]);
     if (!follow) { setLiveState(''); return undefined; }
-    let stop = () => {};
-    let cancelled = false;
-    (async () => {
-      // Follow from the head: the newest position of the whole log.
-      let head = 0;
-      try {
-        const h = await api('events', { query: { backwards: 'true', limit: 1 } });
-        head = h.events && h.events.length ? Number(h.events[0].position) : 0;
-      } catch (e) {
-        setLiveState('stopped');
-        setError(e);
-        return;
-      }
-      if (cancelled) return;
-      stop = followEvents({
-        types: splitList(types),
-        tags: splitList(tags),
-        after: head,
-        onEvent: (e) => setLive((l) => (backwards ? [e, ...l].slice(0, LIVE_MAX) : [...l, e].slice(-LIVE_MAX))),
-        onState: (s, detail) => setLiveState((LIVE_WORDS[s] || s) + (detail ? ` (${detail})` : '')),
-      });
-    })();
-    return () => { cancelled = true; stop(); };
-  }, [follow, types, tags, backwards]);
+    if (!loaded) { setLiveState('connecting'); return undefined; }
+    const stop = followEvents({
+      types: splitList(types),
+      tags: splitList(tags),
+      after: headAtLoad.current || 0,
+      onEvent: (e) => setLive((l) => (backwards ? [e, ...l].slice(0, LIVE_MAX) : [...l, e].slice(-LIVE_MAX))),
+      onState: (st, detail) => setLiveState((LIVE_WORDS[st] || st) + (detail ? ` (${detail})` : '')),
+    });
+    return stop;
+  }, [follow, types, tags, backwards, loaded]);
 
   const submit = (e) => {
     e.preventDefault();

@@ -286,7 +286,7 @@ export function InstanceDetail({ id }) {
             const bad = s.status === 'failed' || (s.status === 'retry_due' && s.error);
             const k = str(s.key);
             return html`<tr data-step-key=${k} class=${bad ? 'failing' : ''} key=${k}>
-              <th scope="row"><code>${k}</code>${bad && html` <span class="tag-failing">failing</span>`}</th>
+              <th scope="row"><code>${k}</code>${bad && !final && html` <span class="tag-failing">failing</span>`}</th>
               <td data-status=${str(s.status)}><${Status} status=${s.status} kind="step" /></td>
               <td class="num">${str(s.attempts)}</td>
               <td>${s.worker ? html`<code>${str(s.worker)}</code>` : html`<span class="muted">—</span>`}</td>
