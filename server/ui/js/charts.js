@@ -15,7 +15,7 @@ export const PALETTE = [
 ];
 
 /**
- * A chart of `x` (unix seconds) against `series` ([{label, values}]).
+ * A chart of `x` (unix seconds) against `series` ([{label, values, stroke?, dash?}]).
  * `summary` is the text equivalent read by screen readers and shown below.
  */
 export function Chart({
@@ -50,7 +50,9 @@ export function Chart({
       series: [
         { label: 'time' },
         ...series.map((s, i) => {
-          const [stroke, dash] = PALETTE[i % PALETTE.length];
+          const [pStroke, pDash] = PALETTE[i % PALETTE.length];
+          const stroke = s.stroke || pStroke;
+          const dash = s.dash || pDash;
           const out = { label: s.label, stroke, width: 2, dash, points: { show: false } };
           if (bars) {
             out.paths = uPlot.paths.bars({ size: [0.7, 30] });

@@ -11,6 +11,17 @@ import {
   fmtNumber, fmtSeconds, label, str,
 } from '../format.js';
 
+// Each status's line: the colour of its badge and a dash pattern of its own.
+const STATUS_LINES = {
+  running: ['#0a4f9c', [5, 3]],
+  compensating: ['#8a4500', [10, 3]],
+  paused: ['#474d55', [2, 3]],
+  completed: ['#146c2e', []],
+  compensated: ['#5b2d8e', [6, 2, 1, 2]],
+  compensation_failed: ['#9b2c0b', [12, 3, 3, 3]],
+  failed: ['#b3121b', [1, 3]],
+};
+
 /** Per-interval series from the cumulative samples. */
 export function throughput(series) {
   const s = Array.isArray(series) ? series : [];
@@ -30,6 +41,8 @@ export function throughput(series) {
   const levels = statuses.map((st) => ({
     label: label(st),
     values: s.slice(1).map((p) => (p.by_status && p.by_status[st]) || 0),
+    stroke: STATUS_LINES[st][0],
+    dash: STATUS_LINES[st][1],
   }));
   const interval = s.length > 1 ? Math.round((Date.parse(s[s.length - 1].at) - Date.parse(s[0].at)) / 1000 / (s.length - 1)) : 5;
   const minutes = s.length > 1 ? Math.round((Date.parse(s[s.length - 1].at) - Date.parse(s[0].at)) / 60000) : 0;
