@@ -70,10 +70,16 @@ impl App {
         }
         let flows = Flows::new(store.clone()).http_policy(policy);
         if db.migrate {
-            flows.migrate().await?;
+            // Every layer now, so that the readiness probe knows them all and
+            // the operator queries find their tables.
+            dcbflow::Checkpoints::new(store.clone()).migrate().await?;
+            dcbflow::outbox::DeadLetters::new(store.clone())
+                .migrate()
+                .await?;
             dcbflow::CommandExecutor::new(store.clone())
                 .migrate()
                 .await?;
+            flows.migrate().await?;
         }
         Ok(App {
             store,

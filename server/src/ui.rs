@@ -13,6 +13,7 @@ use rust_embed::RustEmbed;
 #[derive(RustEmbed)]
 #[folder = "ui/"]
 #[exclude = "*.md"]
+#[exclude = "*.sh"]
 struct Assets;
 
 /// `/` and `/ui/<file>`.
@@ -40,7 +41,7 @@ fn asset(path: &str) -> Response {
                     (header::CACHE_CONTROL, "no-cache".to_owned()),
                     (
                         header::CONTENT_SECURITY_POLICY,
-                        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'".to_owned(),
+                        "default-src 'self'; img-src 'self' data:; style-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'".to_owned(),
                     ),
                     (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
                 ],

@@ -79,6 +79,17 @@ impl Flows {
         by: &Operator,
     ) -> Result<InstanceState, FlowError> {
         self.operate("retry_now", id, Some(seen), |state, _| {
+            // A completed or compensated instance is over: a retry would
+            // leave a step due that nothing ever runs.
+            if matches!(
+                state.status,
+                InstanceStatus::Completed | InstanceStatus::Compensated
+            ) {
+                return Err(FlowError::NotAllowed(format!(
+                    "the instance is {}: nothing runs again",
+                    state.status.as_str()
+                )));
+            }
             let s = state.step(step);
             if !matches!(s.status, StepStatus::Failed | StepStatus::RetryDue) {
                 return Err(FlowError::NotAllowed(format!(
