@@ -12,6 +12,7 @@
 //! | append_concurrent/{1,4,16,64} | N tasks on N pooled connections appending 1 event each, with and without group commit | N tasks each running one single-row `INSERT` transaction |
 //! | append_concurrent/dcbflow_conditional/{1,4,16,64} | N tasks each appending 1 event with a condition on its own tag (disjoint scopes) after its previous append; any conflict fails the bench | the same raw `INSERT` at N clients |
 //! | append_concurrent/dcbflow_conditional_group_commit/{1,4,16,64} | the same conditional appends through a group-commit store | the same raw `INSERT` at N clients |
+//! | append_concurrent/raw_scoped/{1,4,16,64} | (baseline of the conditional rows) | the same guarantee in raw SQL: a PL/pgSQL function that takes one advisory lock keyed by the condition's tag, checks `EXISTS` over a btree `event_tags(tag, position)` joined to `events` after the client's last position, and inserts the event and its tag row |
 //!
 //! After criterion's own report, a table of dcbflow/baseline ratios is printed
 //! (throughput ratio: 1.0 means as fast as raw PostgreSQL).
@@ -42,7 +43,30 @@ fn raw_schema_sql() -> String {
              id uuid UNIQUE, recorded_at timestamptz NOT NULL DEFAULT now());
          CREATE INDEX ON {RAW_SCHEMA}.events USING gin (tags) WITH (fastupdate = off);
          CREATE INDEX ON {RAW_SCHEMA}.events (type, position);
-         CREATE INDEX ON {RAW_SCHEMA}.events (transaction_id);"
+         CREATE INDEX ON {RAW_SCHEMA}.events (transaction_id);
+         -- The raw-scoped baseline: the same guarantee as a conditional append
+         -- on one tag, written by hand.
+         CREATE TABLE {RAW_SCHEMA}.scoped_events (
+             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             type text NOT NULL, data jsonb NOT NULL);
+         CREATE TABLE {RAW_SCHEMA}.event_tags (
+             tag text NOT NULL, position bigint NOT NULL, PRIMARY KEY (tag, position));
+         CREATE FUNCTION {RAW_SCHEMA}.append_scoped(p_type text, p_tag text, p_data jsonb, p_after bigint)
+         RETURNS bigint LANGUAGE plpgsql AS $fn$
+         DECLARE v_position bigint;
+         BEGIN
+             PERFORM pg_advisory_xact_lock(hashtextextended(p_tag, 0));
+             IF EXISTS (SELECT 1 FROM {RAW_SCHEMA}.event_tags t
+                          JOIN {RAW_SCHEMA}.scoped_events e ON e.position = t.position
+                         WHERE t.tag = p_tag AND t.position > p_after AND e.type = p_type) THEN
+                 RETURN NULL;
+             END IF;
+             INSERT INTO {RAW_SCHEMA}.scoped_events (type, data) VALUES (p_type, p_data)
+             RETURNING position INTO v_position;
+             INSERT INTO {RAW_SCHEMA}.event_tags (tag, position) VALUES (p_tag, v_position);
+             RETURN v_position;
+         END;
+         $fn$;"
     )
 }
 
@@ -204,6 +228,35 @@ fn main() {
                 })
             });
         }
+        group.bench_function(BenchmarkId::new("raw_scoped", clients), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let pool = pool.clone();
+                let last: std::sync::Arc<Vec<AtomicU64>> =
+                    std::sync::Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
+                let sample = next();
+                common::concurrent(clients, iters, move |i| {
+                    let (pool, last) = (pool.clone(), last.clone());
+                    async move {
+                        let c = pool.get().await.expect("connection");
+                        let stmt = c
+                            .prepare_cached(&format!(
+                                "SELECT {RAW_SCHEMA}.append_scoped('Deposited', $1, $2, $3)"
+                            ))
+                            .await
+                            .expect("prepare");
+                        let tag = format!("disjoint:{run}:{sample}:{i}");
+                        let after = last[i].load(Ordering::Relaxed) as i64;
+                        let row = c
+                            .query_one(&stmt, &[&tag, &payload(i as u64), &after])
+                            .await
+                            .expect("append_scoped");
+                        let position: Option<i64> = row.get(0);
+                        let position = position.expect("no conflicts on disjoint scopes");
+                        last[i].store(position as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+        });
         group.bench_function(BenchmarkId::new("raw_insert", clients), |b| {
             b.to_async(rt).iter_custom(|iters| {
                 let (pool, sql) = (pool.clone(), insert_sql.clone());
@@ -233,6 +286,11 @@ fn main() {
         label,
         ours: ("append_concurrent", id, clients),
         baseline: ("append_concurrent", "raw_insert", clients),
+    };
+    let scoped = |label, id, clients| Ratio {
+        label,
+        ours: ("append_concurrent", id, clients),
+        baseline: ("append_concurrent", "raw_scoped", clients),
     };
     common::print_ratios(&[
         ratio("single"),
@@ -266,6 +324,31 @@ fn main() {
             "64 clients, conditional, group commit",
             "dcbflow_conditional_group_commit",
             "64",
+        ),
+        scoped(
+            "1 client, conditional vs raw-scoped",
+            "dcbflow_conditional",
+            "1",
+        ),
+        scoped(
+            "4 clients, conditional vs raw-scoped",
+            "dcbflow_conditional",
+            "4",
+        ),
+        scoped(
+            "16 clients, conditional vs raw-scoped",
+            "dcbflow_conditional",
+            "16",
+        ),
+        scoped(
+            "64 clients, conditional vs raw-scoped",
+            "dcbflow_conditional",
+            "64",
+        ),
+        scoped(
+            "16 clients, conditional, group commit vs raw-scoped",
+            "dcbflow_conditional_group_commit",
+            "16",
         ),
         concurrent("1 client, group commit", "dcbflow_group_commit", "1"),
         concurrent("4 clients, group commit", "dcbflow_group_commit", "4"),
