@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{Params, body_bytes, created};
 use crate::app::App;
-use crate::error::{ApiError, ApiResult, FieldProblem};
+use crate::error::{ApiError, ApiResult};
 
 /// What registering a definition did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -405,9 +405,4 @@ pub fn graph(def: &FlowDefinition) -> Graph {
         })
         .collect();
     Graph { nodes, edges }
-}
-
-/// Field problems of a definition error, for the CLI.
-pub fn problems(e: &ApiError) -> &[FieldProblem] {
-    &e.errors
 }

@@ -223,38 +223,18 @@ pub async fn show(State(app): State<App>, Path(id): Path<String>) -> ApiResult<J
 /// # Errors
 /// 404.
 pub async fn group_detail(app: &App, id: &str) -> ApiResult<GroupDetail> {
+    let group = app
+        .flows
+        .incident_groups(&IncidentFilter::new().group(id))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("no open incidents in group {id:?}")))?;
     let incidents = app.flows.group_incidents(id, 500).await?;
-    let mut f = IncidentFilter::default();
-    f.limit = Some(100);
-    // The group itself: its page starts right before it.
-    let group = find_group(app, id).await?;
-    if incidents.is_empty() && group.is_none() {
-        return Err(ApiError::not_found(format!(
-            "no open incidents in group {id:?}"
-        )));
-    }
-    let group = group.ok_or_else(|| ApiError::not_found(format!("no group {id:?}")))?;
     Ok(GroupDetail {
         group: group.into(),
         incidents: incidents.into_iter().map(IncidentView::from).collect(),
     })
-}
-
-async fn find_group(app: &App, id: &str) -> ApiResult<Option<IncidentGroup>> {
-    let mut after = None;
-    loop {
-        let mut f = IncidentFilter::default();
-        f.after = after;
-        f.limit = Some(100);
-        let page = app.flows.incident_groups(&f).await?;
-        if let Some(g) = page.iter().find(|g| g.id == id) {
-            return Ok(Some(g.clone()));
-        }
-        if page.len() < 100 {
-            return Ok(None);
-        }
-        after = page.last().map(|g| g.id.clone());
-    }
 }
 
 /// Acknowledges (handles) an incident with a note: an event on its instance.

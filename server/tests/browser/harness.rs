@@ -292,24 +292,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         drop(self.process.take());
-        let (url, schema) = (self.db_url.clone(), self.schema.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        support::drop_schema(&self.db_url, &self.schema);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

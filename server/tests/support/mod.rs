@@ -142,25 +142,29 @@ pub async fn send(r: reqwest::RequestBuilder) -> (u16, Value) {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
-        let (url, schema) = (self.db_url.clone(), self.schema.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        drop_schema(&self.db_url, &self.schema);
     }
+}
+
+/// Drops `schema` on the database at `url`, from any context (a drop, a
+/// panicking test): on a thread of its own with its own runtime.
+pub fn drop_schema(url: &str, schema: &str) {
+    let (url, schema) = (url.to_owned(), schema.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .await;
+            }
+        });
+    })
+    .join();
 }
 
 /// Waits until `check` returns `Some`, failing the test after [`DEADLINE`].

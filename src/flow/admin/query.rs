@@ -305,6 +305,8 @@ pub struct IncidentGroup {
 pub struct IncidentFilter {
     /// Only this flow.
     pub flow: Option<String>,
+    /// Only the group with this [`IncidentGroup::id`].
+    pub group: Option<String>,
     /// Only groups whose id is greater than this one (the last
     /// [`IncidentGroup::id`] of the previous page).
     pub after: Option<String>,
@@ -321,6 +323,7 @@ impl Default for IncidentFilter {
     fn default() -> Self {
         IncidentFilter {
             flow: None,
+            group: None,
             after: None,
             limit: None,
             include_acknowledged: true,
@@ -355,6 +358,13 @@ impl IncidentFilter {
     #[must_use]
     pub fn in_flow(mut self, flow: impl Into<String>) -> Self {
         self.flow = Some(flow.into());
+        self
+    }
+
+    /// Only the group `id`.
+    #[must_use]
+    pub fn group(mut self, id: impl Into<String>) -> Self {
+        self.group = Some(id.into());
         self
     }
 
@@ -651,7 +661,7 @@ impl Flows {
                     sum(occurrences)::bigint, min(first_seen), max(last_seen) \
              FROM {} \
              WHERE ($1::text IS NULL OR flow = $1) AND ($2::text IS NULL OR group_id > $2) \
-               AND ($3 OR acknowledged_at IS NULL) \
+               AND ($3 OR acknowledged_at IS NULL) AND ($5::text IS NULL OR group_id = $5) \
              GROUP BY group_id, flow, task, kind, error ORDER BY group_id LIMIT $4",
             self.store().table("flow_incidents")
         );
@@ -664,6 +674,7 @@ impl Flows {
                     &filter.after,
                     &filter.include_acknowledged,
                     &limit,
+                    &filter.group,
                 ],
             )
             .await?;
