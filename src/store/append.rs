@@ -81,15 +81,20 @@ impl Store {
             let prepared = self.prepare_append(events, condition)?;
             return group.append(prepared).await;
         }
+        let prepared = self.prepare_append(events, condition)?;
         let deadline = self.deadline();
         let client = self.checkout(deadline).await?;
         // Committed by the statement itself: no notification inside it (see
-        // `wake`), the wake-up is sent after the commit.
+        // `wake`), the wake-up is sent after the commit; and no bound on holding
+        // the store lock, which the statement's own commit releases.
         let result = self
-            .bounded(
-                deadline,
-                self.append_with(&client, events, condition, false),
-            )
+            .bounded(deadline, async {
+                if prepared.is_plain() {
+                    self.append_plain(&client, &prepared).await
+                } else {
+                    self.append_prepared(&client, &prepared, false, 0).await
+                }
+            })
             .await;
         if matches!(&result, Ok(r) if !r.replayed) {
             self.wake_subscribers();
@@ -190,12 +195,62 @@ impl Store {
         notify: bool,
     ) -> Result<AppendResult> {
         let prepared = self.prepare_append(events, condition)?;
+        self.append_prepared(client, &prepared, notify, self.inner.hold_ms)
+            .await
+    }
+
+    /// One call of `append_checked`: notifying on commit if `notify`, bounding
+    /// the time the caller's transaction may hold the store lock by `hold_ms`
+    /// (0: no bound).
+    async fn append_prepared<C: GenericClient>(
+        &self,
+        client: &C,
+        prepared: &PreparedAppend,
+        notify: bool,
+        hold_ms: i32,
+    ) -> Result<AppendResult> {
         let stmt = client.prepare_cached(&self.inner.sql.append).await?;
         let channel = notify.then_some(self.channel());
         let row = client
-            .query_one(&stmt, &prepared.params(true, &channel, &self.inner.hold_ms))
+            .query_one(&stmt, &prepared.params(true, &channel, &hold_ms))
             .await?;
         decode(&row)
+    }
+
+    /// An append with no condition, no cursor and no event ids on the store's
+    /// own connection: one plain `INSERT` that takes the scope locks and
+    /// commits with its statement.
+    async fn append_plain<C: GenericClient>(
+        &self,
+        client: &C,
+        prepared: &PreparedAppend,
+    ) -> Result<AppendResult> {
+        let stmt = client.prepare_cached(&self.inner.sql.append_plain).await?;
+        let c = &prepared.cols;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &prepared.lock_keys,
+                    &prepared.lock_modes,
+                    &c.types,
+                    &c.tags,
+                    &c.tag_starts,
+                    &c.tag_counts,
+                    &c.data,
+                    &c.metadata,
+                ],
+            )
+            .await?;
+        // No row: the filter on the isolation level held the events back.
+        let Some(first) = rows.first() else {
+            return Err(super::InvalidInput::IsolationLevel.into());
+        };
+        Ok(AppendResult {
+            transaction_id: first.get(1),
+            positions: rows.iter().map(|r| Position(r.get(0))).collect(),
+            replayed: false,
+        })
     }
 
     /// Validates an append and turns it into the parameters of `append_events`.
@@ -250,14 +305,27 @@ impl Store {
             ),
             None => (None, None, None),
         };
+        // The condition's only item, when it has tags: `append_checked` decides
+        // it by the window of events after a near cursor without decoding the
+        // condition.
+        let (item_types, item_tags) = match query.as_ref().map(|q| q.items()) {
+            Some([item]) if !item.tags.is_empty() => {
+                (Some(item.types.clone()), Some(item.tags.clone()))
+            }
+            _ => (None, None),
+        };
+        let has_ids = cols.ids.iter().any(Option::is_some);
         Ok(PreparedAppend {
             lock_keys,
             lock_modes,
             cols,
+            has_ids,
             query,
             condition,
             after,
             snapshot,
+            item_types,
+            item_tags,
         })
     }
 }
@@ -299,17 +367,30 @@ pub(crate) struct PreparedAppend {
     lock_keys: Vec<i64>,
     lock_modes: Vec<bool>,
     pub(crate) cols: validate::Columns,
+    /// Whether any event carries an id (otherwise `p_ids` is sent as NULL).
+    has_ids: bool,
     /// The condition's query, for checks in memory (group commit).
     pub(crate) query: Option<Query>,
     pub(crate) condition: Option<serde_json::Value>,
     pub(crate) after: Option<i64>,
     pub(crate) snapshot: Option<String>,
+    /// The condition's only item's types and tags, if it has exactly one item
+    /// and that item has tags.
+    item_types: Option<Vec<String>>,
+    item_tags: Option<Vec<String>>,
 }
 
 const NO_KEYS: &[i64] = &[];
 const NO_MODES: &[bool] = &[];
+const NO_IDS: Option<&[Option<uuid::Uuid>]> = None;
 
 impl PreparedAppend {
+    /// Whether the plain `INSERT` can write this append: no condition, no
+    /// cursor, no event ids.
+    fn is_plain(&self) -> bool {
+        self.condition.is_none() && self.after.is_none() && !self.has_ids
+    }
+
     /// The statement parameters; without `locks`, the scope locks are left to the
     /// caller (group commit holds the store lock exclusively instead); without
     /// a `channel`, waking subscribers is left to the caller, after the commit.
@@ -318,7 +399,7 @@ impl PreparedAppend {
         locks: bool,
         channel: &'a Option<&'a str>,
         hold_ms: &'a i32,
-    ) -> [&'a (dyn ToSql + Sync); 14] {
+    ) -> [&'a (dyn ToSql + Sync); 16] {
         let (keys, modes): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = if locks {
             (&self.lock_keys, &self.lock_modes)
         } else {
@@ -333,12 +414,18 @@ impl PreparedAppend {
             &self.cols.tag_counts,
             &self.cols.data,
             &self.cols.metadata,
-            &self.cols.ids,
+            if self.has_ids {
+                &self.cols.ids
+            } else {
+                &NO_IDS
+            },
             &self.condition,
             &self.after,
             &self.snapshot,
             channel,
             hold_ms,
+            &self.item_types,
+            &self.item_tags,
         ]
     }
 }

@@ -63,6 +63,11 @@ pub(crate) const STORE: Layer = Layer {
             name: "0004_guards.sql",
             sql: include_str!("../../sql/store/0004_guards.sql"),
         },
+        Migration {
+            version: 5,
+            name: "0005_lean_append.sql",
+            sql: include_str!("../../sql/store/0005_lean_append.sql"),
+        },
     ],
 };
 

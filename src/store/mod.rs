@@ -140,6 +140,7 @@ struct Sql {
     events: String,
 }
 
+    append_plain: String,
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -613,7 +614,25 @@ impl StoreBuilder {
         let s = &self.schema;
         let sql = Sql {
             append: format!(
-                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_guarded($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot, $13, $14)"
+                "SELECT positions, transaction_id, conflict, replayed FROM \"{s}\".append_checked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::text::pg_snapshot, $13, $14, $15, $16)"
+            ),
+            // The unconditional append on the store's own connection: one
+            // plain statement, no function. The scope locks are taken (in the
+            // aggregate, before any row is formed and so before any position is
+            // drawn), then the events go in; in a transaction that is not READ
+            // COMMITTED nothing is inserted and no row comes back.
+            append_plain: format!(
+                "INSERT INTO \"{s}\".events (transaction_id, type, tags, data, metadata) \
+                 SELECT pg_current_xact_id(), e.type, ($4::text[])[e.tag_start : e.tag_start + e.tag_count - 1], \
+                        e.data, e.metadata \
+                   FROM (SELECT count(CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) \
+                                           ELSE pg_advisory_xact_lock_shared(l.key) END) AS n \
+                           FROM unnest($1::bigint[], $2::bool[]) AS l(key, exclusive)) locks, \
+                        unnest($3::text[], $5::int[], $6::int[], $7::jsonb[], $8::jsonb[]) \
+                        WITH ORDINALITY AS e(type, tag_start, tag_count, data, metadata, ord) \
+                  WHERE locks.n >= 0 AND current_setting('transaction_isolation') = 'read committed' \
+                  ORDER BY e.ord \
+                 RETURNING position, transaction_id"
             ),
             head: format!("SELECT max(position) FROM \"{s}\".events"),
             events: format!("\"{s}\".events"),

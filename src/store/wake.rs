@@ -8,6 +8,14 @@
 //! while one was in flight is covered by the next. A wake-up lost (the process
 //! stopped between the commit and the notification) only delays subscribers until
 //! their next poll.
+//!
+//! The notifying transaction commits with `synchronous_commit` off. A
+//! notification needs a transaction id, so it writes a commit record, and with
+//! the default setting every wake-up waited for its own WAL flush: a second
+//! flush per append for a lone writer. Asynchronous commit is safe here: the
+//! notification is delivered when the commit is visible, which does not wait
+//! for the flush, and what a crash could lose (the wake-up) is what the
+//! subscribers' polling already covers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,7 +86,9 @@ async fn send(pool: &Pool, channel: &str) {
     let sent = async {
         let client = pool.get().await.ok()?;
         let stmt = client
-            .prepare_cached("SELECT pg_notify($1, '')")
+            .prepare_cached(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+            )
             .await
             .ok()?;
         client.execute(&stmt, &[&channel]).await.ok()

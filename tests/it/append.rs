@@ -186,6 +186,43 @@ async fn append_in_tx_commits_or_rolls_back_with_the_caller() {
     );
     drop(tx);
     assert_eq!(t.count().await, 1);
+
+    // The same on the store's own connections when the server's default is
+    // another level: the plain unconditional append, the conditional one.
+    let sep = if t.url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{}{sep}options=-c%20default_transaction_isolation%3Drepeatable%5C%20read",
+        t.url
+    );
+    let other = dcbflow::Store::builder_for_url(&url, Some(2))
+        .unwrap()
+        .schema(&t.schema)
+        .migrate(false)
+        .build()
+        .await
+        .unwrap();
+    let plain = other.append(vec![ev("A", &[])], None).await;
+    assert!(
+        matches!(
+            plain,
+            Err(dcbflow::Error::InvalidInput(InvalidInput::IsolationLevel))
+        ),
+        "{plain:?}"
+    );
+    let conditional = other
+        .append(
+            vec![ev("A", &["t:9"])],
+            Some(AppendCondition::new(Query::items_of(["A"], ["t:9"]))),
+        )
+        .await;
+    assert!(
+        matches!(
+            conditional,
+            Err(dcbflow::Error::InvalidInput(InvalidInput::IsolationLevel))
+        ),
+        "{conditional:?}"
+    );
+    assert_eq!(t.count().await, 1);
 }
 
 #[tokio::test]

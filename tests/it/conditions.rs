@@ -478,3 +478,53 @@ async fn a_complete_read_covers_up_to_the_head_of_its_snapshot() {
         r.positions[0],
     );
 }
+
+/// An unconditional append of an event in a locked scope waits for the scope's
+/// holder, so a decision taken under the scope lock cannot be overtaken by an
+/// event it did not see (the plain `INSERT` takes the same shared scope locks
+/// as every other append, before its events get positions); an append outside
+/// the scope does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unconditional_append_into_a_locked_scope_waits_for_the_decision() {
+    let t = TestStore::new().await;
+    let q = Query::items_of(["SeatBooked"], ["seat:1"]);
+    let mut client = t.store.pool().get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    t.store.lock_scope_in_tx(&tx, &q).await.unwrap();
+    // Outside the scope: goes through at once.
+    t.store
+        .append(vec![ev("SeatBooked", &["seat:2"])], None)
+        .await
+        .unwrap();
+    let store = t.store.clone();
+    let inside = tokio::spawn(async move {
+        store
+            .append(vec![ev("SeatBooked", &["seat:1"])], None)
+            .await
+    });
+    eventually("the append into the locked scope waits", DEADLINE, || async {
+        (t.lock_waits().await == 1).then_some(())
+    })
+    .await;
+    assert!(!inside.is_finished());
+    // The decision, taken with the scope held: nothing in the scope yet.
+    let seen = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
+    assert!(seen.events.is_empty());
+    t.store
+        .append_in_tx(
+            &tx,
+            vec![ev("SeatBooked", &["seat:1"])],
+            Some(AppendCondition::new(q.clone()).after(seen.cursor)),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let waited = inside.await.unwrap().unwrap();
+    let booked = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
+    assert_eq!(booked.events.len(), 2);
+    assert_eq!(
+        booked.events[1].position,
+        waited.positions[0],
+        "the waiting append comes after the decision"
+    );
+}
