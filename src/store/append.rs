@@ -77,11 +77,18 @@ impl Store {
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
         let _permit = self.permit()?;
-        if let Some(group) = &self.inner.group_commit {
-            let prepared = self.prepare_append(events, condition)?;
-            return group.append(prepared).await;
-        }
         let prepared = self.prepare_append(events, condition)?;
+        // With group commit, an append that is alone runs at once, below.
+        let _entry = match &self.inner.group_commit {
+            Some(group) => {
+                let entry = group.enter();
+                if !entry.alone {
+                    return group.append(prepared).await;
+                }
+                Some(entry)
+            }
+            None => None,
+        };
         let deadline = self.deadline();
         let client = self.checkout(deadline).await?;
         // Committed by the statement itself: no notification inside it (see
@@ -385,9 +392,17 @@ const NO_MODES: &[bool] = &[];
 const NO_IDS: Option<&[Option<uuid::Uuid>]> = None;
 
 impl PreparedAppend {
+    /// The scope locks this append takes: (key, exclusive), sorted by key.
+    pub(crate) fn locks(&self) -> impl Iterator<Item = (i64, bool)> + '_ {
+        self.lock_keys
+            .iter()
+            .copied()
+            .zip(self.lock_modes.iter().copied())
+    }
+
     /// Whether the plain `INSERT` can write this append: no condition, no
     /// cursor, no event ids.
-    fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         self.condition.is_none() && self.after.is_none() && !self.has_ids
     }
 

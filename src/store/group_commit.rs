@@ -1,27 +1,44 @@
-//! Group commit: concurrent appends of one process batched into one transaction.
+//! Group commit: concurrent appends of one process batched into shared
+//! transactions.
 //!
-//! A writer task takes the requests waiting in a queue (up to `max_batch`) and
-//! commits them together:
+//! An append that finds no other append of this handle in flight runs at once,
+//! the ordinary way: a lone writer pays nothing for batching. Otherwise it
+//! queues, and one of the writer tasks (two by default) takes the requests
+//! waiting (up to `max_batch`) and commits them together:
 //!
-//! 1. It takes the store lock **exclusively**. Every append holds it shared, so this
-//!    waits for all writers in flight, in any process, and keeps new ones out while
-//!    the batch runs; per-scope locks are not needed.
+//! 1. It takes the union of the requests' scope locks, in key order, in one
+//!    statement: shared on the store key and on every type and tag written,
+//!    exclusive on what each condition locks, exactly as the requests would one
+//!    by one. Batches and single appends of disjoint scopes therefore run side
+//!    by side, in this process and in others, and share their commits' WAL
+//!    flushes; a writer of a matching event waits for the batch as it would for
+//!    a single append. A union above [`MAX_BATCH_LOCKS`] keys takes the store
+//!    lock exclusively instead, which waits for every writer in flight.
 //! 2. Requests whose event ids are stored already are replays; ids repeated inside
-//!    the batch make the later request a replay of the earlier one.
+//!    the batch make the later request a replay of the earlier one. (A writer of
+//!    the same ids racing the batch makes the insert fail on the unique index:
+//!    the batch is retried one by one, below.)
 //! 3. Each condition is checked against the log (`condition_conflict`, one pipelined
-//!    statement per conditional request) and, in memory with the store's matching
-//!    rules, against the events of the requests accepted before it in this batch.
-//!    A failing condition fails its request alone.
-//! 4. All accepted events go in with **one** multi-row `INSERT`, one notification,
-//!    one commit.
+//!    statement per conditional request) after the locks are granted and, in
+//!    memory with the store's matching rules, against the events of the requests
+//!    accepted before it in this batch. A failing condition fails its request alone.
+//! 4. All accepted events go in with **one** multi-row `INSERT`, one commit, one
+//!    wake-up after it.
 //!
-//! If anything fails with an error, the batch is rolled back and its requests run
-//! one by one the ordinary way, so a bad request fails alone.
+//! While one writer waits for its commit's flush, the next takes the following
+//! batch. If anything fails with an error, the batch is rolled back and its
+//! requests run one by one the ordinary way, so a bad request fails alone.
 
-use std::collections::HashMap;
+/// Most lock keys a batch takes one by one before it takes the store lock
+/// exclusively instead (PostgreSQL's lock table is shared by all sessions).
+pub(crate) const MAX_BATCH_LOCKS: usize = 512;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::future::join_all;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::append::{PreparedAppend, decode};
@@ -37,6 +54,21 @@ struct Request {
 /// The queue to the writer task; the task ends when the store is dropped.
 pub(crate) struct GroupCommit {
     sender: mpsc::Sender<Request>,
+    /// Appends of this handle in flight, run at once or queued.
+    active: Arc<AtomicUsize>,
+}
+
+/// An append's place: alone (run it the ordinary way) or behind others (queue
+/// it). Counted in [`GroupCommit::active`] until dropped.
+pub(crate) struct Entry {
+    active: Arc<AtomicUsize>,
+    pub(crate) alone: bool,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Writer {
@@ -56,19 +88,38 @@ impl GroupCommit {
         waker: Waker,
         store_key: i64,
         max_batch: usize,
+        writers: usize,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(max_batch * 4);
-        let span = tracing::debug_span!("dcbflow.group_commit", db.system.name = "postgresql", db.namespace = %schema, max_batch);
-        let writer = Writer {
+        let receiver = Arc::new(Mutex::new(receiver));
+        let writer = Arc::new(Writer {
             pool,
             schema,
             append_sql,
             waker,
             store_key,
             max_batch,
-        };
-        tokio::spawn(tracing::Instrument::instrument(writer.run(receiver), span));
-        GroupCommit { sender }
+        });
+        for n in 0..writers.max(1) {
+            let span = tracing::debug_span!("dcbflow.group_commit", db.system.name = "postgresql", db.namespace = %writer.schema, max_batch, writer = n);
+            tokio::spawn(tracing::Instrument::instrument(
+                writer.clone().run(receiver.clone()),
+                span,
+            ));
+        }
+        GroupCommit {
+            sender,
+            active: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Counts an append in, and says whether it is alone.
+    pub(crate) fn enter(&self) -> Entry {
+        let before = self.active.fetch_add(1, Ordering::AcqRel);
+        Entry {
+            active: self.active.clone(),
+            alone: before == 0,
+        }
     }
 
     pub(crate) async fn append(&self, append: PreparedAppend) -> Result<AppendResult> {
@@ -99,23 +150,31 @@ enum Fate {
 }
 
 impl Writer {
-    async fn run(self, mut receiver: mpsc::Receiver<Request>) {
-        while let Some(first) = receiver.recv().await {
-            let mut batch = vec![first];
-            // Take what is queued; yield a few times so appenders woken by the
-            // previous batch's replies can queue their next request too.
-            for _ in 0..4 {
-                while batch.len() < self.max_batch {
-                    match receiver.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
+    async fn run(self: Arc<Self>, receiver: Arc<Mutex<mpsc::Receiver<Request>>>) {
+        loop {
+            // One writer at a time takes a batch; the others meanwhile commit theirs.
+            let batch = {
+                let mut receiver = receiver.lock().await;
+                let Some(first) = receiver.recv().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                // Take what is queued; yield a few times so appenders woken by the
+                // previous batch's replies can queue their next request too.
+                for _ in 0..4 {
+                    while batch.len() < self.max_batch {
+                        match receiver.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
                     }
+                    if batch.len() >= self.max_batch {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
                 }
-                if batch.len() >= self.max_batch {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+                batch
+            };
             tracing::trace!(size = batch.len(), "group commit");
             match self.together(&batch).await {
                 Ok(results) => {
@@ -155,13 +214,20 @@ impl Writer {
         tx: &deadpool_postgres::Object,
         batch: &[Request],
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
-        // One round trip: begin, and wait for every writer in flight.
-        tx.batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({})",
-            self.store_key
-        ))
-        .await
-        .map_err(Failed::retry)?;
+        // One round trip: begin, and take the batch's scope locks.
+        let (keys, modes) = union_of_locks(batch, self.store_key);
+        tx.batch_execute("BEGIN").await.map_err(Failed::retry)?;
+        let lock = tx
+            .prepare_cached(
+                "SELECT count(CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) \
+                                   ELSE pg_advisory_xact_lock_shared(l.key) END) \
+                   FROM unnest($1::bigint[], $2::bool[]) AS l(key, exclusive)",
+            )
+            .await
+            .map_err(Failed::retry)?;
+        tx.execute(&lock, &[&keys, &modes])
+            .await
+            .map_err(Failed::retry)?;
         let events = format!("\"{}\".events", self.schema);
 
         // 2. Replays of stored events.
@@ -204,8 +270,8 @@ impl Writer {
                         .map(|row| {
                             let head: i64 = row.get(1);
                             match a.after {
-                                // The batch holds the store lock exclusively: the
-                                // head cannot move while it decides.
+                                // Read after the locks: a cursor beyond it
+                                // cannot come from a read.
                                 Some(after) if after > head => {
                                     Some(Err(InvalidInput::BeyondHead {
                                         position: Position(after),
@@ -404,6 +470,22 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
+}
+
+/// The scope locks of a batch: every request's, exclusive where any request's
+/// is, sorted by key; or the store lock alone, exclusive, above
+/// [`MAX_BATCH_LOCKS`] keys or when a request falls back to it.
+fn union_of_locks(batch: &[Request], store_key: i64) -> (Vec<i64>, Vec<bool>) {
+    let mut locks: BTreeMap<i64, bool> = BTreeMap::new();
+    for r in batch {
+        for (key, exclusive) in r.append.locks() {
+            *locks.entry(key).or_insert(exclusive) |= exclusive;
+        }
+    }
+    if locks.len() > MAX_BATCH_LOCKS || locks.get(&store_key) == Some(&true) {
+        return (vec![store_key], vec![true]);
+    }
+    locks.into_iter().unzip()
 }
 
 /// Event `k` of a request, as far as matching needs it (type and tags).

@@ -191,6 +191,7 @@ impl Store {
             call_timeout: std::time::Duration::from_secs(15),
         }
     }
+            group_commit_writers: 2,
 
     /// The schema this store lives in.
     pub fn schema(&self) -> &str {
@@ -515,6 +516,7 @@ pub struct StoreBuilder {
     call_timeout: std::time::Duration,
 }
 
+    group_commit_writers: usize,
 impl StoreBuilder {
     /// The schema to install into (default [`DEFAULT_SCHEMA`]). Lower-case letters,
     /// digits and `_`, at most 63 bytes, not starting with a digit.
@@ -547,9 +549,10 @@ impl StoreBuilder {
     /// Batches concurrent [`Store::append`] calls of this process into shared
     /// transactions of up to `max_batch` appends (group commit): far more appends per
     /// second under concurrency, each still with its own condition and its own
-    /// result. Each batch holds the store lock exclusively while it runs, so it also
-    /// waits for any open transaction that appended to this store (`append_in_tx`);
-    /// keep such transactions short. Off by default. `append_in_tx` is never batched.
+    /// result. An append that finds no other append of this handle in flight runs
+    /// at once, unbatched. A batch takes the union of its appends' scope locks, so
+    /// batches of disjoint scopes (in this process or others) run side by side;
+    /// `append_in_tx` is never batched. Off by default.
     pub fn group_commit(mut self, max_batch: usize) -> Self {
         self.group_commit = (max_batch > 1).then_some(max_batch);
         self
@@ -559,6 +562,14 @@ impl StoreBuilder {
     /// scopes, may sit idle, and (unless it set its own `statement_timeout`) the
     /// longest any of its later statements may run (default 60 s; zero: no bound).
     /// Such a transaction holds the store lock until it ends, and every
+    /// How many batches of one handle may be in flight at once with
+    /// [`group_commit`](Self::group_commit): while one waits for its commit's
+    /// flush, the next is taken (default 2; at least 1).
+    pub fn group_commit_writers(mut self, writers: usize) -> Self {
+        self.group_commit_writers = writers.max(1);
+        self
+    }
+
     /// subscriber of the store waits for it: the bound keeps one stuck process
     /// (a crashed client, a leaked transaction) from stalling them all. Past it,
     /// PostgreSQL ends the transaction (and, for idleness, the session).
@@ -651,6 +662,7 @@ impl StoreBuilder {
         });
         let store = Store {
             inner: Arc::new(Inner {
+                self.group_commit_writers,
                 pool: self.pool,
                 schema: self.schema,
                 limits: self.limits,

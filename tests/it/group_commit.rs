@@ -7,15 +7,47 @@ use uuid::Uuid;
 
 use crate::support::{DEADLINE, TestStore, ev, eventually, race};
 
+/// Batches a group-commit store may have in flight at once.
+const WRITERS: usize = 2;
+
 async fn grouped(t: &TestStore) -> Store {
     Store::builder_for_url(&t.url, Some(8))
         .unwrap()
         .schema(&t.schema)
         .group_commit(64)
+        .group_commit_writers(WRITERS)
         .max_in_flight(1024)
         .build()
         .await
         .unwrap()
+}
+
+/// Holds every writer of `store` up: `held` locks the scopes of `types`
+/// exclusively, then one append of the first type runs alone (unbatched) and one
+/// more per batch writer, each waiting for the lock, so that whatever is queued
+/// next is committed in one batch once `held` ends. Returns the blocked appends.
+async fn hold_writers(
+    t: &TestStore,
+    held: &deadpool_postgres::Transaction<'_>,
+    store: &Store,
+    types: &[&str],
+) -> Vec<tokio::task::JoinHandle<dcbflow::Result<dcbflow::AppendResult>>> {
+    let scope = Query::from_items([dcbflow::QueryItem::new().types(types.iter().copied())]);
+    t.store.lock_scope_in_tx(held, &scope).await.unwrap();
+    let mut blocked = Vec::new();
+    for n in 1..=1 + WRITERS {
+        let (store, ty) = (store.clone(), types[0].to_owned());
+        blocked.push(tokio::spawn(async move {
+            store.append(vec![ev(&ty, &[])], None).await
+        }));
+        eventually(
+            "the blocked appends wait for the scope lock",
+            DEADLINE,
+            || async { (t.lock_waits().await == n as i64).then_some(()) },
+        )
+        .await;
+    }
+    blocked
 }
 
 /// Awaits `append`, a grouped append, counting it in `queued` as soon as it is
@@ -40,15 +72,12 @@ async fn counted<T>(
 async fn concurrent_appends_share_transactions_and_keep_their_conditions() {
     let t = TestStore::new().await;
     let store = grouped(&t).await;
-    // An open transaction that appended holds the store lock (shared) until all 64
-    // appends are queued, so the writer cannot commit them one by one, however the
-    // racers are scheduled: a writer that does not batch fails this test.
+    // An open transaction holds the scope of every racer's events until all 64
+    // appends are queued, so the writers cannot commit them one by one, however
+    // the racers are scheduled: a writer that does not batch fails this test.
     let mut holder = t.store.pool().get().await.unwrap();
     let held = holder.transaction().await.unwrap();
-    t.store
-        .append_in_tx(&held, vec![ev("Held", &[])], None)
-        .await
-        .unwrap();
+    let blocked = hold_writers(&t, &held, &store, &["Deposited"]).await;
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let racers = race(64, |i| {
         let (store, queued) = (store.clone(), queued.clone());
@@ -74,22 +103,21 @@ async fn concurrent_appends_share_transactions_and_keep_their_conditions() {
         held.rollback().await.unwrap();
     };
     let (results, ()) = tokio::join!(racers, release);
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
     let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
     let positions: HashSet<_> = results.iter().flat_map(|r| r.positions.clone()).collect();
     assert_eq!(positions.len(), 64);
     let transactions: HashSet<_> = results.iter().map(|r| r.transaction_id).collect();
-    assert!(
-        transactions.len() < 64,
+    // The 64 were queued behind the blocked writers: one batch of all of them.
+    assert_eq!(
+        transactions.len(),
+        1,
         "appends were batched ({} transactions)",
         transactions.len()
     );
-    // The batch that was waiting for the lock, and one batch of all the others.
-    assert!(
-        transactions.len() <= 2,
-        "appends were batched ({} transactions)",
-        transactions.len()
-    );
-    assert_eq!(t.count().await, 64);
+    assert_eq!(t.count().await, 64 + 1 + WRITERS as i64);
 }
 
 /// Racers on one boundary, some batched together, some through a second process
@@ -133,24 +161,16 @@ async fn a_failing_request_does_not_sink_its_batch() {
     let t = TestStore::new().await;
     let store = grouped(&t).await;
     let taken = Uuid::new_v4();
-    // The first append's batch waits for the store lock, held by an open
-    // transaction, while the 32 requests queue behind it: they are the next batch,
-    // all of them, however they are scheduled.
-    let mut holder = t.store.pool().get().await.unwrap();
-    let held = holder.transaction().await.unwrap();
+    // The writers wait for scope locks held by an open transaction while the 32
+    // requests queue behind them: they are the next batch, all of them, however
+    // they are scheduled.
     t.store
-        .append_in_tx(&held, vec![ev("Held", &[])], None)
+        .append(vec![ev("A", &[]).with_id(taken)], None)
         .await
         .unwrap();
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move { store.append(vec![ev("A", &[]).with_id(taken)], None).await })
-    };
-    eventually("the first batch waits for the store lock", DEADLINE, {
-        let t = &t;
-        move || async move { (t.lock_waits().await == 1).then_some(()) }
-    })
-    .await;
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    let blocked = hold_writers(&t, &held, &store, &["A", "B"]).await;
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let racers = race(32, |i| {
         let (store, queued) = (store.clone(), queued.clone());
@@ -177,7 +197,9 @@ async fn a_failing_request_does_not_sink_its_batch() {
         held.rollback().await.unwrap();
     };
     let (results, ()) = tokio::join!(racers, release);
-    first.await.unwrap().unwrap();
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
     let mut transactions = HashSet::new();
     for (i, r) in results.into_iter().enumerate() {
         match (i, r) {
@@ -193,7 +215,7 @@ async fn a_failing_request_does_not_sink_its_batch() {
         1,
         "the others were committed in one batch"
     );
-    assert_eq!(t.count().await, 1 + 31);
+    assert_eq!(t.count().await, 1 + 1 + WRITERS as i64 + 31);
 }
 
 /// The same append sent concurrently (a client retrying) is stored once, inside or
@@ -235,23 +257,10 @@ async fn conflicts_inside_one_batch_fail_alone() {
     let store = grouped(&t).await;
     let q = Query::items_of(["SeatBooked"], ["seat:1"]);
     let cursor = t.cursor(&q).await;
-    // Hold the writer up: an open transaction that appended keeps the store lock.
+    // Hold the writers up: an open transaction locks the scopes they write.
     let mut holder = t.store.pool().get().await.unwrap();
     let held = holder.transaction().await.unwrap();
-    t.store
-        .append_in_tx(&held, vec![ev("Other", &[])], None)
-        .await
-        .unwrap();
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move { store.append(vec![ev("Warmup", &[])], None).await })
-    };
-    // Its batch is formed and waits for the store lock.
-    eventually("the warmup batch waits for the store lock", DEADLINE, {
-        let t = &t;
-        move || async move { (t.lock_waits().await == 1).then_some(()) }
-    })
-    .await;
+    let blocked = hold_writers(&t, &held, &store, &["Warmup", "SeatBooked", "Audit"]).await;
     // These queue up behind the blocked batch and are committed together.
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let racers: Vec<_> = (0..8)
@@ -290,7 +299,9 @@ async fn conflicts_inside_one_batch_fail_alone() {
     )
     .await;
     held.commit().await.unwrap();
-    first.await.unwrap().unwrap();
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
     let unrelated = unrelated.await.unwrap().unwrap();
     let mut winners = Vec::new();
     let mut conflicts = Vec::new();
@@ -310,4 +321,42 @@ async fn conflicts_inside_one_batch_fail_alone() {
         "the racers and the unrelated append were committed in one batch"
     );
     assert_eq!(t.events(&q).await.len(), 1);
+}
+
+/// Batches of disjoint scopes run side by side: while one batch waits for a
+/// scope held elsewhere, a batch of another scope is taken by the next writer
+/// and commits (a batch holding the store lock exclusively, or a single writer,
+/// would make it wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocked_batch_does_not_hold_up_other_scopes() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    t.store
+        .lock_scope_in_tx(&held, &Query::items_of(["Held"], ["x:1"]))
+        .await
+        .unwrap();
+    let mut blocked = Vec::new();
+    // One alone (unbatched), one in a batch: both wait for the scope.
+    for n in 1..=2 {
+        let store = store.clone();
+        blocked.push(tokio::spawn(async move {
+            store.append(vec![ev("Held", &["x:1"])], None).await
+        }));
+        eventually("the appends wait for the held scope", DEADLINE, || async {
+            (t.lock_waits().await == n).then_some(())
+        })
+        .await;
+    }
+    let other = tokio::time::timeout(DEADLINE, store.append(vec![ev("Free", &["y:1"])], None))
+        .await
+        .expect("a batch of another scope commits meanwhile")
+        .unwrap();
+    assert!(blocked.iter().all(|b| !b.is_finished()));
+    held.rollback().await.unwrap();
+    for b in blocked {
+        assert!(b.await.unwrap().unwrap().last_position() != other.last_position());
+    }
+    assert_eq!(t.count().await, 3);
 }
