@@ -19,7 +19,9 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use common::{Ratio, Setup};
 use criterion::{BenchmarkId, Throughput};
@@ -44,6 +46,10 @@ fn raw_schema_sql() -> String {
          CREATE INDEX ON {RAW_SCHEMA}.events USING gin (tags) WITH (fastupdate = off);
          CREATE INDEX ON {RAW_SCHEMA}.events (type, position);
          CREATE INDEX ON {RAW_SCHEMA}.events (transaction_id);
+         -- raw-plain: the same event as one row of a table with only a primary key.
+         CREATE TABLE {RAW_SCHEMA}.plain_events (
+             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             type text NOT NULL, tags text[] NOT NULL, data jsonb NOT NULL);
          -- The raw-scoped baseline: the same guarantee as a conditional append
          -- on one tag, written by hand.
          CREATE TABLE {RAW_SCHEMA}.scoped_events (
@@ -72,6 +78,7 @@ fn raw_schema_sql() -> String {
 
 fn main() {
     let setup = Setup::new(STORE_SCHEMA, 72, &[RAW_SCHEMA], &raw_schema_sql());
+    BENCH_URL.set(setup.db.url.clone()).expect("set once");
     let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
     let mut c = common::criterion(3, 8);
     let counter = AtomicU64::new(0);
@@ -276,6 +283,7 @@ fn main() {
     group.finish();
 
     c.final_summary();
+    goals(rt, pool, store);
 
     let ratio = |name| Ratio {
         label: name,
@@ -357,3 +365,268 @@ fn main() {
     ]);
     setup.finish();
 }
+
+type Op = Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// One event, no condition, on its own account tag.
+fn plain(store: &dcbflow::Store) -> Op {
+    let store = store.clone();
+    Arc::new(move |i| {
+        let store = store.clone();
+        Box::pin(async move {
+            let e = Event::new("Deposited", [format!("account:{i}")], payload(i as u64));
+            store.append(vec![e], None).await.expect("append");
+        })
+    })
+}
+
+/// One event per client with a condition on the client's own tag (disjoint
+/// scopes), after its previous append; a conflict fails the bench.
+fn conditional(store: &dcbflow::Store, clients: usize, run: &str) -> Op {
+    let store = store.clone();
+    let cursors: Arc<Vec<std::sync::Mutex<Option<Cursor>>>> =
+        Arc::new((0..clients).map(|_| Default::default()).collect());
+    let run = run.to_owned();
+    Arc::new(move |i| {
+        let (store, cursors) = (store.clone(), cursors.clone());
+        let tag = format!("goal:{run}:{i}");
+        Box::pin(async move {
+            let mut condition = AppendCondition::new(Query::items_of(["Deposited"], [tag.clone()]));
+            let last = cursors[i].lock().unwrap().clone();
+            if let Some(c) = last {
+                condition = condition.after(c);
+            }
+            let e = Event::new("Deposited", [tag], payload(i as u64));
+            let r = store
+                .append(vec![e], Some(condition))
+                .await
+                .expect("no conflicts on disjoint scopes");
+            *cursors[i].lock().unwrap() = Some(Cursor::at(r.last_position()));
+        })
+    })
+}
+
+/// raw-plain: a single-row INSERT into a table with only a primary key.
+fn raw_plain(pool: &deadpool_postgres::Pool) -> Op {
+    let pool = pool.clone();
+    Arc::new(move |i| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let c = pool.get().await.expect("connection");
+            let stmt = c
+                .prepare_cached(&format!(
+                    "INSERT INTO {RAW_SCHEMA}.plain_events (type, tags, data) VALUES ('Deposited', ARRAY[$1::text], $2)"
+                ))
+                .await
+                .expect("prepare");
+            c.execute(&stmt, &[&format!("account:{i}"), &payload(i as u64)])
+                .await
+                .expect("insert");
+        })
+    })
+}
+
+/// raw-scoped: the hand-written conditional append on the client's own tag.
+fn raw_scoped(pool: &deadpool_postgres::Pool, clients: usize, run: &str) -> Op {
+    let pool = pool.clone();
+    let last: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
+    let run = run.to_owned();
+    Arc::new(move |i| {
+        let (pool, last) = (pool.clone(), last.clone());
+        let tag = format!("goal:{run}:{i}");
+        Box::pin(async move {
+            let c = pool.get().await.expect("connection");
+            let stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {RAW_SCHEMA}.append_scoped('Deposited', $1, $2, $3)"
+                ))
+                .await
+                .expect("prepare");
+            let after = last[i].load(Ordering::Relaxed) as i64;
+            let row = c
+                .query_one(&stmt, &[&tag, &payload(i as u64), &after])
+                .await
+                .expect("append_scoped");
+            let position: Option<i64> = row.get(0);
+            last[i].store(
+                position.expect("no conflicts on disjoint scopes") as u64,
+                Ordering::Relaxed,
+            );
+        })
+    })
+}
+
+/// A goal workload: ours against a baseline at `clients` clients.
+struct Workload {
+    label: &'static str,
+    clients: usize,
+    ours: Op,
+    baseline: Op,
+    bound: f64,
+}
+
+/// The issue-14 goals of the append path, each a median of 3 interleaved
+/// windows of ours and the baseline (1 in a quick run), with the server's CPU
+/// per operation and the machine's busy share beside each figure.
+fn goals(rt: &tokio::runtime::Runtime, pool: &deadpool_postgres::Pool, store: &dcbflow::Store) {
+    use common::goals::{Row, window};
+    let quick = common::goals::quick();
+    let (rounds, secs) = if quick { (1, 2) } else { (3, 10) };
+    let grouped = |max_in_flight| {
+        rt.block_on(
+            dcbflow::Store::builder(pool.clone())
+                .schema(STORE_SCHEMA)
+                .group_commit(128)
+                .max_in_flight(max_in_flight)
+                .migrate(false)
+                .build(),
+        )
+        .expect("group-commit store")
+    };
+    let gc = grouped(4096);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let workloads = vec![
+        Workload {
+            label: "unconditional, 1 client, vs raw-plain",
+            clients: 1,
+            ours: plain(store),
+            baseline: raw_plain(pool),
+            bound: 0.8,
+        },
+        Workload {
+            label: "unconditional, 16 clients, vs raw-plain",
+            clients: 16,
+            ours: plain(store),
+            baseline: raw_plain(pool),
+            bound: 0.8,
+        },
+        Workload {
+            label: "conditional, 1 client, vs raw-scoped",
+            clients: 1,
+            ours: conditional(store, 1, &format!("{run}a")),
+            baseline: raw_scoped(pool, 1, &format!("{run}a")),
+            bound: 0.8,
+        },
+        Workload {
+            label: "conditional, 16 clients, vs raw-scoped",
+            clients: 16,
+            ours: conditional(store, 16, &format!("{run}b")),
+            baseline: raw_scoped(pool, 16, &format!("{run}b")),
+            bound: 0.8,
+        },
+        Workload {
+            label: "group commit, unconditional, 16 clients, vs raw-plain",
+            clients: 16,
+            ours: plain(&gc),
+            baseline: raw_plain(pool),
+            bound: 2.0,
+        },
+        Workload {
+            label: "group commit, conditional, 16 clients, vs raw-scoped",
+            clients: 16,
+            ours: conditional(&gc, 16, &format!("{run}c")),
+            baseline: raw_scoped(pool, 16, &format!("{run}c")),
+            bound: 1.5,
+        },
+        Workload {
+            label: "group commit, unconditional, 64 clients, vs raw-plain",
+            clients: 64,
+            ours: plain(&gc),
+            baseline: raw_plain(pool),
+            bound: 3.0,
+        },
+        Workload {
+            label: "group commit vs plain path, 1 client",
+            clients: 1,
+            ours: plain(&gc),
+            baseline: plain(store),
+            bound: 1.0,
+        },
+    ];
+    let mut rows = Vec::new();
+    println!(
+        "\n{:<54} {:>10} {:>10} {:>7} {:>9} {:>9} {:>6} {:>6}",
+        "goal workload (median of windows)",
+        "ours/s",
+        "base/s",
+        "ratio",
+        "srv ms/op",
+        "base ms",
+        "busy",
+        "base"
+    );
+    for w in &workloads {
+        let mut ratios = Vec::new();
+        let mut last = None;
+        for _ in 0..rounds {
+            let ours = rt.block_on(window(w.clients, Duration::from_secs(secs), {
+                let op = w.ours.clone();
+                move |i| op(i)
+            }));
+            let base = rt.block_on(window(w.clients, Duration::from_secs(secs), {
+                let op = w.baseline.clone();
+                move |i| op(i)
+            }));
+            ratios.push(ours.per_second() / base.per_second());
+            last = Some((ours, base));
+        }
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
+        let (ours, base) = last.expect("one round");
+        println!(
+            "{:<54} {:>10.0} {:>10.0} {:>6.2}x {:>9.3} {:>9.3} {:>5.0}% {:>5.0}%",
+            w.label,
+            ours.per_second(),
+            base.per_second(),
+            ratio,
+            ours.server_ms_per_op,
+            base.server_ms_per_op,
+            ours.busy * 100.0,
+            base.busy * 100.0
+        );
+        rows.push(Row::ratio(w.label, ratio, w.bound));
+    }
+    // Two group-commit writers side by side (two store handles with their own
+    // pools and writers: to the server, two processes), against one.
+    let second = rt.block_on(async {
+        let pool2 =
+            dcbflow::pool_from_url(BENCH_URL.get().expect("set in main"), Some(40)).expect("pool");
+        dcbflow::Store::builder(pool2)
+            .schema(STORE_SCHEMA)
+            .group_commit(128)
+            .max_in_flight(4096)
+            .migrate(false)
+            .build()
+            .await
+            .expect("second group-commit store")
+    });
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        let one = rt.block_on(window(64, Duration::from_secs(secs), {
+            let op = plain(&gc);
+            move |i| op(i)
+        }));
+        let (a, b) = (plain(&gc), plain(&second));
+        let two = rt.block_on(window(64, Duration::from_secs(secs), move |i| {
+            if i % 2 == 0 { a(i) } else { b(i) }
+        }));
+        println!(
+            "group commit, 64 clients: one writer {:.0}/s, two writers {:.0}/s (busy {:.0}% / {:.0}%)",
+            one.per_second(),
+            two.per_second(),
+            one.busy * 100.0,
+            two.busy * 100.0
+        );
+        ratios.push(two.per_second() / one.per_second());
+    }
+    ratios.sort_by(f64::total_cmp);
+    rows.push(Row::ratio(
+        "group commit, two writers (processes) vs one, 64 clients",
+        ratios[ratios.len() / 2],
+        1.0,
+    ));
+    common::goals::report("append", rows);
+}
+
+/// The bench database's URL (for a second, independent pool).
+static BENCH_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -7,7 +7,7 @@
 //! | bench | dcbflow | baseline |
 //! |---|---|---|
 //! | `stream/1000000` | `Store::read(Query::all())`, every event decoded | `query_raw` of the same columns, every row decoded |
-//! | `tag/10`, `tag/1000` | `Store::read_all` of one tag's events | `SELECT … WHERE tags @> $1 ORDER BY position` |
+//! | `tag/10`, `tag/1000` | `Store::read_all` of one tag's events | `SELECT … WHERE tags @> $1 ORDER BY position` (`raw_select`), and `btree_join`: the same rows through a normalized `event_tags(tag, position)` btree joined to a copy of the events (the issue-14 baseline) |
 //! | `tag_under_writes/{dcbflow,raw_select}/10` | the `tag/10` reads while a task appends without pause | the same read on a quiet store (the ratio is the slowdown; the raw read is the control) |
 //! | `growth/{append,conditional_append}/{0,1M,10M}` | one append on an empty store and on the seeded one (10M with `DCBFLOW_BENCH_10M=1`) | the same on the empty store |
 //!
@@ -21,10 +21,12 @@ use dcbflow::{Query, QueryItem, ReadOptions};
 use futures::{StreamExt, TryStreamExt};
 
 const SCHEMA: &str = "bench_read";
+/// The btree-join baseline: a copy of the events and their tags, normalized.
+const RAW: &str = "bench_read_raw";
 const EVENTS: u64 = 1_000_000;
 
 fn main() {
-    let setup = Setup::new(SCHEMA, 4, &[], "");
+    let setup = Setup::new(SCHEMA, 4, &[RAW], "");
     let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
     rt.block_on(async {
         let c = pool.get().await.expect("connection");
@@ -32,7 +34,14 @@ fn main() {
             "INSERT INTO {SCHEMA}.events (transaction_id, type, tags, data) \
              SELECT pg_current_xact_id(), 'Seeded', ARRAY['k:' || (g % 100000), 'bulk:' || (g % 1000)], \
                     jsonb_build_object('i', g, 'note', 'seeded event') \
-             FROM generate_series(1, {EVENTS}) g; ANALYZE {SCHEMA}.events;"
+             FROM generate_series(1, {EVENTS}) g; ANALYZE {SCHEMA}.events;
+             CREATE SCHEMA {RAW};
+             CREATE TABLE {RAW}.events AS SELECT * FROM {SCHEMA}.events;
+             ALTER TABLE {RAW}.events ADD PRIMARY KEY (position);
+             CREATE TABLE {RAW}.event_tags AS
+                 SELECT t.tag, e.position FROM {SCHEMA}.events e, unnest(e.tags) AS t(tag);
+             ALTER TABLE {RAW}.event_tags ADD PRIMARY KEY (tag, position);
+             ANALYZE {RAW}.events; ANALYZE {RAW}.event_tags;"
         ))
         .await
         .expect("seed");
@@ -103,6 +112,25 @@ fn main() {
                 let rows = c.query(&stmt, &[&vec![tag]]).await.expect("select");
                 for r in &rows {
                     let _: (i64, String, Vec<String>, serde_json::Value) = (r.get(0), r.get(2), r.get(3), r.get(4));
+                }
+                assert_eq!(rows.len() as u64, n);
+            })
+        });
+        g.bench_function(BenchmarkId::new("btree_join", n), |b| {
+            b.to_async(rt).iter(|| async {
+                let c = pool.get().await.expect("connection");
+                let stmt = c
+                    .prepare_cached(&format!(
+                        "SELECT e.position, e.transaction_id::text, e.type, e.tags, e.data, e.metadata, e.id, e.recorded_at \
+                         FROM {RAW}.event_tags t JOIN {RAW}.events e ON e.position = t.position \
+                         WHERE t.tag = $1 ORDER BY t.position"
+                    ))
+                    .await
+                    .expect("prepare");
+                let rows = c.query(&stmt, &[&tag]).await.expect("select");
+                for r in &rows {
+                    let _: (i64, String, Vec<String>, serde_json::Value) =
+                        (r.get(0), r.get(2), r.get(3), r.get(4));
                 }
                 assert_eq!(rows.len() as u64, n);
             })
@@ -255,6 +283,16 @@ fn main() {
         ratio("tag query, 10 events", "tag", "10"),
         ratio("tag query, 1,000 events", "tag", "1000"),
         Ratio {
+            label: "tag, 10 events vs btree join",
+            ours: ("tag", "dcbflow", "10"),
+            baseline: ("tag", "btree_join", "10"),
+        },
+        Ratio {
+            label: "tag, 1,000 vs btree join",
+            ours: ("tag", "dcbflow", "1000"),
+            baseline: ("tag", "btree_join", "1000"),
+        },
+        Ratio {
             label: "tag read under writes",
             ours: ("tag_under_writes", "dcbflow", "10"),
             baseline: ("tag", "dcbflow", "10"),
@@ -285,6 +323,7 @@ fn main() {
             baseline: ("growth", "conditional_append", "0"),
         },
     ]);
+    read_goals();
     if let Ok(status) = std::fs::read_to_string("/proc/self/status")
         && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM"))
     {
@@ -294,4 +333,57 @@ fn main() {
         );
     }
     setup.finish();
+}
+
+/// The read goals of issue 14, from criterion's estimates of this run.
+fn read_goals() {
+    use common::goals::{Row, mean_ns, throughput_ratio};
+    let mut rows = Vec::new();
+    let big = if std::env::var_os("DCBFLOW_BENCH_10M").is_some() {
+        "10M"
+    } else {
+        "1M"
+    };
+    for (label, ours, baseline, bound) in [
+        (
+            "tag read, 10 events of 1M, vs btree join",
+            ("tag", "dcbflow", "10"),
+            ("tag", "btree_join", "10"),
+            0.9,
+        ),
+        (
+            "tag read, 1,000 events of 1M, vs btree join",
+            ("tag", "dcbflow", "1000"),
+            ("tag", "btree_join", "1000"),
+            0.9,
+        ),
+        (
+            "streaming read of 1M events vs raw SELECT",
+            ("stream", "dcbflow", "1000000"),
+            ("stream", "raw_select", "1000000"),
+            0.9,
+        ),
+    ] {
+        if let Some(r) = throughput_ratio(ours, baseline) {
+            rows.push(Row::ratio(label, r, bound));
+        }
+    }
+    for (label, id) in [
+        ("append time, grown store vs empty", "append"),
+        (
+            "conditional append time, grown store vs empty",
+            "conditional_append",
+        ),
+    ] {
+        if let (Some(grown), Some(empty)) = (mean_ns("growth", id, big), mean_ns("growth", id, "0"))
+        {
+            rows.push(Row::at_most(
+                format!("{label} ({big})"),
+                grown / empty,
+                1.2,
+                "x",
+            ));
+        }
+    }
+    common::goals::report("read", rows);
 }

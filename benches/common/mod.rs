@@ -2,6 +2,7 @@
 //! concurrent clients, and the table of ratios against the raw baselines.
 #![allow(dead_code)]
 
+pub mod goals;
 #[path = "../../examples/support/mod.rs"]
 pub mod support;
 

@@ -4,10 +4,10 @@
 //! keeps it through its commit's WAL flush, so appends that notify in their own
 //! transaction commit one at a time. Appends through the pool therefore commit
 //! without notifying and ask this task for a wake-up instead: it sends one
-//! `pg_notify` at a time on a pooled connection, and every append that finished
-//! while one was in flight is covered by the next. A wake-up lost (the process
-//! stopped between the commit and the notification) only delays subscribers until
-//! their next poll.
+//! `pg_notify` at a time on a pooled connection, at most one per [`MIN_GAP`],
+//! and every append that finished while one was in flight, or within the gap,
+//! is covered by the next. A wake-up lost (the process stopped between the
+//! commit and the notification) only delays subscribers until their next poll.
 //!
 //! The notifying transaction commits with `synchronous_commit` off. A
 //! notification needs a transaction id, so it writes a commit record, and with
@@ -18,11 +18,18 @@
 //! subscribers' polling already covers.
 
 use std::sync::Arc;
+use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// The shortest gap between two wake-ups of one store handle: a lone writer
+/// appending back to back sends one notification per gap, not one per append
+/// (each costs the server a transaction), and a subscriber learns of an append
+/// at most this much later.
+const MIN_GAP: Duration = Duration::from_millis(1);
 
 /// Requests wake-ups. The sending task ends, after sending any wake-up still
 /// owed, when the last handle is dropped.
@@ -60,6 +67,13 @@ impl Waker {
                     };
                     if state.owed.swap(false, Ordering::AcqRel) {
                         send(&pool, &channel).await;
+                        if !stopping {
+                            // Wake-ups asked for meanwhile ride on the next one.
+                            tokio::select! {
+                                () = tokio::time::sleep(MIN_GAP) => {}
+                                () = task_stop.cancelled() => {}
+                            }
+                        }
                     }
                     if stopping {
                         return;
