@@ -153,3 +153,25 @@ pub fn print_ratios(rows: &[Ratio<'_>]) {
         }
     }
 }
+
+/// One line of the goals table that [`print_goals`] prints after the ratios: a
+/// measured value beside its goal.
+pub struct Goal {
+    pub label: String,
+    pub value: String,
+    pub goal: String,
+    pub met: bool,
+}
+
+/// Prints goal lines (label, measured value, goal, whether it is met).
+pub fn print_goals(rows: &[Goal]) {
+    for row in rows {
+        println!(
+            "{:<28} {:>12} {:>12} {:>8}",
+            row.label,
+            row.value,
+            row.goal,
+            if row.met { "met" } else { "MISSED" }
+        );
+    }
+}

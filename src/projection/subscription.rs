@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::store::horizon::{Feed, Published};
 use crate::store::{InvalidInput, Position, Query, ReadOptions, Result, SequencedEvent, Store};
 
 /// Settings of a subscription.
@@ -45,9 +45,13 @@ impl Default for SubscriptionOptions {
 /// delivered in its place, never skipped. The horizon waits only for this store's
 /// own writers, so a transaction left open elsewhere does not hold it back.
 ///
-/// New events wake the subscription through `LISTEN`/`NOTIFY` on a dedicated
-/// connection (when the store has a [listen config](crate::store::StoreBuilder::listen_config));
-/// it also polls, so a lost notification only delays.
+/// The subscriptions of one store handle (and its clones) share one `LISTEN`
+/// connection (when the store has a [listen config](crate::store::StoreBuilder::listen_config))
+/// and one watcher of the horizon, which looks at the store's writers once per
+/// round whatever the number of subscriptions; both end with the last
+/// subscription. New events wake the watcher through `LISTEN`/`NOTIFY`, and the
+/// horizon it publishes wakes the subscriptions; they also poll, so a lost
+/// notification only delays.
 ///
 /// ```no_run
 /// # async fn demo(store: dcbflow::Store) -> dcbflow::Result<()> {
@@ -65,9 +69,10 @@ pub struct Subscription {
     query: Query,
     options: SubscriptionOptions,
     position: Position,
-    horizon: Horizon,
-    wake: Arc<Notify>,
-    listener: Option<Listener>,
+    /// The store handle's shared listener and horizon watcher.
+    feed: Arc<Feed>,
+    /// The notifications seen (for a [wake signal](Subscription::wake_signal)).
+    notes: watch::Receiver<u64>,
     /// Whether events are handed out only below the writer horizon (always, for
     /// users; see [`Subscription::wake_signal`]).
     gap_free: bool,
@@ -82,24 +87,11 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some(l) = self.listener.take() {
-            l.task.abort();
-        }
-    }
-}
-
-/// Tracks the delivery horizon (see `writer_horizon` in `sql/store/0003_horizon.sql`).
-struct Horizon {
-    safe: i64,
-    pending: Option<(i64, Vec<String>)>,
-}
-
 impl Subscription {
     /// Subscribes to the events of `store` matching `query` with a position
-    /// greater than `after` (`None`: from the start of the log). Opens the
-    /// dedicated `LISTEN` connection when the store has a listen config.
+    /// greater than `after` (`None`: from the start of the log). The first
+    /// subscription of a store handle opens the shared `LISTEN` connection, when
+    /// the store has a listen config.
     ///
     /// # Errors
     /// Invalid query items; database errors while opening the listening connection.
@@ -124,117 +116,18 @@ impl Subscription {
                 .into());
             }
         }
-        let wake = Arc::new(Notify::new());
-        let listener = match store.listen_config() {
-            Some(config) => Some(listen(store, config.clone(), wake.clone()).await?),
-            None => None,
-        };
+        let feed = store.feed().await?;
+        feed.horizon_interval(options.horizon_interval);
+        let notes = feed.notes();
         Ok(Subscription {
             store: store.clone(),
             query,
             options,
             position: after.unwrap_or(Position(0)),
-            horizon: Horizon {
-                safe: 0,
-                pending: None,
-            },
-            wake,
-            listener,
+            feed,
+            notes,
             gap_free: true,
         })
-    }
-}
-
-/// The dedicated `LISTEN` connection's task: it holds the connection, and opens
-/// a new one (with backoff) whenever it is lost.
-struct Listener {
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Opens the dedicated `LISTEN` connection (the first one before returning, so
-/// that a bad configuration fails here); notifications poke `wake`. A lost
-/// connection is reopened with backoff, logged, and counted in
-/// [`StoreStats::listen_reconnects`](crate::store::StoreStats); meanwhile the
-/// subscription polls.
-async fn listen(
-    store: &Store,
-    config: tokio_postgres::Config,
-    wake: Arc<Notify>,
-) -> Result<Listener> {
-    let channel = store.channel().to_owned();
-    let first = connect_listener(&config, &channel).await?;
-    let span = tracing::debug_span!("dcbflow.listen", db.system.name = "postgresql", messaging.destination.name = %channel);
-    let store = store.clone();
-    let task = tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-            let mut next = Some(first);
-            let mut failures = 0u32;
-            loop {
-                if let Some((client, connection)) = next.take() {
-                    failures = 0;
-                    drive(connection, &wake).await;
-                    drop(client);
-                    // Lost: polling goes on; wake once so nobody waits a full interval.
-                    wake.notify_one();
-                    tracing::warn!("LISTEN connection lost; reopening it");
-                }
-                failures += 1;
-                tokio::time::sleep(backoff.delay(failures)).await;
-                match connect_listener(&config, &channel).await {
-                    Ok(c) => {
-                        store.note_listen_reconnect();
-                        tracing::info!(attempt = failures, "LISTEN connection reopened");
-                        // Events may have been appended while it was down.
-                        wake.notify_one();
-                        next = Some(c);
-                    }
-                    Err(e) => {
-                        tracing::warn!(attempt = failures, error = %e, "reopening the LISTEN connection failed")
-                    }
-                }
-            }
-        },
-        span,
-    ));
-    Ok(Listener { task })
-}
-
-type ListenConnection =
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
-
-/// Connects and `LISTEN`s on `channel`.
-async fn connect_listener(
-    config: &tokio_postgres::Config,
-    channel: &str,
-) -> Result<(tokio_postgres::Client, ListenConnection)> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
-    {
-        // The connection must be driven for LISTEN to complete.
-        let sql = format!("LISTEN \"{channel}\"");
-        let mut listen = std::pin::pin!(client.batch_execute(&sql));
-        let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
-        loop {
-            tokio::select! {
-                r = &mut listen => { r?; break; }
-                m = messages.next() => match m {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(crate::store::Error::Timeout("opening the LISTEN connection")),
-                },
-            }
-        }
-    }
-    Ok((client, connection))
-}
-
-/// Drives `connection` until it ends, poking `wake` on every notification.
-async fn drive(mut connection: ListenConnection, wake: &Notify) {
-    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    while let Some(Ok(message)) = messages.next().await {
-        if let tokio_postgres::AsyncMessage::Notification(_) = message {
-            wake.notify_one();
-        }
     }
 }
 
@@ -261,13 +154,21 @@ impl Subscription {
     /// # Errors
     /// Database errors.
     pub async fn poll_batch(&mut self) -> Result<Vec<SequencedEvent>> {
-        // While catching up below a known horizon, no need to ask for a new one.
-        let horizon = if !self.gap_free {
-            self.store.head().await?.map_or(0, |p| p.0)
-        } else if self.position.0 < self.horizon.safe {
-            self.horizon.safe
+        let horizon = if self.gap_free {
+            // While catching up below the published horizon, no need to ask for a new one.
+            let mut published = self.feed.published();
+            if self.position.0 >= published.safe {
+                published = self.feed.fresh(&self.store).await?;
+            }
+            if let Some(events) = self.take_from_tail(&published)
+                && (!events.is_empty() || self.position.0 >= published.safe)
+            {
+                return Ok(events);
+            }
+            published.safe
         } else {
-            self.advance_horizon().await?
+            self.notes.borrow_and_update();
+            self.store.head().await?.map_or(0, |p| p.0)
         };
         if horizon <= self.position.0 {
             return Ok(Vec::new());
@@ -282,6 +183,38 @@ impl Subscription {
             _ => Position(horizon),
         };
         Ok(events)
+    }
+
+    /// The events after this subscription's position from the watcher's tail (see
+    /// `src/store/horizon.rs`), if the position lies inside it: no read of our own.
+    /// Moves the position to the end of the tail, or to the last event handed out
+    /// when the batch is full.
+    fn take_from_tail(&mut self, published: &Published) -> Option<Vec<SequencedEvent>> {
+        let start = published
+            .tail
+            .iter()
+            .position(|c| c.after <= self.position.0 && self.position.0 < c.up_to)?;
+        let limit = usize::try_from(self.options.batch_size).unwrap_or(usize::MAX);
+        let mut events = Vec::new();
+        for chunk in &published.tail[start..] {
+            if chunk.after > self.position.0 {
+                break;
+            }
+            let from = chunk
+                .events
+                .partition_point(|e| e.position <= self.position);
+            for e in &chunk.events[from..] {
+                if self.query.matches_sequenced(e) {
+                    events.push(e.clone());
+                    if events.len() == limit {
+                        self.position = e.position;
+                        return Some(events);
+                    }
+                }
+            }
+            self.position = Position(chunk.up_to);
+        }
+        Some(events)
     }
 
     /// The next events, waiting until there is at least one.
@@ -326,32 +259,17 @@ impl Subscription {
         })
     }
 
-    /// Waits for a notification of new events, or the poll interval (shorter while
-    /// in-flight writers hold the horizon back).
+    /// Waits until the horizon moves past this subscription's position (new
+    /// events were announced and their writers have ended), or the poll interval.
+    /// A [wake signal](Self::wake_signal) waits for a notification instead.
     pub async fn wait(&self) {
-        let timeout = if self.horizon.pending.is_some() {
-            self.options.horizon_interval
+        if self.gap_free {
+            self.feed
+                .wait_beyond(self.position.0, self.options.poll_interval)
+                .await;
         } else {
-            self.options.poll_interval
-        };
-        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
-    }
-
-    async fn advance_horizon(&mut self) -> Result<i64> {
-        if let Some((allocated, writers)) = &self.horizon.pending
-            && self.store.writers_finished(writers).await?
-        {
-            self.horizon.safe = self.horizon.safe.max(*allocated);
-            self.horizon.pending = None;
+            let mut notes = self.notes.clone();
+            let _ = tokio::time::timeout(self.options.poll_interval, notes.changed()).await;
         }
-        if self.horizon.pending.is_none() {
-            let (allocated, writers) = self.store.writer_horizon().await?;
-            if writers.is_empty() {
-                self.horizon.safe = self.horizon.safe.max(allocated);
-            } else if allocated > self.horizon.safe {
-                self.horizon.pending = Some((allocated, writers));
-            }
-        }
-        Ok(self.horizon.safe)
     }
 }

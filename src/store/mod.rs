@@ -8,6 +8,7 @@ mod append;
 pub(crate) mod error;
 mod event;
 mod group_commit;
+pub(crate) mod horizon;
 mod locks;
 pub(crate) mod migrate;
 mod query;
@@ -123,6 +124,9 @@ struct Inner {
     channel: String,
     /// Times a subscription's `LISTEN` connection was reopened.
     listen_reconnects: std::sync::atomic::AtomicU64,
+    /// The `LISTEN` connection and horizon watcher shared by this handle's
+    /// subscriptions, while any exists (see [`horizon`]).
+    feed: horizon::FeedSlot,
 }
 
 /// Counters of a store handle (and its clones), for metrics.
@@ -136,11 +140,11 @@ pub struct StoreStats {
 /// SQL texts with the schema name filled in, built once per store.
 struct Sql {
     append: String,
+    append_plain: String,
     head: String,
     events: String,
 }
 
-    append_plain: String,
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -187,11 +191,11 @@ impl Store {
             migrate: true,
             listen: None,
             group_commit: None,
+            group_commit_writers: 2,
             lock_hold_timeout: std::time::Duration::from_secs(60),
             call_timeout: std::time::Duration::from_secs(15),
         }
     }
-            group_commit_writers: 2,
 
     /// The schema this store lives in.
     pub fn schema(&self) -> &str {
@@ -512,11 +516,11 @@ pub struct StoreBuilder {
     migrate: bool,
     listen: Option<tokio_postgres::Config>,
     group_commit: Option<usize>,
+    group_commit_writers: usize,
     lock_hold_timeout: std::time::Duration,
     call_timeout: std::time::Duration,
 }
 
-    group_commit_writers: usize,
 impl StoreBuilder {
     /// The schema to install into (default [`DEFAULT_SCHEMA`]). Lower-case letters,
     /// digits and `_`, at most 63 bytes, not starting with a digit.
@@ -558,10 +562,6 @@ impl StoreBuilder {
         self
     }
 
-    /// The longest a transaction that appended to this store, or locked one of its
-    /// scopes, may sit idle, and (unless it set its own `statement_timeout`) the
-    /// longest any of its later statements may run (default 60 s; zero: no bound).
-    /// Such a transaction holds the store lock until it ends, and every
     /// How many batches of one handle may be in flight at once with
     /// [`group_commit`](Self::group_commit): while one waits for its commit's
     /// flush, the next is taken (default 2; at least 1).
@@ -570,6 +570,10 @@ impl StoreBuilder {
         self
     }
 
+    /// The longest a transaction that appended to this store, or locked one of its
+    /// scopes, may sit idle, and (unless it set its own `statement_timeout`) the
+    /// longest any of its later statements may run (default 60 s; zero: no bound).
+    /// Such a transaction holds the store lock until it ends, and every
     /// subscriber of the store waits for it: the bound keeps one stuck process
     /// (a crashed client, a leaked transaction) from stalling them all. Past it,
     /// PostgreSQL ends the transaction (and, for idleness, the session).
@@ -655,14 +659,15 @@ impl StoreBuilder {
                 self.pool.clone(),
                 self.schema.clone(),
                 sql.append.clone(),
+                sql.append_plain.clone(),
                 waker.clone(),
                 locks::key(&self.schema, locks::Kind::Store, ""),
                 max,
+                self.group_commit_writers,
             )
         });
         let store = Store {
             inner: Arc::new(Inner {
-                self.group_commit_writers,
                 pool: self.pool,
                 schema: self.schema,
                 limits: self.limits,
@@ -678,6 +683,7 @@ impl StoreBuilder {
                 layers: Mutex::default(),
                 channel,
                 listen_reconnects: std::sync::atomic::AtomicU64::new(0),
+                feed: horizon::FeedSlot::default(),
             }),
         };
         if self.migrate {
