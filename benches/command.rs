@@ -191,5 +191,18 @@ fn main() {
         project("project/100", "100"),
         project("project/100000", "100000"),
     ]);
+    use common::goals::{Row, throughput_ratio};
+    let mut rows = Vec::new();
+    if let Some(r) = throughput_ratio(
+        ("execute", "dcbflow", "hot/16/pessimistic"),
+        ("execute", "raw", "hot/16/optimistic"),
+    ) {
+        rows.push(Row::ratio(
+            "hot boundary, 16 racers, pessimistic vs raw",
+            r,
+            1.5,
+        ));
+    }
+    common::goals::report("command", rows);
     setup.finish();
 }

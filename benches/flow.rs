@@ -130,11 +130,25 @@ fn main() {
         },
     ]);
     println!();
-    for (workers, statements, events) in per_statement {
+    for (workers, statements, events) in &per_statement {
         println!(
             "{workers} worker(s): {statements:.2} SQL statements per transition, {events:.2} events per transition"
         );
     }
+    use common::goals::{Row, throughput_ratio};
+    let mut rows = Vec::new();
+    if let Some(r) = throughput_ratio(("flow", "dcbflow", "4"), ("flow", "raw_transition", "4")) {
+        rows.push(Row::ratio("transitions, 4 workers, vs raw", r, 0.5));
+    }
+    if let Some((_, statements, _)) = per_statement.iter().find(|(w, _, _)| *w == 4) {
+        rows.push(Row::at_most(
+            "SQL statements per transition, 4 workers",
+            *statements,
+            4.0,
+            "statements",
+        ));
+    }
+    common::goals::report("flow", rows);
     setup.finish();
 }
 

@@ -383,8 +383,8 @@ pub(crate) struct PreparedAppend {
     pub(crate) snapshot: Option<String>,
     /// The condition's only item's types and tags, if it has exactly one item
     /// and that item has tags.
-    item_types: Option<Vec<String>>,
-    item_tags: Option<Vec<String>>,
+    pub(crate) item_types: Option<Vec<String>>,
+    pub(crate) item_tags: Option<Vec<String>>,
 }
 
 const NO_KEYS: &[i64] = &[];

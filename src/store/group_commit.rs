@@ -23,7 +23,10 @@
 //!    memory with the store's matching rules, against the events of the requests
 //!    accepted before it in this batch. A failing condition fails its request alone.
 //! 4. All accepted events go in with **one** multi-row `INSERT`, one commit, one
-//!    wake-up after it.
+//!    wake-up after it. The `BEGIN` and the locks, the checks, and the insert and
+//!    the commit are each one round trip (pipelined). A batch with no condition,
+//!    cursor or id anywhere is one statement: the plain `INSERT` of a single
+//!    append, with all the events and the union of the locks.
 //!
 //! While one writer waits for its commit's flush, the next takes the following
 //! batch. If anything fails with an error, the batch is rolled back and its
@@ -32,6 +35,13 @@
 /// Most lock keys a batch takes one by one before it takes the store lock
 /// exclusively instead (PostgreSQL's lock table is shared by all sessions).
 pub(crate) const MAX_BATCH_LOCKS: usize = 512;
+
+/// A cursor at most this many positions behind the head is near: the events
+/// after it are scanned (the same bound as `append_checked`'s).
+const NEAR: i64 = 64;
+/// Most events after a near cursor that the scan looks at; with more, the
+/// planned check decides.
+const WINDOW: i64 = 128;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -75,6 +85,7 @@ struct Writer {
     pool: Pool,
     schema: String,
     append_sql: String,
+    plain_sql: String,
     waker: Waker,
     store_key: i64,
     max_batch: usize,
@@ -85,6 +96,7 @@ impl GroupCommit {
         pool: Pool,
         schema: String,
         append_sql: String,
+        plain_sql: String,
         waker: Waker,
         store_key: i64,
         max_batch: usize,
@@ -96,6 +108,7 @@ impl GroupCommit {
             pool,
             schema,
             append_sql,
+            plain_sql,
             waker,
             store_key,
             max_batch,
@@ -202,6 +215,9 @@ impl Writer {
         batch: &[Request],
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
         let client = self.pool.get().await.map_err(Failed::retry)?;
+        if batch.iter().all(|r| r.append.is_plain()) {
+            return self.plain(&client, batch).await;
+        }
         let result = self.in_transaction(&client, batch).await;
         if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
             drop(deadpool_postgres::Object::take(client));
@@ -216,7 +232,6 @@ impl Writer {
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
         // One round trip: begin, and take the batch's scope locks.
         let (keys, modes) = union_of_locks(batch, self.store_key);
-        tx.batch_execute("BEGIN").await.map_err(Failed::retry)?;
         let lock = tx
             .prepare_cached(
                 "SELECT count(CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) \
@@ -225,9 +240,11 @@ impl Writer {
             )
             .await
             .map_err(Failed::retry)?;
-        tx.execute(&lock, &[&keys, &modes])
-            .await
-            .map_err(Failed::retry)?;
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&keys, &modes];
+        let (begun, locked) =
+            futures::join!(tx.batch_execute("BEGIN"), tx.execute(&lock, &lock_params));
+        begun.map_err(Failed::retry)?;
+        locked.map_err(Failed::retry)?;
         let events = format!("\"{}\".events", self.schema);
 
         // 2. Replays of stored events.
@@ -257,31 +274,59 @@ impl Writer {
             ))
             .await
             .map_err(Failed::retry)?;
+        // The common case first, as plain SQL: one item with tags, a cursor
+        // without a snapshot, few events after it. The events after the cursor
+        // (at most WINDOW, by primary key) decide if they are all of them, as
+        // in `append_checked`; otherwise `condition_conflict` does.
+        let window = tx
+            .prepare_cached(&format!(
+                "SELECT h.head, h.head - $1 <= {NEAR}, w.conflict, w.full \
+                   FROM (SELECT \"{0}\".allocated_head() AS head) h, \
+                        LATERAL (SELECT min(x.position) FILTER (WHERE x.tags @> $2 \
+                                         AND (cardinality($3::text[]) = 0 OR x.type = ANY($3))) AS conflict, \
+                                        count(*) >= {WINDOW} AS full \
+                                   FROM (SELECT e.position, e.type, e.tags FROM \"{0}\".events e \
+                                          WHERE e.position > $1 AND h.head - $1 <= {NEAR} \
+                                          ORDER BY e.position LIMIT {WINDOW}) x) w",
+                self.schema
+            ))
+            .await
+            .map_err(Failed::retry)?;
+        let beyond = |after: Option<i64>, head: i64| match after {
+            // Read after the locks: a cursor beyond it cannot come from a read.
+            Some(after) if after > head => Some(InvalidInput::BeyondHead {
+                position: Position(after),
+                head: Position(head),
+            }),
+            _ => None,
+        };
         let checks = join_all(batch.iter().map(|r| {
             let a = &r.append;
-            let check = &check;
-            let tx = &tx;
+            let (check, window, tx) = (&check, &window, &tx);
             async move {
-                match (&a.condition, a.after) {
-                    (None, None) => Ok(None),
-                    (c, _) => tx
-                        .query_one(check, &[c, &a.after, &a.snapshot])
-                        .await
-                        .map(|row| {
-                            let head: i64 = row.get(1);
-                            match a.after {
-                                // Read after the locks: a cursor beyond it
-                                // cannot come from a read.
-                                Some(after) if after > head => {
-                                    Some(Err(InvalidInput::BeyondHead {
-                                        position: Position(after),
-                                        head: Position(head),
-                                    }))
-                                }
-                                _ => row.get::<_, Option<i64>>(0).map(Ok),
-                            }
-                        }),
+                if a.condition.is_none() && a.after.is_none() {
+                    return Ok::<_, tokio_postgres::Error>(None);
                 }
+                if let (Some(tags), Some(types), None, Some(after)) =
+                    (&a.item_tags, &a.item_types, &a.snapshot, a.after)
+                {
+                    let row = tx.query_one(window, &[&after, tags, types]).await?;
+                    let head: i64 = row.get(0);
+                    if let Some(invalid) = beyond(a.after, head) {
+                        return Ok(Some(Err(invalid)));
+                    }
+                    let (near, full): (bool, bool) = (row.get(1), row.get(3));
+                    if near && !full {
+                        return Ok(row.get::<_, Option<i64>>(2).map(Ok));
+                    }
+                }
+                let row = tx
+                    .query_one(check, &[&a.condition, &a.after, &a.snapshot])
+                    .await?;
+                Ok(match beyond(a.after, row.get(1)) {
+                    Some(invalid) => Some(Err(invalid)),
+                    None => row.get::<_, Option<i64>>(0).map(Ok),
+                })
             }
         }))
         .await;
@@ -395,28 +440,29 @@ impl Writer {
                 ))
                 .await
                 .map_err(Failed::retry)?;
-            let rows = tx
-                .query(
-                    &insert,
-                    &[
-                        &cols.types,
-                        &cols.tags,
-                        &cols.tag_starts,
-                        &cols.tag_counts,
-                        &cols.data,
-                        &cols.metadata,
-                        &cols.ids,
-                    ],
-                )
-                .await
-                .map_err(Failed::retry)?;
+            // The insert and the commit in one round trip: if the insert
+            // fails, the server turns the COMMIT into a rollback.
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+                &cols.types,
+                &cols.tags,
+                &cols.tag_starts,
+                &cols.tag_counts,
+                &cols.data,
+                &cols.metadata,
+                &cols.ids,
+            ];
+            let (rows, commit) =
+                futures::join!(tx.query(&insert, &params), tx.batch_execute("COMMIT"));
+            let rows = rows.map_err(unless_lost)?;
+            commit.map_err(|e| Failed::Unknown(describe(&e)))?;
             positions = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
             positions.sort_unstable();
             xid = rows[0].get(1);
+        } else {
+            tx.batch_execute("COMMIT")
+                .await
+                .map_err(|e| Failed::Unknown(describe(&e)))?;
         }
-        tx.batch_execute("COMMIT")
-            .await
-            .map_err(|e| Failed::Unknown(describe(&e)))?;
         // Subscribers are woken after the commit (see `wake`).
         if inserted > 0 {
             self.waker.wake();
@@ -449,6 +495,58 @@ impl Writer {
                     ..r
                 }),
                 f => result_of(f),
+            })
+            .collect())
+    }
+
+    /// A batch of appends without conditions, cursors or ids: nothing to
+    /// decide, so it is one plain `INSERT` of all their events under the union
+    /// of their scope locks, committed with its statement.
+    async fn plain(
+        &self,
+        client: &deadpool_postgres::Object,
+        batch: &[Request],
+    ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
+        let (keys, modes) = union_of_locks(batch, self.store_key);
+        let cols = concat(batch.iter().map(|r| &r.append.cols));
+        let stmt = client
+            .prepare_cached(&self.plain_sql)
+            .await
+            .map_err(Failed::retry)?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &keys,
+                    &modes,
+                    &cols.types,
+                    &cols.tags,
+                    &cols.tag_starts,
+                    &cols.tag_counts,
+                    &cols.data,
+                    &cols.metadata,
+                ],
+            )
+            .await
+            .map_err(unless_lost)?;
+        if rows.is_empty() {
+            // Not READ COMMITTED: nothing was written.
+            return Ok(batch
+                .iter()
+                .map(|_| Err(InvalidInput::IsolationLevel.into()))
+                .collect());
+        }
+        self.waker.wake();
+        let xid: TransactionId = rows[0].get(1);
+        let mut positions = rows.iter().map(|r| Position(r.get::<_, i64>(0)));
+        Ok(batch
+            .iter()
+            .map(|r| {
+                Ok(AppendResult {
+                    positions: positions.by_ref().take(r.append.cols.types.len()).collect(),
+                    transaction_id: xid,
+                    replayed: false,
+                })
             })
             .collect())
     }
@@ -549,5 +647,15 @@ enum Failed {
 impl Failed {
     fn retry(e: impl Into<Error>) -> Failed {
         Failed::Retry(e.into())
+    }
+}
+
+/// A statement that may have committed failed: an error the server reported
+/// means it did not (retry one by one); a lost connection leaves it unknown.
+fn unless_lost(e: tokio_postgres::Error) -> Failed {
+    if e.as_db_error().is_some() {
+        Failed::retry(e)
+    } else {
+        Failed::Unknown(describe(&e))
     }
 }

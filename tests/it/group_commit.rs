@@ -360,3 +360,108 @@ async fn a_blocked_batch_does_not_hold_up_other_scopes() {
     }
     assert_eq!(t.count().await, 3);
 }
+
+/// A batch with no condition, cursor or id is one plain statement: its appends
+/// share one transaction, and each gets the positions of its own events, in
+/// its own order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unconditional_appends_are_one_statement_with_their_own_positions() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    let blocked = hold_writers(&t, &held, &store, &["P"]).await;
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let appends = race(20, |i| {
+        let (store, queued) = (store.clone(), queued.clone());
+        let events: Vec<_> = (0..1 + i % 3)
+            .map(|k| {
+                dcbflow::Event::new("P", [format!("p:{i}")], serde_json::json!({"i": i, "k": k}))
+            })
+            .collect();
+        async move { counted(store.append(events, None), &queued).await }
+    });
+    let release = async {
+        eventually("all 20 appends are queued", DEADLINE, || async {
+            (queued.load(std::sync::atomic::Ordering::SeqCst) == 20).then_some(())
+        })
+        .await;
+        held.rollback().await.unwrap();
+    };
+    let (results, ()) = tokio::join!(appends, release);
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
+    let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    let transactions: HashSet<_> = results.iter().map(|r| r.transaction_id).collect();
+    assert_eq!(transactions.len(), 1, "one batch");
+    let all = t
+        .events(&Query::items_of(["P"], Vec::<String>::new()))
+        .await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.positions.len(), 1 + i % 3);
+        for (k, p) in r.positions.iter().enumerate() {
+            let e = all.iter().find(|e| e.position == *p).expect("stored");
+            assert_eq!(e.data()["i"], i);
+            assert_eq!(e.data()["k"], k);
+        }
+    }
+}
+
+/// Conditions with a bare-position cursor in a batch (decided by the window of
+/// events after the cursor): an event after the cursor fails its request, none
+/// lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_conditions_after_a_position_see_the_events_after_it() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    let mut booked = Vec::new();
+    for k in 0..4 {
+        let r = t
+            .store
+            .append(vec![ev("SeatBooked", &[&format!("seat:{k}")])], None)
+            .await
+            .unwrap();
+        booked.push(r.last_position());
+    }
+    let head = *booked.last().unwrap();
+    let mut holder = t.store.pool().get().await.unwrap();
+    let held = holder.transaction().await.unwrap();
+    let blocked = hold_writers(&t, &held, &store, &["SeatBooked"]).await;
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let requests = race(8, |k| {
+        let (store, queued) = (store.clone(), queued.clone());
+        let q = Query::items_of(["SeatBooked"], [format!("seat:{k}")]);
+        // Seats 0-3: the cursor is just before their booking; 4-7: free.
+        let after = if k < 4 {
+            dcbflow::Position(booked[k].0 - 1)
+        } else {
+            head
+        };
+        let condition = AppendCondition::new(q).after(dcbflow::Cursor::at(after));
+        let e = ev("SeatBooked", &[&format!("seat:{k}"), "again"]);
+        async move { counted(store.append(vec![e], Some(condition)), &queued).await }
+    });
+    let release = async {
+        eventually("all 8 requests are queued", DEADLINE, || async {
+            (queued.load(std::sync::atomic::Ordering::SeqCst) == 8).then_some(())
+        })
+        .await;
+        held.rollback().await.unwrap();
+    };
+    let (results, ()) = tokio::join!(requests, release);
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
+    let mut transactions = HashSet::new();
+    for (k, r) in results.into_iter().enumerate() {
+        match (k < 4, r) {
+            (true, Err(Error::Conflict { position })) => assert_eq!(position, booked[k]),
+            (false, Ok(r)) => {
+                transactions.insert(r.transaction_id);
+            }
+            (_, other) => panic!("seat {k}: {other:?}"),
+        }
+    }
+    assert_eq!(transactions.len(), 1, "the free seats were one batch");
+}
