@@ -545,28 +545,31 @@ fn goals(rt: &tokio::runtime::Runtime, pool: &deadpool_postgres::Pool, store: &d
     ];
     let mut rows = Vec::new();
     println!(
-        "\n{:<54} {:>10} {:>10} {:>7} {:>9} {:>9} {:>6} {:>6}",
-        "goal workload (median of windows)",
+        "\n{:<54} {:>8} {:>8} {:>6} {:>13} {:>13} {:>9}",
+        "goal workload (median of windows); ours/baseline",
         "ours/s",
         "base/s",
         "ratio",
-        "srv ms/op",
-        "base ms",
-        "busy",
-        "base"
+        "server ms/op",
+        "client ms/op",
+        "busy"
     );
     for w in &workloads {
         let mut ratios = Vec::new();
         let mut last = None;
-        for _ in 0..rounds {
-            let ours = rt.block_on(window(w.clients, Duration::from_secs(secs), {
-                let op = w.ours.clone();
-                move |i| op(i)
-            }));
-            let base = rt.block_on(window(w.clients, Duration::from_secs(secs), {
-                let op = w.baseline.clone();
-                move |i| op(i)
-            }));
+        for round in 0..rounds {
+            // Alternate which goes first, so that drift favours neither.
+            let run = |op: &Op| {
+                let op = op.clone();
+                rt.block_on(window(w.clients, Duration::from_secs(secs), move |i| op(i)))
+            };
+            let (ours, base) = if round % 2 == 0 {
+                let o = run(&w.ours);
+                (o, run(&w.baseline))
+            } else {
+                let b = run(&w.baseline);
+                (run(&w.ours), b)
+            };
             ratios.push(ours.per_second() / base.per_second());
             last = Some((ours, base));
         }
@@ -574,13 +577,15 @@ fn goals(rt: &tokio::runtime::Runtime, pool: &deadpool_postgres::Pool, store: &d
         let ratio = ratios[ratios.len() / 2];
         let (ours, base) = last.expect("one round");
         println!(
-            "{:<54} {:>10.0} {:>10.0} {:>6.2}x {:>9.3} {:>9.3} {:>5.0}% {:>5.0}%",
+            "{:<54} {:>8.0} {:>8.0} {:>5.2}x {:>6.3}/{:<6.3} {:>6.3}/{:<6.3} {:>4.0}/{:<3.0}%",
             w.label,
             ours.per_second(),
             base.per_second(),
             ratio,
             ours.server_ms_per_op,
             base.server_ms_per_op,
+            ours.client_ms_per_op,
+            base.client_ms_per_op,
             ours.busy * 100.0,
             base.busy * 100.0
         );

@@ -150,6 +150,8 @@ pub fn print(rows: &[Row]) {
 pub struct Cpu {
     /// Clock ticks spent by processes named `postgres`.
     server: u64,
+    /// Clock ticks spent by this (the client) process.
+    client: u64,
     /// Busy and total ticks of all CPUs (`/proc/stat`).
     busy: u64,
     total: u64,
@@ -163,6 +165,8 @@ pub struct Cost {
     pub elapsed: Duration,
     /// Server CPU time per operation, in ms.
     pub server_ms_per_op: f64,
+    /// The bench process's (the client's) CPU time per operation, in ms.
+    pub client_ms_per_op: f64,
     /// Busy share of all CPUs during the window, 0 to 1.
     pub busy: f64,
 }
@@ -204,6 +208,14 @@ impl Cpu {
                 server += t(11) + t(12);
             }
         }
+        let client = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.split_once(") ")?;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0);
         let (mut busy, mut total) = (0, 0);
         if let Ok(stat) = std::fs::read_to_string("/proc/stat")
             && let Some(line) = stat.lines().next()
@@ -219,6 +231,7 @@ impl Cpu {
         }
         Cpu {
             server,
+            client,
             busy,
             total,
             at: Instant::now(),
@@ -231,11 +244,13 @@ impl Cpu {
     pub fn cost(&self, ops: u64) -> Cost {
         let now = Cpu::now();
         let server_s = now.server.saturating_sub(self.server) as f64 / ticks_per_second();
+        let client_s = now.client.saturating_sub(self.client) as f64 / ticks_per_second();
         let total = now.total.saturating_sub(self.total).max(1) as f64;
         Cost {
             ops,
             elapsed: now.at - self.at,
             server_ms_per_op: server_s * 1e3 / ops.max(1) as f64,
+            client_ms_per_op: client_s * 1e3 / ops.max(1) as f64,
             busy: now.busy.saturating_sub(self.busy) as f64 / total,
         }
     }

@@ -281,7 +281,7 @@ impl Writer {
         let window = tx
             .prepare_cached(&format!(
                 "SELECT h.head, h.head - $1 <= {NEAR}, w.conflict, w.full \
-                   FROM (SELECT \"{0}\".allocated_head() AS head) h, \
+                   FROM (SELECT coalesce(pg_sequence_last_value('\"{0}\".events_position_seq'::regclass), 0) AS head) h, \
                         LATERAL (SELECT min(x.position) FILTER (WHERE x.tags @> $2 \
                                          AND (cardinality($3::text[]) = 0 OR x.type = ANY($3))) AS conflict, \
                                         count(*) >= {WINDOW} AS full \
