@@ -83,7 +83,12 @@ impl Store {
             Some(group) => {
                 let entry = group.enter();
                 if !entry.alone {
-                    return group.append(prepared).await;
+                    // The batch's writer sends the notification.
+                    let result = group.append(prepared).await;
+                    if matches!(&result, Ok(r) if !r.replayed) {
+                        self.wake_local();
+                    }
+                    return result;
                 }
                 Some(entry)
             }
@@ -153,6 +158,15 @@ impl Store {
     /// another connection and coalesced with other requests.
     pub(crate) fn wake_subscribers(&self) {
         self.inner.waker.wake();
+        self.wake_local();
+    }
+
+    /// Wakes this handle's own subscriptions at once: they need not wait for
+    /// the notification's round trip (nor for the waker's gap between two).
+    fn wake_local(&self) {
+        if let Some(feed) = self.live_feed() {
+            feed.appended();
+        }
     }
 
     /// Takes, inside the caller's transaction, the exclusive scope locks an append

@@ -39,9 +39,9 @@ const TAIL_EVENTS: u64 = 256;
 /// Most events the shared tail keeps (the oldest chunks are dropped first).
 const TAIL_KEEP: usize = 1024;
 
-/// The shortest time between the starts of two rounds: under a stream of
-/// appends, rounds (and their tail reads) come at most this often, each covering
-/// more events, instead of back to back.
+/// The shortest time between the starts of two rounds while several
+/// subscriptions wait: under a stream of appends, rounds (and their tail reads)
+/// come at most this often, each covering more events, instead of back to back.
 const MIN_ROUND: Duration = Duration::from_millis(2);
 
 /// The horizon re-check interval when no subscription has set one.
@@ -123,6 +123,11 @@ impl Drop for Interest<'_> {
 }
 
 impl Store {
+    /// The feed of this store handle if some subscription holds it now.
+    pub(crate) fn live_feed(&self) -> Option<Arc<Feed>> {
+        self.inner.feed.0.try_lock().ok()?.upgrade()
+    }
+
     /// The feed of this store handle, started (with its first `LISTEN`
     /// connection, when the store has a listen config) if no subscription holds
     /// it now.
@@ -165,6 +170,12 @@ impl Store {
 }
 
 impl Feed {
+    /// Tells the watcher of events appended through this process (as a
+    /// notification would, without waiting for it to come back from the server).
+    pub(crate) fn appended(&self) {
+        self.shared.note();
+    }
+
     /// The last horizon published.
     pub(crate) fn published(&self) -> Published {
         self.horizon.borrow().clone()
@@ -268,7 +279,9 @@ async fn watch_horizon(store: Store, shared: Arc<Shared>) {
             }
             continue;
         }
+        // Spaced only when shared: a lone subscriber gets its round at once.
         if let Some(at) = last_round
+            && shared.interested.load(Ordering::Acquire) >= 2
             && at + MIN_ROUND > Instant::now()
         {
             tokio::time::sleep_until(at + MIN_ROUND).await;
