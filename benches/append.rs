@@ -49,31 +49,8 @@ fn raw_schema_sql() -> String {
          -- raw-plain: the same event as one row of a table with only a primary key.
          CREATE TABLE {RAW_SCHEMA}.plain_events (
              position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-             type text NOT NULL, tags text[] NOT NULL, data jsonb NOT NULL);
-         -- The raw-scoped baseline: the same guarantee as a conditional append
-         -- on one tag, written by hand.
-         CREATE TABLE {RAW_SCHEMA}.scoped_events (
-             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-             type text NOT NULL, data jsonb NOT NULL);
-         CREATE TABLE {RAW_SCHEMA}.event_tags (
-             tag text NOT NULL, position bigint NOT NULL, PRIMARY KEY (tag, position));
-         CREATE FUNCTION {RAW_SCHEMA}.append_scoped(p_type text, p_tag text, p_data jsonb, p_after bigint)
-         RETURNS bigint LANGUAGE plpgsql AS $fn$
-         DECLARE v_position bigint;
-         BEGIN
-             PERFORM pg_advisory_xact_lock(hashtextextended(p_tag, 0));
-             IF EXISTS (SELECT 1 FROM {RAW_SCHEMA}.event_tags t
-                          JOIN {RAW_SCHEMA}.scoped_events e ON e.position = t.position
-                         WHERE t.tag = p_tag AND t.position > p_after AND e.type = p_type) THEN
-                 RETURN NULL;
-             END IF;
-             INSERT INTO {RAW_SCHEMA}.scoped_events (type, data) VALUES (p_type, p_data)
-             RETURNING position INTO v_position;
-             INSERT INTO {RAW_SCHEMA}.event_tags (tag, position) VALUES (p_tag, v_position);
-             RETURN v_position;
-         END;
-         $fn$;"
-    )
+             type text NOT NULL, tags text[] NOT NULL, data jsonb NOT NULL);"
+    ) + &common::raw_scoped_sql(RAW_SCHEMA)
 }
 
 fn main() {

@@ -175,3 +175,35 @@ pub fn print_goals(rows: &[Goal]) {
         );
     }
 }
+
+/// The raw-scoped baseline in `schema` (which must exist): the guarantee of a
+/// conditional append on one tag, written by hand. `append_scoped` takes one
+/// advisory lock keyed by the tag, checks `EXISTS` over a btree
+/// `event_tags(tag, position)` joined to `scoped_events` after `p_after`, and
+/// inserts the event and its tag row; it returns the new position, or NULL if
+/// the condition failed.
+pub fn raw_scoped_sql(schema: &str) -> String {
+    format!(
+        "CREATE TABLE {schema}.scoped_events (
+             position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             type text NOT NULL, data jsonb NOT NULL);
+         CREATE TABLE {schema}.event_tags (
+             tag text NOT NULL, position bigint NOT NULL, PRIMARY KEY (tag, position));
+         CREATE FUNCTION {schema}.append_scoped(p_type text, p_tag text, p_data jsonb, p_after bigint)
+         RETURNS bigint LANGUAGE plpgsql AS $fn$
+         DECLARE v_position bigint;
+         BEGIN
+             PERFORM pg_advisory_xact_lock(hashtextextended(p_tag, 0));
+             IF EXISTS (SELECT 1 FROM {schema}.event_tags t
+                          JOIN {schema}.scoped_events e ON e.position = t.position
+                         WHERE t.tag = p_tag AND t.position > p_after AND e.type = p_type) THEN
+                 RETURN NULL;
+             END IF;
+             INSERT INTO {schema}.scoped_events (type, data) VALUES (p_type, p_data)
+             RETURNING position INTO v_position;
+             INSERT INTO {schema}.event_tags (tag, position) VALUES (p_tag, v_position);
+             RETURN v_position;
+         END;
+         $fn$;"
+    )
+}
