@@ -81,38 +81,27 @@ impl Drop for Entry {
     }
 }
 
-struct Writer {
-    pool: Pool,
-    schema: String,
-    append_sql: String,
-    plain_sql: String,
-    waker: Waker,
-    store_key: i64,
-    max_batch: usize,
+/// What every writer task of a store handle uses.
+pub(crate) struct Writer {
+    pub(crate) pool: Pool,
+    pub(crate) schema: String,
+    /// The statement of a single append (`append_checked`).
+    pub(crate) append_sql: String,
+    /// The plain `INSERT` of an unconditional append.
+    pub(crate) plain_sql: String,
+    pub(crate) waker: Waker,
+    /// The store lock's key.
+    pub(crate) store_key: i64,
+    pub(crate) max_batch: usize,
 }
 
 impl GroupCommit {
-    pub(crate) fn start(
-        pool: Pool,
-        schema: String,
-        append_sql: String,
-        plain_sql: String,
-        waker: Waker,
-        store_key: i64,
-        max_batch: usize,
-        writers: usize,
-    ) -> Self {
-        let (sender, receiver) = mpsc::channel(max_batch * 4);
+    /// Starts `writers` writer tasks sharing one queue.
+    pub(crate) fn start(writer: Writer, writers: usize) -> Self {
+        let (sender, receiver) = mpsc::channel(writer.max_batch * 4);
         let receiver = Arc::new(Mutex::new(receiver));
-        let writer = Arc::new(Writer {
-            pool,
-            schema,
-            append_sql,
-            plain_sql,
-            waker,
-            store_key,
-            max_batch,
-        });
+        let max_batch = writer.max_batch;
+        let writer = Arc::new(writer);
         for n in 0..writers.max(1) {
             let span = tracing::debug_span!("dcbflow.group_commit", db.system.name = "postgresql", db.namespace = %writer.schema, max_batch, writer = n);
             tokio::spawn(tracing::Instrument::instrument(

@@ -656,13 +656,15 @@ impl StoreBuilder {
         let waker = wake::Waker::start(self.pool.clone(), channel.clone());
         let group_commit = self.group_commit.map(|max| {
             group_commit::GroupCommit::start(
-                self.pool.clone(),
-                self.schema.clone(),
-                sql.append.clone(),
-                sql.append_plain.clone(),
-                waker.clone(),
-                locks::key(&self.schema, locks::Kind::Store, ""),
-                max,
+                group_commit::Writer {
+                    pool: self.pool.clone(),
+                    schema: self.schema.clone(),
+                    append_sql: sql.append.clone(),
+                    plain_sql: sql.append_plain.clone(),
+                    waker: waker.clone(),
+                    store_key: locks::key(&self.schema, locks::Kind::Store, ""),
+                    max_batch: max,
+                },
                 self.group_commit_writers,
             )
         });

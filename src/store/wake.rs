@@ -18,8 +18,8 @@
 //! subscribers' polling already covers.
 
 use std::sync::Arc;
-use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
