@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `flow/dcbflow/{1,4}` | instances of a 4-step serial flow of no-op Rust steps, run to completion by N workers; time per transition (a committed transaction appending the instance's next events) | — |
 //! | `flow/raw_transition/{1,4}` | — | N clients, each transition one transaction: `SELECT` the instance's events, `INSERT` one event, upsert a state row |
+//! | order saga (printed after the table) | instances per second of the order saga's shape (reserve, charge beside a fraud check, ship; no-op Rust steps, compensations defined) with 4 workers | raw transitions per second at 4 clients divided by the saga's transitions per instance |
 //!
 //! The raw baseline does no planning, no locking, no leases, no read models beyond
 //! one row: it is the floor a hand-rolled state machine on the same table would pay.
@@ -46,7 +47,9 @@ fn main() {
     let (rt, pool, store) = (&setup.rt, &setup.pool, &setup.store);
     let mut c = common::criterion(3, 10);
     let flows = Flows::new(store.clone());
-    for name in ["a", "b", "c", "d"] {
+    for name in [
+        "a", "b", "c", "d", "reserve", "release", "charge", "refund", "fraud", "ship",
+    ] {
         flows.function(name, |_ctx: TaskContext| async move {
             Ok::<_, TaskError>(Value::Null)
         });
@@ -58,12 +61,29 @@ fn main() {
         .task(TaskDefinition::new("d", Action::rust("d")).after(["c"]))
         .build();
     rt.block_on(flows.register(&def)).expect("register");
+    // The order saga's shape (examples/flows/order_saga.yaml) with no-op Rust
+    // steps: reserve, then charge beside a fraud check, then ship; compensations
+    // defined (not needed: every step succeeds).
+    let saga = FlowDefinition::builder("saga")
+        .task(
+            TaskDefinition::new("reserve", Action::rust("reserve"))
+                .compensate(Action::rust("release")),
+        )
+        .task(
+            TaskDefinition::new("charge", Action::rust("charge"))
+                .after(["reserve"])
+                .compensate(Action::rust("refund")),
+        )
+        .task(TaskDefinition::new("fraud", Action::rust("fraud")).after(["reserve"]))
+        .task(TaskDefinition::new("ship", Action::rust("ship")).after(["charge", "fraud"]))
+        .build();
+    rt.block_on(flows.register(&saga)).expect("register saga");
 
     // Transitions per instance, from one instance run alone.
     let per_instance = rt.block_on(async {
         let before = flows.stats();
         let workers = start_workers(&flows, 1);
-        run_instances(&flows, 1).await;
+        run_instances(&flows, "bench", 1).await;
         workers.cancel();
         (flows.stats().transitions - before.transitions).max(1)
     });
@@ -83,7 +103,7 @@ fn main() {
                 async move {
                     let instances = iters.div_ceil(per_instance).max(1);
                     let t0 = flows.stats().transitions;
-                    let elapsed = run_instances(&flows, instances).await;
+                    let elapsed = run_instances(&flows, "bench", instances).await;
                     let done = (flows.stats().transitions - t0).max(1);
                     elapsed.mul_f64(iters as f64 / done as f64)
                 }
@@ -135,8 +155,37 @@ fn main() {
             "{workers} worker(s): {statements:.2} SQL statements per transition, {events:.2} events per transition"
         );
     }
+    // Order-saga instances per second with 4 workers, beside the raw figure: the
+    // raw transitions per second (4 clients) divided by the saga's transitions.
+    let (saga_per_s, saga_transitions) = rt.block_on(async {
+        let before = flows.stats();
+        let workers = start_workers(&flows, 4);
+        run_instances(&flows, "saga", 20).await;
+        let n = if common::goals::quick() { 100 } else { 400 };
+        let elapsed = run_instances(&flows, "saga", n).await;
+        workers.cancel();
+        let after = flows.stats();
+        (
+            n as f64 / elapsed.as_secs_f64(),
+            (after.transitions - before.transitions) as f64 / (n + 20) as f64,
+        )
+    });
+    let raw_transition_ns = common::goals::mean_ns("flow", "raw_transition", "4");
+    let raw_saga_per_s = raw_transition_ns.map(|ns| 1e9 / ns / saga_transitions);
+    println!(
+        "order saga, 4 workers: {saga_per_s:.0} instances/s ({saga_transitions:.1} transitions each); \
+         raw transitions at the same count: {}",
+        raw_saga_per_s.map_or("-".into(), |r| format!("{r:.0} instances/s"))
+    );
     use common::goals::{Row, throughput_ratio};
     let mut rows = Vec::new();
+    if let Some(raw) = raw_saga_per_s {
+        rows.push(Row::ratio(
+            "order-saga instances/s, 4 workers, vs raw (reported)",
+            saga_per_s / raw,
+            0.5,
+        ));
+    }
     if let Some(r) = throughput_ratio(("flow", "dcbflow", "4"), ("flow", "raw_transition", "4")) {
         rows.push(Row::ratio("transitions, 4 workers, vs raw", r, 0.5));
     }
@@ -166,7 +215,7 @@ fn start_workers(flows: &Flows, n: usize) -> CancellationToken {
 }
 
 /// Starts `n` instances and waits until every one completed; the wall time.
-async fn run_instances(flows: &Flows, n: u64) -> Duration {
+async fn run_instances(flows: &Flows, flow: &str, n: u64) -> Duration {
     // Completions arrive by subscription (LISTEN/NOTIFY), not by polling.
     let store = flows.store();
     let head = store.head().await.expect("head");
@@ -179,7 +228,7 @@ async fn run_instances(flows: &Flows, n: u64) -> Duration {
     let mut ids = std::collections::HashSet::with_capacity(n as usize);
     for _ in 0..n {
         let id = flows
-            .start("bench", None, json!({}))
+            .start(flow, None, json!({}))
             .await
             .expect("start")
             .instance;
