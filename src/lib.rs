@@ -42,10 +42,10 @@ pub use projection::{
     project_in_tx,
 };
 pub use store::{
-    AppendCondition, AppendResult, Cursor, DEFAULT_SCHEMA, Error, Event, EventStream, InvalidInput,
-    LayerStatus, Limits, MigrationStatus, ParseCursorError, Position, Query, QueryItem,
-    ReadOptions, ReadResult, Result, SequencedEvent, Snapshot, Store, StoreBuilder, StoreStats,
-    TransactionId, pool_from_url, sqlstate,
+    AppendCondition, AppendResult, Cursor, DEFAULT_GROUP_COMMIT, DEFAULT_SCHEMA, Error, Event,
+    EventStream, InvalidInput, LayerStatus, Limits, MigrationStatus, ParseCursorError, Position,
+    Query, QueryItem, ReadOptions, ReadResult, Result, SequencedEvent, Snapshot, Store,
+    StoreBuilder, StoreStats, TransactionId, pool_from_url, sqlstate,
 };
 
 #[cfg(feature = "nats")]

@@ -56,13 +56,10 @@ impl App {
     /// Database and configuration errors.
     pub async fn connect(url: &str, config: Config) -> ApiResult<App> {
         let db = &config.database;
-        let mut builder = Store::builder_for_url(url, Some(db.pool_size))?
+        let builder = Store::builder_for_url(url, Some(db.pool_size))?
             .schema(&db.schema)
             .migrate(db.migrate);
-        if db.group_commit > 1 {
-            builder = builder.group_commit(db.group_commit);
-        }
-        let store = builder.build().await?;
+        let store = builder.group_commit(db.group_commit).build().await?;
         let mut policy = HttpPolicy::default();
         for entry in &config.flows.http_allow {
             policy = allow(policy, entry)

@@ -11,7 +11,7 @@
 //! url = "postgres://postgres@127.0.0.1:5432/postgres"  # or DCBFLOW_DATABASE_URL / DATABASE_URL
 //! schema = "dcbflow"
 //! pool_size = 16
-//! group_commit = 0          # largest batch; 0 = off
+//! group_commit = 128        # largest batch; 0 = off
 //!
 //! [flows]
 //! paths = ["flows/"]        # files or folders of .yaml/.yml/.json/.toml definitions
@@ -93,7 +93,7 @@ impl Default for Database {
             url: None,
             schema: dcbflow::DEFAULT_SCHEMA.to_owned(),
             pool_size: 16,
-            group_commit: 0,
+            group_commit: dcbflow::DEFAULT_GROUP_COMMIT,
             migrate: true,
         }
     }

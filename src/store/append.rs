@@ -83,8 +83,10 @@ impl Store {
             Some(group) => {
                 let entry = group.enter();
                 if !entry.alone {
-                    // The batch's writer sends the notification.
-                    let result = group.append(prepared).await;
+                    // The batch's writer sends the notification. Bounded like any
+                    // call: past the deadline the outcome is unknown, as when a
+                    // single append's statement times out.
+                    let result = self.bounded(self.deadline(), group.append(prepared)).await;
                     if matches!(&result, Ok(r) if !r.replayed) {
                         self.wake_local();
                     }

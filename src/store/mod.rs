@@ -35,6 +35,10 @@ pub use read::{EventStream, ReadOptions, ReadResult};
 /// How often [`Store::settled_head`] looks whether the writers it waits for have ended.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// The largest group-commit batch of a store handle unless
+/// [`StoreBuilder::group_commit`] says otherwise.
+pub const DEFAULT_GROUP_COMMIT: usize = 128;
+
 /// Default schema a store is installed into.
 pub const DEFAULT_SCHEMA: &str = "dcbflow";
 
@@ -190,7 +194,7 @@ impl Store {
             max_in_flight: None,
             migrate: true,
             listen: None,
-            group_commit: None,
+            group_commit: Some(DEFAULT_GROUP_COMMIT),
             group_commit_writers: 2,
             lock_hold_timeout: std::time::Duration::from_secs(60),
             call_timeout: std::time::Duration::from_secs(15),
@@ -550,13 +554,16 @@ impl StoreBuilder {
         self
     }
 
-    /// Batches concurrent [`Store::append`] calls of this process into shared
+    /// Batches concurrent [`Store::append`] calls of this handle into shared
     /// transactions of up to `max_batch` appends (group commit): far more appends per
     /// second under concurrency, each still with its own condition and its own
     /// result. An append that finds no other append of this handle in flight runs
-    /// at once, unbatched. A batch takes the union of its appends' scope locks, so
-    /// batches of disjoint scopes (in this process or others) run side by side;
-    /// `append_in_tx` is never batched. Off by default.
+    /// at once, unbatched, so a lone writer pays nothing for it. A batch takes the
+    /// union of its appends' scope locks, so batches of disjoint scopes (in this
+    /// process or others) run side by side; `append_in_tx` is never batched.
+    ///
+    /// On by default, with batches of up to 128 ([`DEFAULT_GROUP_COMMIT`]);
+    /// `group_commit(0)` turns it off (every append its own transaction).
     pub fn group_commit(mut self, max_batch: usize) -> Self {
         self.group_commit = (max_batch > 1).then_some(max_batch);
         self

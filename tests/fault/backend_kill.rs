@@ -29,6 +29,7 @@ async fn scenario() {
     let plain = Store::builder_for_url(&cluster.url(apps[0]), Some(8))
         .unwrap()
         .schema(schema)
+        .group_commit(0)
         .build()
         .await
         .expect("plain store");

@@ -72,6 +72,7 @@ async fn scenario() {
     let plain = Store::builder_for_url(&cluster.url("fault_crash_plain"), Some(8))
         .unwrap()
         .schema(schema)
+        .group_commit(0)
         .build()
         .await
         .expect("plain store");

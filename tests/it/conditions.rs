@@ -502,9 +502,11 @@ async fn an_unconditional_append_into_a_locked_scope_waits_for_the_decision() {
             .append(vec![ev("SeatBooked", &["seat:1"])], None)
             .await
     });
-    eventually("the append into the locked scope waits", DEADLINE, || async {
-        (t.lock_waits().await == 1).then_some(())
-    })
+    eventually(
+        "the append into the locked scope waits",
+        DEADLINE,
+        || async { (t.lock_waits().await == 1).then_some(()) },
+    )
     .await;
     assert!(!inside.is_finished());
     // The decision, taken with the scope held: nothing in the scope yet.
@@ -523,8 +525,7 @@ async fn an_unconditional_append_into_a_locked_scope_waits_for_the_decision() {
     let booked = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
     assert_eq!(booked.events.len(), 2);
     assert_eq!(
-        booked.events[1].position,
-        waited.positions[0],
+        booked.events[1].position, waited.positions[0],
         "the waiting append comes after the decision"
     );
 }

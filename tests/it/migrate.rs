@@ -205,10 +205,22 @@ async fn a_store_of_the_previous_schema_upgrades_and_keeps_its_events() {
         .unwrap();
     tokio::spawn(conn);
     let old = [
-        ("0001_events.sql", include_str!("../../sql/store/0001_events.sql")),
-        ("0002_append.sql", include_str!("../../sql/store/0002_append.sql")),
-        ("0003_horizon.sql", include_str!("../../sql/store/0003_horizon.sql")),
-        ("0004_guards.sql", include_str!("../../sql/store/0004_guards.sql")),
+        (
+            "0001_events.sql",
+            include_str!("../../sql/store/0001_events.sql"),
+        ),
+        (
+            "0002_append.sql",
+            include_str!("../../sql/store/0002_append.sql"),
+        ),
+        (
+            "0003_horizon.sql",
+            include_str!("../../sql/store/0003_horizon.sql"),
+        ),
+        (
+            "0004_guards.sql",
+            include_str!("../../sql/store/0004_guards.sql"),
+        ),
     ];
     raw.batch_execute(&format!(
         "CREATE SCHEMA \"{schema}\";

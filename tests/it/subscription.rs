@@ -392,7 +392,7 @@ async fn every_append_path_wakes_a_sleeping_subscriber() {
             .schema(&t.schema)
             .migrate(false)
     };
-    let plain = writer().build().await.unwrap();
+    let plain = writer().group_commit(0).build().await.unwrap();
     let grouped = writer().group_commit(8).build().await.unwrap();
     let executor = dcbflow::CommandExecutor::new(plain.clone());
     for path in ["pool", "group commit", "command", "caller's transaction"] {
