@@ -59,7 +59,7 @@ fn main() {
     let (rt, pool) = (&setup.rt, &setup.pool);
     // The plain path, every append its own transaction (group commit is on by
     // default; the group-commit rows build their own handle).
-    let plain = rt
+    let unbatched = rt
         .block_on(
             dcbflow::Store::builder(pool.clone())
                 .schema(STORE_SCHEMA)
@@ -68,7 +68,7 @@ fn main() {
                 .build(),
         )
         .expect("plain store");
-    let store = &plain;
+    let store = &unbatched;
     // The goal windows first, on tables that every side starts empty: after
     // criterion's groups, the store's table and indexes hold millions of events
     // and the raw-plain and raw-scoped tables almost none.
@@ -185,76 +185,23 @@ fn main() {
         ] {
             group.bench_function(BenchmarkId::new(id, clients), |b| {
                 b.to_async(rt).iter_custom(|iters| {
-                    let s = s.clone();
-                    let cursors: std::sync::Arc<Vec<std::sync::Mutex<Option<Cursor>>>> =
-                        std::sync::Arc::new((0..clients).map(|_| Default::default()).collect());
-                    let sample = next();
-                    common::concurrent(clients, iters, move |i| {
-                        let (s, cursors) = (s.clone(), cursors.clone());
-                        async move {
-                            let tag = format!("disjoint:{run}:{sample}:{i}");
-                            let mut condition =
-                                AppendCondition::new(Query::items_of(["Deposited"], [tag.clone()]));
-                            let last = cursors[i].lock().unwrap().clone();
-                            if let Some(c) = last {
-                                condition = condition.after(c);
-                            }
-                            let e = Event::new("Deposited", [tag], payload(i as u64));
-                            let r = s
-                                .append(vec![e], Some(condition))
-                                .await
-                                .expect("no conflicts on disjoint scopes");
-                            *cursors[i].lock().unwrap() = Some(Cursor::at(r.last_position()));
-                        }
-                    })
+                    let op = conditional(s, clients, &format!("{run}:{}", next()));
+                    common::concurrent(clients, iters, move |i| op(i))
                 })
             });
         }
         for (id, s) in [("dcbflow", store), ("dcbflow_group_commit", &grouped)] {
             group.bench_function(BenchmarkId::new(id, clients), |b| {
                 b.to_async(rt).iter_custom(|iters| {
-                    let s = s.clone();
-                    common::concurrent(clients, iters, move |i| {
-                        let s = s.clone();
-                        async move {
-                            let e = Event::new(
-                                "Deposited",
-                                [format!("account:{i}")],
-                                payload(i as u64),
-                            );
-                            s.append(vec![e], None).await.expect("append");
-                        }
-                    })
+                    let op = plain(s);
+                    common::concurrent(clients, iters, move |i| op(i))
                 })
             });
         }
         group.bench_function(BenchmarkId::new("raw_scoped", clients), |b| {
             b.to_async(rt).iter_custom(|iters| {
-                let pool = pool.clone();
-                let last: std::sync::Arc<Vec<AtomicU64>> =
-                    std::sync::Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
-                let sample = next();
-                common::concurrent(clients, iters, move |i| {
-                    let (pool, last) = (pool.clone(), last.clone());
-                    async move {
-                        let c = pool.get().await.expect("connection");
-                        let stmt = c
-                            .prepare_cached(&format!(
-                                "SELECT {RAW_SCHEMA}.append_scoped('Deposited', $1, $2, $3)"
-                            ))
-                            .await
-                            .expect("prepare");
-                        let tag = format!("disjoint:{run}:{sample}:{i}");
-                        let after = last[i].load(Ordering::Relaxed) as i64;
-                        let row = c
-                            .query_one(&stmt, &[&tag, &payload(i as u64), &after])
-                            .await
-                            .expect("append_scoped");
-                        let position: Option<i64> = row.get(0);
-                        let position = position.expect("no conflicts on disjoint scopes");
-                        last[i].store(position as u64, Ordering::Relaxed);
-                    }
-                })
+                let op = raw_scoped(pool, clients, &format!("{run}:{}", next()));
+                common::concurrent(clients, iters, move |i| op(i))
             })
         });
         group.bench_function(BenchmarkId::new("raw_insert", clients), |b| {

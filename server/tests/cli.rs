@@ -236,27 +236,9 @@ impl Drop for Cli {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(url) = self.drop_schema.take() {
-            drop_schema(url, self.schema.clone());
+            support::drop_schema(&url, &self.schema);
         }
     }
-}
-
-fn drop_schema(url: String, schema: String) {
-    let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                tokio::spawn(conn);
-                let _ = client
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .await;
-            }
-        });
-    })
-    .join();
 }
 
 /// A migrated fresh schema with the shipping flow registered.
