@@ -68,6 +68,11 @@ pub(crate) const STORE: Layer = Layer {
             name: "0005_lean_append.sql",
             sql: include_str!("../../sql/store/0005_lean_append.sql"),
         },
+        Migration {
+            version: 6,
+            name: "0006_index_plans.sql",
+            sql: include_str!("../../sql/store/0006_index_plans.sql"),
+        },
     ],
 };
 

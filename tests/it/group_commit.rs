@@ -465,3 +465,72 @@ async fn batched_conditions_after_a_position_see_the_events_after_it() {
     }
     assert_eq!(transactions.len(), 1, "the free seats were one batch");
 }
+
+/// A batch's conditions read through the indexes however small the table was
+/// when the writer's connection planned them (as a lone append's do, see
+/// `conditions::conditional_appends_use_the_indexes_after_the_table_grows_from_empty`):
+/// batches of conditional appends on a near-empty store, the table grown to
+/// 20,000 events without an ANALYZE, then 200 more conditional appends in
+/// batches, and no sequential scan of the events table. The statistics of other
+/// backends arrive when they report them; every insert being counted says that
+/// the writers have reported everything up to their last batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_conditions_use_the_indexes_after_the_table_grows_from_empty() {
+    let t = TestStore::new().await;
+    let store = grouped(&t).await;
+    let rounds = |n: usize, round0: usize| {
+        let store = store.clone();
+        async move {
+            for round in round0..round0 + n {
+                let head = store.head().await.unwrap().unwrap_or(dcbflow::Position(0));
+                race(4, |i| {
+                    let store = store.clone();
+                    async move {
+                        let tag = format!("seat:{round}:{i}");
+                        let condition = AppendCondition::new(Query::items_of(["Booked"], [&tag]))
+                            .after(dcbflow::Cursor::at(head));
+                        store
+                            .append(vec![ev("Booked", &[&tag])], Some(condition))
+                            .await
+                            .expect("no conflict: every seat is booked once")
+                    }
+                })
+                .await;
+            }
+        }
+    };
+    rounds(10, 0).await;
+    for batch in 0..20 {
+        let filler = (0..1000)
+            .map(|i| ev("Filler", &[&format!("filler:{batch}:{i}")]))
+            .collect();
+        store.append(filler, None).await.unwrap();
+    }
+    let c = t.raw().await;
+    let reported = |rows: i64| {
+        let c = &c;
+        let schema = t.schema.clone();
+        async move {
+            eventually("the writers' statistics", DEADLINE, || async {
+                let row = c
+                    .query_one(
+                        "SELECT n_tup_ins, seq_scan FROM pg_stat_user_tables \
+                         WHERE schemaname = $1 AND relname = 'events'",
+                        &[&schema],
+                    )
+                    .await
+                    .unwrap();
+                (row.get::<_, i64>(0) >= rows).then(|| row.get::<_, i64>(1))
+            })
+            .await
+        }
+    };
+    let before = reported(40 + 20_000).await;
+    rounds(50, 10).await;
+    let after = reported(40 + 20_000 + 200).await;
+    assert_eq!(
+        after - before,
+        0,
+        "batched conditional appends scanned the events table"
+    );
+}
