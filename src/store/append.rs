@@ -240,6 +240,48 @@ impl Store {
         decode(&row)
     }
 
+    /// An append on the store's own connection whose statement, when the
+    /// append stores its events (no conflict, no replay), also calls `then`: an
+    /// expression of the store's schema over `a` (the append's row: `positions`,
+    /// `transaction_id`) and the parameters `$17..` (`extra`). One statement,
+    /// so one implicit transaction: the two commit together or not at all. A
+    /// layer writes its read models with its events this way (the flow engine's
+    /// transitions) without a transaction block around them.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), with the condition of `prepared`.
+    pub(crate) async fn append_and_then(
+        &self,
+        prepared: &PreparedAppend,
+        then: &str,
+        extra: &[&(dyn ToSql + Sync)],
+    ) -> Result<AppendResult> {
+        observed(async {
+            let _permit = self.permit()?;
+            let client = self.inner.pool.get().await?;
+            let result = async {
+                let sql = format!(
+                    "WITH a AS ({}) \
+                     SELECT a.positions, a.transaction_id, a.conflict, a.replayed, \
+                            (SELECT true FROM (SELECT {then}) t \
+                              WHERE a.conflict IS NULL AND NOT a.replayed) \
+                       FROM a",
+                    self.inner.sql.append
+                );
+                let stmt = client.prepare_cached(&sql).await?;
+                let channel = None;
+                let mut params = prepared.params(true, &channel, &0).to_vec();
+                params.extend_from_slice(extra);
+                decode(&client.query_one(&stmt, &params).await?)
+            }
+            .await;
+            let appended = super::release(client, result)?;
+            self.wake_subscribers();
+            Ok(appended)
+        })
+        .await
+    }
+
     /// An append with no condition, no cursor and no event ids on the store's
     /// own connection: one plain `INSERT` that takes the scope locks and
     /// commits with its statement.

@@ -195,6 +195,15 @@ const SQL_IDENTIFIER_SOURCES: &[(&str, &str)] = &[
         "the schema-qualified events table, built at build time",
     ),
     (
+        "self.inner.sql.append",
+        "the store's call of append_checked, built at build time from the schema name",
+    ),
+    (
+        "then",
+        "Store::append_and_then's call (crate-internal): its one caller builds it from \
+         Store::table(<literal>) and $n placeholders, checked here where it is built",
+    ),
+    (
         "filter",
         "the WHERE clause of filter_sql: column names and $n placeholders only",
     ),

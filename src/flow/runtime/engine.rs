@@ -537,13 +537,23 @@ pub(super) async fn sync(
     state: &InstanceState,
     now: DateTime<Utc>,
 ) -> Result<(), FlowError> {
-    let p = plan(def, state, now);
-    let due = next_due(&p, now);
+    let (row, due, incidents) = sync_params(def, state, now);
     let stmt = tx
         .prepare_cached(&format!("SELECT {}($1, $2, $3)", store.table("flow_sync")))
         .await?;
-    let row = serde_json::to_value(state).expect("state serializes");
-    let incidents = serde_json::to_value(incidents(state)).expect("incidents serialize");
     tx.execute(&stmt, &[&row, &due, &incidents]).await?;
     Ok(())
+}
+
+/// The parameters of `flow_sync` for `state`: the instance's row, its next
+/// wake-up (`None`: none), its incidents.
+pub(super) fn sync_params(
+    def: &FlowDefinition,
+    state: &InstanceState,
+    now: DateTime<Utc>,
+) -> (Value, Option<DateTime<Utc>>, Value) {
+    let due = next_due(&plan(def, state, now), now);
+    let row = serde_json::to_value(state).expect("state serializes");
+    let incidents = serde_json::to_value(incidents(state)).expect("incidents serialize");
+    (row, due, incidents)
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::engine::{Flows, sequenced, sync};
+use super::engine::{Flows, sequenced, sync, sync_params};
 use crate::command::{Command, CommandError, CommandExecutor, CommandRetry, Concurrency, Decided};
 use crate::flow::FlowError;
 use crate::flow::model::decide::to_events;
@@ -214,6 +214,71 @@ where
 }
 
 impl Flows {
+    /// A transition without SQL work in two statements and no transaction
+    /// block: read the instance's events (with the read's snapshot), decide,
+    /// then append under the condition "no event of this instance that the read
+    /// did not see, late committers included" and write the read models in the
+    /// same statement ([`Store::append_and_then`]). `None` when the condition
+    /// failed: the caller runs the transition as a pessimistic command, which
+    /// queues on the instance's lock instead of conflicting again (ADR 0011).
+    async fn transition_in_one<D>(
+        &self,
+        id: Uuid,
+        decide: &D,
+    ) -> Result<Option<(InstanceState, Vec<FlowEvent>)>, TransitionError>
+    where
+        D: Fn(&InstanceState, &FlowDefinition, DateTime<Utc>) -> Result<Vec<FlowEvent>, FlowError>
+            + Send
+            + Sync,
+    {
+        let store = self.store();
+        let stats = &self.inner.stats;
+        stats.statements(1);
+        let projected = crate::projection::project(store, &instance_model(id)).await?;
+        let state = projected.states.ok_or(FlowError::UnknownInstance(id))?;
+        let definition = self
+            .definition(&state.flow, Some(&state.definition_version))
+            .await?;
+        let now = Utc::now();
+        let decided = decide(&state, &definition, now)?;
+        if decided.is_empty() {
+            return Ok(Some((state, decided)));
+        }
+        let events = to_events(id, &decided);
+        // The state after the events, but for the positions, which the append
+        // assigns: the statement sets `last_position` from them.
+        let unplaced = AppendResult {
+            positions: vec![crate::store::Position(0); events.len()],
+            transaction_id: crate::store::TransactionId(0),
+            replayed: false,
+        };
+        let mut next = state;
+        for e in &sequenced(events.clone(), &unplaced, now) {
+            next.apply(e);
+        }
+        let (row, due, incidents) = sync_params(&definition, &next, now);
+        let count = events.len() as u64;
+        let prepared = store.prepare_append(events, Some(projected.condition))?;
+        let then = format!(
+            "{}(jsonb_set($17, '{{last_position}}', to_jsonb(a.positions[cardinality(a.positions)])), $18, $19)",
+            store.table("flow_sync")
+        );
+        stats.statements(1);
+        match store
+            .append_and_then(&prepared, &then, &[&row, &due, &incidents])
+            .await
+        {
+            Ok(appended) => {
+                next.last_position = appended.last_position();
+                stats.transitions.fetch_add(1, Ordering::Relaxed);
+                stats.events.fetch_add(count, Ordering::Relaxed);
+                Ok(Some((next, decided)))
+            }
+            Err(crate::store::Error::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Runs one transition of instance `id`: under the instance's lock, fold its
     /// events, let `decide` choose the events, run `work`, append them with a
     /// condition on the instance, update the read models, commit. Returns the
@@ -229,6 +294,11 @@ impl Flows {
             + Send
             + Sync,
     {
+        if work.is_none()
+            && let Some(done) = self.transition_in_one(id, &decide).await?
+        {
+            return Ok(done);
+        }
         let executor = CommandExecutor::new(self.store().clone())
             .concurrency(Concurrency::Pessimistic)
             .retry(CommandRetry::attempts(5));

@@ -20,7 +20,7 @@ use super::engine::Flows;
 use super::executor::{self, Effect, TaskContext};
 use super::transition::TransitionError;
 use crate::flow::FlowError;
-use crate::flow::model::decide::{Lessee, failure_events, next_events, preview};
+use crate::flow::model::decide::{Lessee, failure_events, next_due, next_events, preview};
 use crate::flow::model::definition::{FlowDefinition, TaskDefinition};
 use crate::flow::model::events::{FlowEvent, Message, StepId, StepSucceeded, types};
 use crate::flow::model::failure::TaskError;
@@ -245,6 +245,15 @@ impl Failure {
     }
 }
 
+/// What is left of a worker's claim on an instance it has worked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The wake-up row is there, claimed by this worker: release it.
+    Held,
+    /// The instance's last transition deleted its wake-up row (nothing is due).
+    Gone,
+}
+
 /// The shortest time between two looks of a worker's wake-up subscription.
 const WAKE_GAP: Duration = Duration::from_millis(5);
 
@@ -339,17 +348,15 @@ impl Worker {
                 busy.remove(&id);
             }
             while tasks.try_join_next().is_some() {}
+            // The claim also says when the next unclaimed wake-up is due: one
+            // statement per round (none claimed when every slot is busy).
             let free = slots.available_permits();
-            let claimed = if free > 0 {
-                match self.claim(free).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(worker = %self.options.id, error = %e, "claiming flow work failed");
-                        Vec::new()
-                    }
+            let (claimed, next_due) = match self.claim(free).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(worker = %self.options.id, error = %e, "claiming flow work failed");
+                    (Vec::new(), None)
                 }
-            } else {
-                Vec::new()
             };
             for id in claimed {
                 if !busy.insert(id) {
@@ -359,10 +366,16 @@ impl Worker {
                 let (me, drain, done) = (self.clone(), drain.clone(), done_tx.clone());
                 tasks.spawn(
                     async move {
-                        if let Err(e) = me.reconcile(id, &drain).await {
-                            tracing::warn!(worker = %me.options.id, instance = %id, error = %e, "flow instance step failed");
-                        }
-                        let released = me.release(id).await;
+                        // An instance left with nothing due has no wake-up row
+                        // (its last transition deleted it, claim included).
+                        let released = match me.reconcile(id, &drain).await {
+                            Ok(Claim::Gone) => Ok(()),
+                            Ok(Claim::Held) => me.release(id).await,
+                            Err(e) => {
+                                tracing::warn!(worker = %me.options.id, instance = %id, error = %e, "flow instance step failed");
+                                me.release(id).await
+                            }
+                        };
                         if drain.stop.is_cancelled() && released.is_ok() {
                             drain.counts.released.fetch_add(1, Ordering::Relaxed);
                         }
@@ -372,10 +385,7 @@ impl Worker {
                     .instrument(tracing::debug_span!("dcbflow.worker.instance", instance = %id)),
                 );
             }
-            let sleep = self
-                .until_next_due()
-                .await
-                .unwrap_or(self.options.poll_interval);
+            let sleep = next_due.unwrap_or(self.options.poll_interval);
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = wake.notified() => {}
@@ -395,25 +405,37 @@ impl Worker {
         Ok(drained)
     }
 
-    /// Claims up to `n` due, unclaimed instances.
-    async fn claim(&self, n: usize) -> Result<Vec<Uuid>, FlowError> {
+    /// Claims up to `n` due, unclaimed instances (none for `n` = 0), and tells
+    /// how long until the earliest wake-up that is left unclaimed is due.
+    async fn claim(&self, n: usize) -> Result<(Vec<Uuid>, Option<Duration>), FlowError> {
         self.flows.inner.stats.statements(1);
         let client = self.flows.store().pool().get().await?;
         let table = self.flows.store().table("flow_wakeups");
+        // The statement's snapshot still shows the rows it claims as unclaimed:
+        // the next due time leaves them out by name.
         let stmt = client
             .prepare_cached(&format!(
-                "UPDATE {table} w SET claimed_by = $1, claimed_until = now() + $2 * interval '1 millisecond' \
-                 WHERE w.instance IN (SELECT instance FROM {table} \
-                     WHERE due_at <= now() AND (claimed_until IS NULL OR claimed_until < now()) \
-                     ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 RETURNING w.instance"
+                "WITH c AS (UPDATE {table} w \
+                               SET claimed_by = $1, claimed_until = now() + $2 * interval '1 millisecond' \
+                             WHERE w.instance IN (SELECT instance FROM {table} \
+                                 WHERE due_at <= now() AND (claimed_until IS NULL OR claimed_until < now()) \
+                                 ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                             RETURNING w.instance) \
+                 SELECT ARRAY(SELECT instance FROM c), \
+                        (SELECT extract(epoch FROM min(due_at) - now())::float8 FROM {table} \
+                          WHERE (claimed_until IS NULL OR claimed_until < now()) \
+                            AND instance NOT IN (SELECT instance FROM c))"
             ))
             .await?;
         let ttl = self.options.claim_ttl.as_millis() as f64;
-        let rows = client
-            .query(&stmt, &[&self.options.id, &ttl, &(n as i64)])
+        let row = client
+            .query_one(&stmt, &[&self.options.id, &ttl, &(n as i64)])
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let seconds: Option<f64> = row.get(1);
+        Ok((
+            row.get(0),
+            seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        ))
     }
 
     /// Renews the claim on `id`.
@@ -448,28 +470,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Time until the earliest due wake-up.
-    async fn until_next_due(&self) -> Option<Duration> {
-        self.flows.inner.stats.statements(1);
-        let client = self.flows.store().pool().get().await.ok()?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT extract(epoch FROM min(due_at) - now())::float8 FROM {} \
-                 WHERE claimed_until IS NULL OR claimed_until < now()",
-                self.flows.store().table("flow_wakeups")
-            ))
-            .await
-            .ok()?;
-        let row = client.query_one(&stmt, &[]).await.ok()?;
-        let seconds: Option<f64> = row.get(0);
-        seconds.map(|s| Duration::from_secs_f64(s.max(0.0)))
-    }
-
     /// Works on one instance until it needs nothing for a while, or the worker
     /// stops (then until its running steps have been recorded or abandoned).
-    async fn reconcile(&self, id: Uuid, drain: &Drain) -> Result<(), FlowError> {
+    async fn reconcile(&self, id: Uuid, drain: &Drain) -> Result<Claim, FlowError> {
         if drain.stop.is_cancelled() {
-            return Ok(());
+            return Ok(Claim::Held);
         }
         let mut running: JoinSet<Finished> = JoinSet::new();
         let result = self.reconcile_with(id, drain, &mut running).await;
@@ -490,7 +495,7 @@ impl Worker {
         id: Uuid,
         drain: &Drain,
         running: &mut JoinSet<Finished>,
-    ) -> Result<(), FlowError> {
+    ) -> Result<Claim, FlowError> {
         #[cfg(feature = "metrics")]
         let due = DueTimes::default();
         let mut last_beat = tokio::time::Instant::now();
@@ -504,7 +509,7 @@ impl Worker {
         loop {
             if drain.abandon.is_cancelled() {
                 // The caller cancels what is still running.
-                return Ok(());
+                return Ok(Claim::Held);
             }
             let draining = drain.stop.is_cancelled();
             if last_beat.elapsed() > self.options.claim_ttl / 3 {
@@ -532,12 +537,14 @@ impl Worker {
             }
             if running.is_empty() {
                 if draining {
-                    return Ok(());
+                    return Ok(Claim::Held);
                 }
                 // Nothing in flight: keep the instance only for a due time that is near.
                 let now = Utc::now();
-                let next = plan(&def, &state, now).next_due;
-                let wait = next.map(|at| (at - now).to_std().unwrap_or_default());
+                let planned = plan(&def, &state, now);
+                let wait = planned
+                    .next_due
+                    .map(|at| (at - now).to_std().unwrap_or_default());
                 match wait {
                     Some(w) if w <= self.options.poll_interval => {
                         tokio::select! {
@@ -549,10 +556,13 @@ impl Worker {
                                 ).await?;
                                 continue;
                             }
-                            () = drain.stop.cancelled() => return Ok(()),
+                            () = drain.stop.cancelled() => return Ok(Claim::Held),
                         }
                     }
-                    _ => return Ok(()),
+                    // Nothing due at all: the last transition's read models
+                    // have no wake-up row left, nor so a claim to release.
+                    _ if next_due(&planned, now).is_none() => return Ok(Claim::Gone),
+                    _ => return Ok(Claim::Held),
                 }
             }
             let beat = self.options.claim_ttl / 3;

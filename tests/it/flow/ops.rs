@@ -218,3 +218,56 @@ async fn step_reaches(
     })
     .await
 }
+
+/// Eight operators pause one running instance at once, each having seen the
+/// same position: exactly one pause is recorded, the others are told the
+/// instance moved (or is already paused). Operations are transitions: each
+/// first tries the optimistic one-statement commit (ADR 0011), whose condition
+/// must refuse all but one, then the pessimistic command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pauses_of_one_instance_record_one() {
+    let (t, flows) = engine().await;
+    flows.function("wait", |_ctx: TaskContext| async move {
+        Ok::<_, TaskError>(Value::Null)
+    });
+    let def = FlowDefinition::builder("pausable")
+        .task(TaskDefinition::new("wait", Action::rust("wait")))
+        .build();
+    flows.register(&def).await.unwrap();
+    for round in 0..5 {
+        // No worker runs: the instance stays running with its step due.
+        let id = flows
+            .start("pausable", None, json!({}))
+            .await
+            .unwrap()
+            .instance;
+        let seen = flows.instance(id).await.unwrap().unwrap().last_position;
+        let results = crate::support::race(8, |i| {
+            let flows = flows.clone();
+            async move {
+                flows
+                    .pause(id, seen, &Operator::new(format!("op{i}"), "race"))
+                    .await
+            }
+        })
+        .await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e, FlowError::Moved { .. } | FlowError::NotAllowed(_)),
+                    "round {round}: a losing pause failed with {e:?}"
+                );
+            }
+        }
+        let paused = flows
+            .timeline(id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type() == "FlowPaused")
+            .count();
+        assert_eq!((won, paused), (1, 1), "round {round}: {results:?}");
+    }
+    drop(t);
+}
