@@ -250,6 +250,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`append`](Self::append), with the condition of `prepared`.
+    #[cfg(feature = "flow")]
     pub(crate) async fn append_and_then(
         &self,
         prepared: &PreparedAppend,
