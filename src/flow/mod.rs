@@ -38,7 +38,8 @@ pub use runtime::{
 use crate::store::migrate::{Layer, Migration};
 
 /// The flow layer's schema: the read models of instances, wake-ups, incidents
-/// (and, from 0002, the admin queries' indexes and incident acknowledgements).
+/// (and, from 0002, the admin queries' indexes and incident acknowledgements;
+/// from 0003, an index that lets most updates of an instance's row be HOT).
 pub(crate) const SCHEMA: Layer = Layer {
     name: "flow",
     migrations: &[
@@ -51,6 +52,11 @@ pub(crate) const SCHEMA: Layer = Layer {
             version: 2,
             name: "0002_admin.sql",
             sql: include_str!("../../sql/flow/0002_admin.sql"),
+        },
+        Migration {
+            version: 3,
+            name: "0003_hot_updates.sql",
+            sql: include_str!("../../sql/flow/0003_hot_updates.sql"),
         },
     ],
 };
