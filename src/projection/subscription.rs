@@ -154,10 +154,17 @@ impl Subscription {
     /// # Errors
     /// Database errors.
     pub async fn poll_batch(&mut self) -> Result<Vec<SequencedEvent>> {
+        self.poll(true).await
+    }
+
+    /// [`poll_batch`](Self::poll_batch); without `fresh`, a subscription that has
+    /// caught up with the published horizon does not ask the watcher for a new
+    /// one (it is about to wait for the next, which any notification brings).
+    async fn poll(&mut self, fresh: bool) -> Result<Vec<SequencedEvent>> {
         let horizon = if self.gap_free {
             // While catching up below the published horizon, no need to ask for a new one.
             let mut published = self.feed.published();
-            if self.position.0 >= published.safe {
+            if fresh && self.position.0 >= published.safe {
                 published = self.feed.fresh(&self.store).await?;
             }
             if let Some(events) = self.take_from_tail(&published)
@@ -222,12 +229,20 @@ impl Subscription {
     /// # Errors
     /// Database errors.
     pub async fn next_batch(&mut self) -> Result<Vec<SequencedEvent>> {
+        // Between batches, a live subscription only waits for the horizon to
+        // move: notifications (and this process's own appends) start the
+        // watcher's rounds. Asking for a fresh round after every batch, as
+        // `poll_batch` does, made 100 live subscriptions keep the watcher
+        // busy and wait for its round before waiting for events. After a wait
+        // that ended without the horizon moving (notifications lost, or none),
+        // the next look asks for a fresh round, as polling.
+        let mut fresh = false;
         loop {
-            let events = self.poll_batch().await?;
+            let events = self.poll(fresh).await?;
             if !events.is_empty() {
                 return Ok(events);
             }
-            self.wait().await;
+            fresh = !self.wait_moved().await;
         }
     }
 
@@ -263,13 +278,22 @@ impl Subscription {
     /// events were announced and their writers have ended), or the poll interval.
     /// A [wake signal](Self::wake_signal) waits for a notification instead.
     pub async fn wait(&self) {
+        self.wait_moved().await;
+    }
+
+    /// [`wait`](Self::wait): `true` if the horizon moved (or a notification
+    /// came), `false` after the poll interval.
+    async fn wait_moved(&self) -> bool {
         if self.gap_free {
             self.feed
                 .wait_beyond(self.position.0, self.options.poll_interval)
-                .await;
+                .await
         } else {
             let mut notes = self.notes.clone();
-            let _ = tokio::time::timeout(self.options.poll_interval, notes.changed()).await;
+            matches!(
+                tokio::time::timeout(self.options.poll_interval, notes.changed()).await,
+                Ok(Ok(()))
+            )
         }
     }
 }
