@@ -351,27 +351,28 @@ async fn watch_horizon(store: Store, shared: Arc<Shared>) {
     }
 }
 
-/// One step of the horizon: the writers it waits for have ended (then their
-/// candidate becomes safe), and a new candidate once none are awaited. One
-/// `pg_locks` query while writers hold it back, two when they have just ended.
+/// One step of the horizon, from one look at the writers (one `pg_locks`
+/// query): the writers the candidate waits for are no longer among them (then
+/// the candidate becomes safe), and a new candidate once none are awaited. The
+/// look reads the sequence before the locks, as every candidate needs, so it is
+/// both the check of the old candidate and the next one.
 async fn round(
     store: &Store,
     safe: &mut i64,
     pending: &mut Option<(i64, Vec<String>)>,
 ) -> Result<()> {
-    if let Some((allocated, writers)) = pending.as_ref()
-        && store.writers_finished(writers).await?
+    let (allocated, writers) = store.writer_horizon().await?;
+    if let Some((candidate, waited)) = pending.as_ref()
+        && !waited.iter().any(|w| writers.contains(w))
     {
-        *safe = (*safe).max(*allocated);
+        *safe = (*safe).max(*candidate);
         *pending = None;
     }
-    if pending.is_none() {
-        let (allocated, writers) = store.writer_horizon().await?;
-        if writers.is_empty() {
-            *safe = (*safe).max(allocated);
-        } else if allocated > *safe {
-            *pending = Some((allocated, writers));
-        }
+    if writers.is_empty() {
+        *safe = (*safe).max(allocated);
+        *pending = None;
+    } else if pending.is_none() && allocated > *safe {
+        *pending = Some((allocated, writers));
     }
     Ok(())
 }

@@ -382,16 +382,6 @@ impl Store {
         Ok((row.get(0), row.get(1)))
     }
 
-    /// Whether every one of `writers` (from [`writer_horizon`](Self::writer_horizon))
-    /// has ended.
-    pub(crate) async fn writers_finished(&self, writers: &[String]) -> Result<bool> {
-        let sql = format!("SELECT \"{}\".writers_finished($1, $2)", self.inner.schema);
-        Ok(self
-            .query_one(&sql, &[&self.store_key(), &writers])
-            .await?
-            .get(0))
-    }
-
     /// The highest position `P` such that every event with a position up to `P`
     /// that will ever exist is committed, and visible to any read that starts
     /// after this call returns (`Position(0)` for an empty log).
