@@ -660,15 +660,20 @@ impl Sse {
     }
 }
 
-/// `Some` once some connection of the server has asked whether the writers in
-/// flight have finished (the live tail or a settled-head read waiting for one).
-async fn waiting_for_writers(s: &TestServer) -> Option<()> {
+/// `Some` once a round of the live tail's horizon watcher has started after
+/// `since` (the database's clock): it looked at the writers in flight after the
+/// event above the open writer was visible, so it found that writer.
+async fn looked_at_writers_since(
+    s: &TestServer,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Option<()> {
     let client = s.app.store.pool().get().await.unwrap();
-    let pattern = format!("%\"{}\".writers_finished%", s.schema);
+    let pattern = format!("%\"{}\".writer_horizon%", s.schema);
     let row = client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE $1",
-            &[&pattern],
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND query LIKE $1 AND query_start > $2",
+            &[&pattern, &since],
         )
         .await
         .unwrap();
@@ -773,9 +778,20 @@ async fn the_live_tail_holds_back_events_above_an_open_writer() {
         (got, sse)
     });
     // The tail has seen the event above and is waiting for the writer below
-    // it (it asks the database whether that writer has finished)...
+    // it (a round of its watcher started since, and found that writer)...
+    let since: chrono::DateTime<chrono::Utc> = s
+        .app
+        .store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT now()", &[])
+        .await
+        .unwrap()
+        .get(0);
     eventually("the tail waits for the open writer", || {
-        waiting_for_writers(&s)
+        looked_at_writers_since(&s, since)
     })
     .await;
     // ...and has sent nothing.
