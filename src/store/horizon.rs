@@ -286,9 +286,10 @@ async fn watch_horizon(store: Store, shared: Arc<Shared>) {
             }
             continue;
         }
-        // Spaced only when shared: a lone subscriber gets its round at once.
+        // Spaced: under a stream of appends every commit notifies, and rounds
+        // back to back would read `pg_locks` (every lock-manager partition
+        // lock) without pause. A round that follows an idle spell starts at once.
         if let Some(at) = last_round
-            && shared.interested.load(Ordering::Acquire) >= 2
             && at + MIN_ROUND > Instant::now()
         {
             tokio::time::sleep_until(at + MIN_ROUND).await;
