@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::engine::{Flows, sequenced, sync, sync_params};
 use crate::command::{Command, CommandError, CommandExecutor, CommandRetry, Concurrency, Decided};
 use crate::flow::FlowError;
-use crate::flow::model::decide::to_events;
+use crate::flow::model::decide::{preview, to_events};
 use crate::flow::model::definition::FlowDefinition;
 use crate::flow::model::events::{FlowEvent, instance_tag};
 use crate::flow::model::state::InstanceState;
@@ -244,18 +244,10 @@ impl Flows {
         if decided.is_empty() {
             return Ok(Some((state, decided)));
         }
-        let events = to_events(id, &decided);
         // The state after the events, but for the positions, which the append
         // assigns: the statement sets `last_position` from them.
-        let unplaced = AppendResult {
-            positions: vec![crate::store::Position(0); events.len()],
-            transaction_id: crate::store::TransactionId(0),
-            replayed: false,
-        };
-        let mut next = state;
-        for e in &sequenced(events.clone(), &unplaced, now) {
-            next.apply(e);
-        }
+        let mut next = preview(&state, &decided, now);
+        let events = to_events(id, &decided);
         let (row, due, incidents) = sync_params(&definition, &next, now);
         let count = events.len() as u64;
         let prepared = store.prepare_append(events, Some(projected.condition))?;
