@@ -18,16 +18,19 @@ mod runtime;
 
 pub use admin::{
     Incident, IncidentFilter, IncidentGroup, InstanceCursor, InstanceFilter, InstanceSummary,
-    Operator, ParseInstanceCursorError, StatusCount, incident_id, parse_incident_id,
+    MAX_SIGNAL_ID, Operator, ParseInstanceCursorError, Signal, StatusCount, incident_id,
+    parse_incident_id,
 };
 pub use error::{DefinitionError, FlowError};
 pub use model::definition::{
-    Action, FlowBuilder, FlowDefinition, OnExhausted, SqlStatement, TaskDefinition, TaskRetry, Tcc,
-    TccParticipant, ValueType,
+    Action, FlowBuilder, FlowDefinition, OnExhausted, SignalWait, SqlStatement, TaskDefinition,
+    TaskRetry, Tcc, TccParticipant, ValueType, Wait,
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
-pub use model::state::{Acknowledgement, InstanceState, InstanceStatus, StepState, StepStatus};
+pub use model::state::{
+    Acknowledgement, InstanceState, InstanceStatus, ReceivedSignal, StepState, StepStatus,
+};
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 pub use runtime::{

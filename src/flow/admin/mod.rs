@@ -5,7 +5,7 @@
 mod ops;
 mod query;
 
-pub use ops::Operator;
+pub use ops::{MAX_SIGNAL_ID, Operator, Signal};
 pub use query::{
     Incident, IncidentFilter, IncidentGroup, InstanceCursor, InstanceFilter, InstanceSummary,
     ParseInstanceCursorError, StatusCount, incident_id, parse_incident_id,

@@ -9,7 +9,8 @@ use crate::flow::FlowError;
 use crate::flow::model::decide::incidents;
 use crate::flow::model::definition::FlowDefinition;
 use crate::flow::model::events::{
-    FlowEvent, IncidentAcknowledged, InstanceChange, Phase, StepId, StepIntervention,
+    FlowEvent, IncidentAcknowledged, InstanceChange, Phase, SignalReceived, StepId,
+    StepIntervention,
 };
 use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
 use crate::flow::runtime::Flows;
@@ -253,6 +254,118 @@ impl Flows {
             }))
         })
         .await
+    }
+}
+
+/// A signal for [`Flows::signal`]: its name, the sender's id for it (sending
+/// the same id again changes nothing), its payload and who sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal {
+    /// The name a `signal` task waits for.
+    pub name: String,
+    /// The sender's id for this signal: idempotency.
+    pub id: String,
+    /// What it carries: the consuming task's output.
+    pub payload: Value,
+    /// Who sent it.
+    pub actor: Option<String>,
+}
+
+/// The longest signal id accepted, in bytes.
+pub const MAX_SIGNAL_ID: usize = 200;
+
+impl Signal {
+    /// Signal `name` with the sender's id `id` and a `null` payload.
+    pub fn new(name: impl Into<String>, id: impl Into<String>) -> Self {
+        Signal {
+            name: name.into(),
+            id: id.into(),
+            payload: Value::Null,
+            actor: None,
+        }
+    }
+
+    /// Sets the payload.
+    #[must_use]
+    pub fn payload(mut self, payload: Value) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Sets who sends it.
+    #[must_use]
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+}
+
+impl Flows {
+    /// Sends `signal` to instance `id`. A `signal` task waiting for its name
+    /// consumes it and completes with its payload; one not reached yet consumes
+    /// it when it is. Sending the same signal id again changes nothing and
+    /// returns the instance as it is (with another name or payload it is
+    /// refused).
+    ///
+    /// # Errors
+    /// [`FlowError::NotAllowed`]: an empty or overlong id; no task of the flow
+    /// waits for a signal of this name, or every one of them is done; the
+    /// instance is no longer running or paused; the id was used for another
+    /// signal. [`FlowError::UnknownInstance`], store errors.
+    #[tracing::instrument(name = "dcbflow.flow.signal", skip_all, fields(db.system.name = "postgresql", db.namespace = %self.store().schema(), instance = %id, signal = %signal.name))]
+    pub async fn signal(&self, id: Uuid, signal: Signal) -> Result<InstanceState, FlowError> {
+        if signal.id.trim().is_empty() || signal.id.len() > MAX_SIGNAL_ID {
+            return Err(FlowError::NotAllowed(format!(
+                "a signal id must be 1 to {MAX_SIGNAL_ID} bytes, not {}",
+                signal.id.len()
+            )));
+        }
+        self.ready().await?;
+        let result = self
+            .transition(id, None, |state, def, _| {
+                if let Some(earlier) = state.signals.iter().find(|s| s.signal_id == signal.id) {
+                    if earlier.name != signal.name || earlier.payload != signal.payload {
+                        return Err(FlowError::NotAllowed(format!(
+                            "signal id {:?} was already sent as signal {:?} with another payload",
+                            signal.id, earlier.name
+                        )));
+                    }
+                    return Ok(Vec::new());
+                }
+                let waiting: Vec<&str> = def
+                    .tasks
+                    .iter()
+                    .filter(|t| t.signal.as_ref().is_some_and(|s| s.name == signal.name))
+                    .map(|t| t.name.as_str())
+                    .collect();
+                if waiting.is_empty() {
+                    return Err(FlowError::NotAllowed(format!(
+                        "no task of flow {:?} waits for signal {:?}",
+                        def.name, signal.name
+                    )));
+                }
+                let open = waiting.iter().any(|t| {
+                    !matches!(
+                        state.step(&StepId::new(t, Phase::Action)).status,
+                        StepStatus::Succeeded | StepStatus::Skipped
+                    )
+                });
+                if !open {
+                    return Err(FlowError::NotAllowed(format!(
+                        "every task waiting for signal {:?} is done",
+                        signal.name
+                    )));
+                }
+                require(state, &[InstanceStatus::Running, InstanceStatus::Paused])?;
+                Ok(vec![FlowEvent::SignalReceived(SignalReceived {
+                    name: signal.name.clone(),
+                    signal_id: signal.id.clone(),
+                    payload: signal.payload.clone(),
+                    actor: signal.actor.clone(),
+                })])
+            })
+            .await;
+        result.map(|(state, _)| state).map_err(|e| e.into_flow())
     }
 }
 

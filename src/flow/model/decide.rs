@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::definition::{FlowDefinition, TaskDefinition};
 use super::events::{
     FlowEvent, InstanceChange, Phase, RetryScheduled, StepFailed, StepId, StepStarted,
+    StepSucceeded, StepWaiting, TaskSkipped,
 };
 use super::failure::TaskError;
 use super::plan::{Plan, plan};
@@ -25,6 +26,10 @@ pub(crate) struct Lessee<'a> {
     pub(crate) lease_grace: Duration,
 }
 
+/// Planning rounds in one transition at most (a longer chain of skips and
+/// waits takes further transitions: the instance stays due).
+const MAX_ROUNDS: usize = 8;
+
 /// The events of planning rounds on `state` until steps start or nothing is
 /// left to do: timeouts, instance-level changes (compensating, completed, ...)
 /// and the steps to start now, all for one transition.
@@ -36,7 +41,7 @@ pub(crate) fn next_events(
 ) -> Vec<FlowEvent> {
     let mut all = Vec::new();
     let mut current = state.clone();
-    for _ in 0..4 {
+    for _ in 0..MAX_ROUNDS {
         let (events, complete) = round(def, &current, now, lessee);
         if complete || events.is_empty() {
             all.extend(events);
@@ -81,6 +86,42 @@ fn round(
         if let Some(event) = FlowEvent::instance_change(ty, change) {
             return (vec![event], false);
         }
+    }
+    // Decisions that need no worker: skips, waits reached, waits over, and
+    // failures without an attempt. The next round plans what they unblock.
+    for (task, reason, condition) in &p.skip {
+        out.push(FlowEvent::TaskSkipped(TaskSkipped {
+            task: task.clone(),
+            reason: reason.clone(),
+            condition: condition.clone(),
+        }));
+    }
+    for (step, until, signal) in &p.wait {
+        out.push(FlowEvent::StepWaiting(StepWaiting {
+            step: step.clone(),
+            until: *until,
+            signal: signal.clone(),
+        }));
+    }
+    for (step, output, signal_id) in &p.finish {
+        out.push(FlowEvent::StepSucceeded(StepSucceeded {
+            step: step.clone(),
+            attempt: state.step(step).attempts,
+            output: output.clone(),
+            signal_id: signal_id.clone(),
+        }));
+    }
+    for (step, error, code) in &p.fail {
+        out.push(FlowEvent::StepFailed(StepFailed {
+            step: step.clone(),
+            attempt: state.step(step).attempts,
+            error: error.clone(),
+            code: Some((*code).to_owned()),
+            exhausted: true,
+        }));
+    }
+    if !out.is_empty() {
+        return (out, false);
     }
     for step in &p.start {
         let Some(task) = def.task(&step.task) else {
@@ -243,7 +284,9 @@ mod tests {
 
     use super::*;
     use crate::flow::model::definition::{Action, TaskRetry};
-    use crate::flow::model::events::{Started, StepSucceeded};
+    use crate::flow::model::events::Started;
+    use crate::flow::model::plan::plan;
+    use crate::flow::model::state::StepStatus;
     use crate::store::Position;
 
     const WORKER: Lessee<'static> = Lessee {
@@ -308,6 +351,7 @@ mod tests {
                 step: StepId::new(task, Phase::Action),
                 attempt: 1,
                 output: json!({"ok": task}),
+                signal_id: None,
             })
         };
         state = apply(&state, &[done("reserve")], now);
@@ -429,10 +473,234 @@ mod tests {
                 step: step.clone(),
                 attempt: 2,
                 output: json!({}),
+                signal_id: None,
             })],
             now,
         );
         assert_eq!(state.step(&step).acknowledged, None);
         assert!(incidents(&state).is_empty());
+    }
+
+    fn succeeded(task: &str, attempt: u32, output: serde_json::Value) -> FlowEvent {
+        FlowEvent::StepSucceeded(StepSucceeded {
+            step: StepId::new(task, Phase::Action),
+            attempt,
+            output,
+            signal_id: None,
+        })
+    }
+
+    /// score, then `auto` when the score is high or `manual` otherwise, then `join`.
+    fn branching() -> FlowDefinition {
+        FlowDefinition::builder("loan")
+            .task(TaskDefinition::new("score", Action::rust("score")))
+            .task(
+                TaskDefinition::new("auto", Action::rust("auto"))
+                    .after(["score"])
+                    .when("tasks.score.output.value >= 700"),
+            )
+            .task(
+                TaskDefinition::new("manual", Action::rust("manual"))
+                    .after(["score"])
+                    .when("tasks.score.output.value < 700"),
+            )
+            .task(TaskDefinition::new("join", Action::rust("join")).after(["auto", "manual"]))
+            .build()
+    }
+
+    #[test]
+    fn a_false_condition_skips_the_task_and_its_join_still_runs() {
+        let (def, now) = (branching(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        state = apply(&state, &[succeeded("score", 1, json!({"value": 720}))], now);
+        let events = next_events(&def, &state, now, WORKER);
+        let skipped: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                FlowEvent::TaskSkipped(s) => Some(s.task.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(skipped, ["manual"], "{events:?}");
+        let started_now: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                FlowEvent::StepStarted(s) => Some(s.step.task.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started_now, ["auto"], "{events:?}");
+        state = apply(&state, &events, now);
+        assert_eq!(
+            state
+                .step(&StepId::new("manual", Phase::Action))
+                .skip_reason
+                .as_deref(),
+            Some("condition false: tasks.score.output.value < 700")
+        );
+        assert!(
+            !state.outputs.contains_key("manual"),
+            "a skipped task has no output"
+        );
+        state = apply(&state, &[succeeded("auto", 1, json!({}))], now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert!(
+            matches!(&events[..], [FlowEvent::StepStarted(s)] if s.step.task == "join"),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_evaluated_fails_the_task() {
+        let (def, now) = (branching(), Utc::now());
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        // No `value` in the output: the conditions cannot be evaluated.
+        state = apply(&state, &[succeeded("score", 1, json!({}))], now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert!(
+            events.iter().any(|e| matches!(e, FlowEvent::StepFailed(f)
+                if f.exhausted && f.code.as_deref() == Some("condition"))),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, FlowEvent::Compensating(_))),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_required_task_skipped_skips_its_dependant() {
+        let def = FlowDefinition::builder("r")
+            .task(TaskDefinition::new("a", Action::rust("a")).when("false"))
+            .task(
+                TaskDefinition::new("b", Action::rust("b"))
+                    .after(["a"])
+                    .requires(["a"]),
+            )
+            .task(TaskDefinition::new("c", Action::rust("c")).after(["b"]))
+            .build();
+        let now = Utc::now();
+        let state = started(&def, now);
+        let events = next_events(&def, &state, now, WORKER);
+        let state = apply(&state, &events, now);
+        assert_eq!(
+            state.step(&StepId::new("b", Phase::Action)).status,
+            StepStatus::Skipped
+        );
+        // c only depends on b: it runs.
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, FlowEvent::StepStarted(s) if s.step.task == "c")),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_wait_is_due_at_its_time_and_then_succeeds() {
+        let def = FlowDefinition::builder("w")
+            .task(TaskDefinition::wait("pause", Duration::from_secs(60)))
+            .task(TaskDefinition::new("after", Action::rust("a")).after(["pause"]))
+            .build();
+        let now = Utc::now();
+        let mut state = started(&def, now);
+        let events = next_events(&def, &state, now, WORKER);
+        assert!(
+            matches!(&events[..], [FlowEvent::StepWaiting(w)] if w.until == Some(now + chrono::Duration::seconds(60))),
+            "{events:?}"
+        );
+        state = apply(&state, &events, now);
+        let p = plan(&def, &state, now + chrono::Duration::seconds(30));
+        assert!(p.is_idle());
+        assert_eq!(p.next_due, Some(now + chrono::Duration::seconds(60)));
+        let later = now + chrono::Duration::seconds(61);
+        let events = next_events(&def, &state, later, WORKER);
+        assert!(
+            matches!(&events[0], FlowEvent::StepSucceeded(s) if s.step.task == "pause"),
+            "{events:?}"
+        );
+        assert!(
+            matches!(&events[1], FlowEvent::StepStarted(s) if s.step.task == "after"),
+            "{events:?}"
+        );
+    }
+
+    fn signal(name: &str, id: &str, payload: serde_json::Value) -> FlowEvent {
+        FlowEvent::SignalReceived(crate::flow::model::events::SignalReceived {
+            name: name.into(),
+            signal_id: id.into(),
+            payload,
+            actor: None,
+        })
+    }
+
+    #[test]
+    fn a_signal_sent_early_is_consumed_once_when_its_task_is_reached() {
+        let def = FlowDefinition::builder("s")
+            .task(TaskDefinition::new("first", Action::rust("a")))
+            .task(TaskDefinition::signal("approve", "approved").after(["first"]))
+            .task(TaskDefinition::signal("again", "approved").after(["approve"]))
+            .build();
+        let now = Utc::now();
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        state = apply(
+            &state,
+            &[signal("approved", "s-1", json!({"by": "ada"}))],
+            now,
+        );
+        // Sent twice: kept once.
+        state = apply(
+            &state,
+            &[signal("approved", "s-1", json!({"by": "ada"}))],
+            now,
+        );
+        assert_eq!(state.signals.len(), 1);
+        state = apply(&state, &[succeeded("first", 1, json!({}))], now);
+        let events = next_events(&def, &state, now, WORKER);
+        state = apply(&state, &events, now);
+        assert_eq!(state.outputs["approve"], json!({"by": "ada"}));
+        assert_eq!(state.signals[0].consumed_by.as_deref(), Some("approve"));
+        // The second signal task waits for a signal of its own.
+        assert_eq!(
+            state.step(&StepId::new("again", Phase::Action)).status,
+            StepStatus::Waiting
+        );
+        assert!(plan(&def, &state, now).is_idle());
+        state = apply(&state, &[signal("approved", "s-2", json!(2))], now);
+        let events = next_events(&def, &state, now, WORKER);
+        state = apply(&state, &events, now);
+        assert_eq!(state.outputs["again"], json!(2));
+        assert!(
+            matches!(events.last(), Some(FlowEvent::Completed(_))),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_signal_that_does_not_come_in_time_fails_its_task() {
+        let def = FlowDefinition::builder("s")
+            .task(
+                TaskDefinition::signal("approve", "approved")
+                    .signal_timeout(Duration::from_secs(10))
+                    .on_exhausted(crate::flow::OnExhausted::Fail),
+            )
+            .build();
+        let now = Utc::now();
+        let mut state = started(&def, now);
+        state = apply(&state, &next_events(&def, &state, now, WORKER), now);
+        let late = now + chrono::Duration::seconds(11);
+        let events = next_events(&def, &state, late, WORKER);
+        assert!(
+            matches!(&events[..], [FlowEvent::StepFailed(f), FlowEvent::Failed(_)]
+                if f.code.as_deref() == Some("signal_timeout")),
+            "{events:?}"
+        );
+        state = apply(&state, &events, late);
+        assert_eq!(state.status, InstanceStatus::Failed);
     }
 }

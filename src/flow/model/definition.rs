@@ -83,9 +83,26 @@ pub struct TaskDefinition {
     /// (`{{flow.input.x}}`, `{{tasks.<task>.output.x}}`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub input: BTreeMap<String, Value>,
+    /// A condition (CEL) over `flow.input` and the upstream tasks' outputs
+    /// (`tasks.<task>.output`): when it is false the task is skipped, with a
+    /// `FlowTaskSkipped` event, and its dependants treat it as done with no
+    /// output. Checked when the flow is registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// Tasks among `depends_on` that must have run: if one of them was skipped
+    /// by its condition, this task is skipped too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
     /// What the task does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
+    /// A durable timer (instead of `action`): the task succeeds once it is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Wait>,
+    /// Waits for a named signal (instead of `action`): its payload becomes the
+    /// task's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalWait>,
     /// How to undo it when the flow is compensated (saga).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Action>,
@@ -105,6 +122,48 @@ pub struct TaskDefinition {
 
 fn default_timeout_ms() -> u64 {
     30_000
+}
+
+/// A `wait` task's timer: a duration from when the task is reached, or an
+/// instant from a template (an RFC 3339 timestamp, such as
+/// `"{{flow.input.ship_at}}"`). Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wait {
+    /// Milliseconds from when the task is reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// An instant (templated, RFC 3339); one in the past is due at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+}
+
+/// A `signal` task: waits for the signal `name`, sent with
+/// [`Flows::signal`](crate::flow::Flows::signal) (or the API, the CLI, the
+/// dashboard). A signal sent before the task is reached is kept and consumed
+/// when it is; each signal is consumed once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalWait {
+    /// The signal's name.
+    pub name: String,
+    /// Milliseconds to wait from when the task is reached; then the task fails
+    /// (code `signal_timeout`) and `on_exhausted` applies. `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What kind of task a definition is (by which of its fields is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TaskKind {
+    /// Runs an action by an executor (with its compensation).
+    Action,
+    /// A try/confirm/cancel group.
+    Tcc,
+    /// A durable timer.
+    Wait,
+    /// Waits for a signal.
+    Signal,
 }
 
 /// A try/confirm/cancel task: every participant's `try` (within `try_deadline_ms`),
@@ -451,12 +510,29 @@ impl TaskDefinition {
         }
     }
 
+    /// What kind of task this is (an action when nothing else is set).
+    pub(crate) fn kind(&self) -> TaskKind {
+        if self.tcc.is_some() {
+            TaskKind::Tcc
+        } else if self.wait.is_some() {
+            TaskKind::Wait
+        } else if self.signal.is_some() {
+            TaskKind::Signal
+        } else {
+            TaskKind::Action
+        }
+    }
+
     /// A task running `action`.
     pub fn new(name: impl Into<String>, action: Action) -> Self {
         TaskDefinition {
             name: name.into(),
             depends_on: Vec::new(),
             input: BTreeMap::new(),
+            when: None,
+            requires: Vec::new(),
+            wait: None,
+            signal: None,
             action: Some(action),
             compensate: None,
             tcc: None,
@@ -476,6 +552,74 @@ impl TaskDefinition {
             action: None,
             ..TaskDefinition::new(name, Action::rust(""))
         }
+    }
+
+    /// A timer task: succeeds `duration` after it is reached.
+    pub fn wait(name: impl Into<String>, duration: Duration) -> Self {
+        TaskDefinition {
+            action: None,
+            wait: Some(Wait {
+                duration_ms: Some(duration.as_millis() as u64),
+                until: None,
+            }),
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// A timer task: succeeds at the instant `until` renders to (a template
+    /// giving an RFC 3339 timestamp).
+    pub fn wait_until(name: impl Into<String>, until: impl Into<String>) -> Self {
+        TaskDefinition {
+            action: None,
+            wait: Some(Wait {
+                duration_ms: None,
+                until: Some(until.into()),
+            }),
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// A task waiting for the signal `signal` (no time limit; see
+    /// [`signal_timeout`](Self::signal_timeout)).
+    pub fn signal(name: impl Into<String>, signal: impl Into<String>) -> Self {
+        TaskDefinition {
+            action: None,
+            signal: Some(SignalWait {
+                name: signal.into(),
+                timeout_ms: None,
+            }),
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// Sets how long a signal task waits before it fails (`on_exhausted`
+    /// applies).
+    #[must_use]
+    pub fn signal_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(s) = &mut self.signal {
+            s.timeout_ms = Some(timeout.as_millis() as u64);
+        }
+        self
+    }
+
+    /// Runs only when the CEL condition `expression` is true (otherwise it is
+    /// skipped).
+    #[must_use]
+    pub fn when(mut self, expression: impl Into<String>) -> Self {
+        self.when = Some(expression.into());
+        self
+    }
+
+    /// Is skipped if one of `tasks` (among its dependencies) was skipped by its
+    /// condition.
+    #[must_use]
+    pub fn requires<I, S>(mut self, tasks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.requires.extend(tasks.into_iter().map(Into::into));
+        self
     }
 
     /// Runs after `tasks` have succeeded.

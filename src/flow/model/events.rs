@@ -49,6 +49,14 @@ pub mod types {
     pub const MESSAGE: &str = "FlowMessage";
     /// An operator acknowledged a step's open incident (is handling it).
     pub const INCIDENT_ACKNOWLEDGED: &str = "FlowIncidentAcknowledged";
+    /// A task's condition was false (or a task it requires was skipped): it is
+    /// done, with no output.
+    pub const TASK_SKIPPED: &str = "FlowTaskSkipped";
+    /// A wait or signal task was reached: it waits until a time, for a signal,
+    /// or both.
+    pub const STEP_WAITING: &str = "FlowStepWaiting";
+    /// A signal was sent to the instance (kept until a signal task consumes it).
+    pub const SIGNAL_RECEIVED: &str = "FlowSignalReceived";
 }
 
 /// The tag every event of an instance carries.
@@ -227,6 +235,52 @@ pub struct StepSucceeded {
     /// What the action returned.
     #[serde(default)]
     pub output: Value,
+    /// The signal a signal task consumed (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_id: Option<String>,
+}
+
+/// `FlowTaskSkipped`: a task was not run because its condition was false, or a
+/// task it requires was skipped. Its dependants treat it as done, with no output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSkipped {
+    /// The task.
+    pub task: String,
+    /// Why, in words (`condition false: <expression>`).
+    pub reason: String,
+    /// The condition that was false, if that is why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+}
+
+/// `FlowStepWaiting`: a wait or signal task was reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepWaiting {
+    /// The step (the task's action step).
+    pub step: StepId,
+    /// A timer's due time, or a signal's timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    /// The signal waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// `FlowSignalReceived`: a signal sent to an instance. The event's id is
+/// derived from the instance and `signal_id`, so sending it again changes
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalReceived {
+    /// The signal's name.
+    pub name: String,
+    /// The sender's id for it (idempotency).
+    pub signal_id: String,
+    /// What it carries (the consuming task's output).
+    #[serde(default)]
+    pub payload: Value,
+    /// Who sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 /// `FlowStepFailed` / `FlowStepTimedOut`: an attempt failed.
@@ -361,6 +415,12 @@ pub enum FlowEvent {
     Message(Message),
     /// `FlowIncidentAcknowledged`.
     IncidentAcknowledged(IncidentAcknowledged),
+    /// `FlowTaskSkipped`.
+    TaskSkipped(TaskSkipped),
+    /// `FlowStepWaiting`.
+    StepWaiting(StepWaiting),
+    /// `FlowSignalReceived`.
+    SignalReceived(SignalReceived),
 }
 
 impl FlowEvent {
@@ -385,6 +445,9 @@ impl FlowEvent {
             FlowEvent::Failed(_) => types::FAILED,
             FlowEvent::Message(_) => types::MESSAGE,
             FlowEvent::IncidentAcknowledged(_) => types::INCIDENT_ACKNOWLEDGED,
+            FlowEvent::TaskSkipped(_) => types::TASK_SKIPPED,
+            FlowEvent::StepWaiting(_) => types::STEP_WAITING,
+            FlowEvent::SignalReceived(_) => types::SIGNAL_RECEIVED,
         }
     }
 
@@ -425,6 +488,9 @@ impl FlowEvent {
             types::RETRY_REQUESTED => de(e).map(FlowEvent::RetryRequested),
             types::MESSAGE => de(e).map(FlowEvent::Message),
             types::INCIDENT_ACKNOWLEDGED => de(e).map(FlowEvent::IncidentAcknowledged),
+            types::TASK_SKIPPED => de(e).map(FlowEvent::TaskSkipped),
+            types::STEP_WAITING => de(e).map(FlowEvent::StepWaiting),
+            types::SIGNAL_RECEIVED => de(e).map(FlowEvent::SignalReceived),
             other => {
                 let change = de::<InstanceChange>(e);
                 match change {
@@ -457,10 +523,15 @@ impl FlowEvent {
             | FlowEvent::Failed(d) => serde_json::to_value(d),
             FlowEvent::Message(d) => serde_json::to_value(d),
             FlowEvent::IncidentAcknowledged(d) => serde_json::to_value(d),
+            FlowEvent::TaskSkipped(d) => serde_json::to_value(d),
+            FlowEvent::StepWaiting(d) => serde_json::to_value(d),
+            FlowEvent::SignalReceived(d) => serde_json::to_value(d),
         }
         .expect("flow events serialize");
         let event = Event::new(self.event_type(), [instance_tag(instance)], data);
         match self {
+            // Sending a signal twice appends nothing the second time.
+            FlowEvent::SignalReceived(r) => event.with_id(signal_event_id(instance, &r.signal_id)),
             FlowEvent::Message(m) => Envelope::new()
                 .message_id(&m.message_id)
                 .subject(&m.subject)
@@ -469,6 +540,20 @@ impl FlowEvent {
             _ => event,
         }
     }
+}
+
+/// The event id of signal `signal_id` sent to `instance`: the first 16 bytes of
+/// a SHA-256 of both, as a UUID (version 8, "custom").
+pub fn signal_event_id(instance: Uuid, signal_id: &str) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"dcbflow.signal\0");
+    h.update(instance.as_bytes());
+    h.update(signal_id.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// Decodes a sequenced event (see [`FlowEvent::decode`]).

@@ -2,6 +2,7 @@
 //! function takes `now`), no I/O. Everything the engine decides is decided here
 //! and unit-tested here.
 
+pub(crate) mod condition;
 pub(crate) mod decide;
 pub(crate) mod definition;
 pub mod events;

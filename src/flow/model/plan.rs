@@ -2,10 +2,13 @@
 //! (pure: the worker applies the plan as conditional appends).
 
 use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
 
-use super::definition::{FlowDefinition, OnExhausted, TaskDefinition};
+use super::condition;
+use super::definition::{FlowDefinition, OnExhausted, TaskDefinition, TaskKind};
 use super::events::{Phase, StepId, types};
 use super::state::{InstanceState, InstanceStatus, StepState, StepStatus};
+use super::template;
 
 /// What to do now.
 #[derive(Debug, Default, PartialEq)]
@@ -18,6 +21,16 @@ pub(crate) struct Plan {
     pub instance: Option<(&'static str, String)>,
     /// When to look again (retries, leases, deadlines); `None`: only on events.
     pub next_due: Option<DateTime<Utc>>,
+    /// Tasks to skip without running: (task, reason, the false condition).
+    pub skip: Vec<(String, String, Option<String>)>,
+    /// Wait and signal steps reached: (step, until, signal).
+    pub wait: Vec<(StepId, Option<DateTime<Utc>>, Option<String>)>,
+    /// Waiting steps whose time came or whose signal is there: (step, output,
+    /// the signal consumed).
+    pub finish: Vec<(StepId, Value, Option<String>)>,
+    /// Steps that fail without an attempt (a condition that cannot be
+    /// evaluated, a signal that did not come in time): (step, error, code).
+    pub fail: Vec<(StepId, String, &'static str)>,
 }
 
 impl Plan {
@@ -29,7 +42,22 @@ impl Plan {
 
     /// Nothing to do right now.
     pub fn is_idle(&self) -> bool {
-        self.start.is_empty() && self.timeouts.is_empty() && self.instance.is_none()
+        self.start.is_empty()
+            && self.timeouts.is_empty()
+            && self.instance.is_none()
+            && self.skip.is_empty()
+            && self.wait.is_empty()
+            && self.finish.is_empty()
+            && self.fail.is_empty()
+    }
+
+    /// Drops the step-level decisions (an instance-level change comes first).
+    fn clear_steps(&mut self) {
+        self.start.clear();
+        self.skip.clear();
+        self.wait.clear();
+        self.finish.clear();
+        self.fail.clear();
     }
 }
 
@@ -201,7 +229,7 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
                 OnExhausted::Pause => (types::PAUSED, reason),
                 OnExhausted::Fail => (types::FAILED, reason),
             });
-            plan.start.clear();
+            plan.clear_steps();
             return;
         }
         let ready = task
@@ -210,6 +238,17 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
             .all(|d| outcome_of(d) == Some(&TaskOutcome::Done));
         if !ready || *outcome == TaskOutcome::Done {
             continue;
+        }
+        let action = s.step(&StepId::new(&task.name, Phase::Action));
+        if unreached(task, &action, outcome, now) && !admitted(def, task, &action, s, plan) {
+            continue;
+        }
+        match task.kind() {
+            TaskKind::Wait | TaskKind::Signal => {
+                waiting(task, &action, s, now, plan);
+                continue;
+            }
+            TaskKind::Action | TaskKind::Tcc => {}
         }
         match tcc_view(task, s, now) {
             None => consider(&s.step(&StepId::new(&task.name, Phase::Action)), plan, now),
@@ -225,7 +264,7 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
                                     c.error.clone().unwrap_or_default()
                                 ),
                             ));
-                            plan.start.clear();
+                            plan.clear_steps();
                             return;
                         }
                         consider(c, plan, now);
@@ -243,7 +282,7 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
                                 c.error.clone().unwrap_or_default()
                             ),
                         ));
-                        plan.start.clear();
+                        plan.clear_steps();
                         return;
                     }
                     consider(c, plan, now);
@@ -259,8 +298,179 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
     }
     if outcomes.iter().all(|o| *o == TaskOutcome::Done) {
         plan.instance = Some((types::COMPLETED, String::new()));
-        plan.start.clear();
+        plan.clear_steps();
     }
+}
+
+/// Whether `task` has not been reached yet: nothing of it ever started, and it
+/// is not waiting for a retry that is not due (a condition that could not be
+/// evaluated is evaluated again on "retry now").
+fn unreached(
+    task: &TaskDefinition,
+    action: &StepState,
+    outcome: &TaskOutcome,
+    now: DateTime<Utc>,
+) -> bool {
+    let waiting_retry =
+        action.status == StepStatus::RetryDue && action.due_at.is_some_and(|d| d > now);
+    action.first_started.is_none()
+        && matches!(action.status, StepStatus::Pending | StepStatus::RetryDue)
+        && !waiting_retry
+        && (task.kind() != TaskKind::Tcc || *outcome == TaskOutcome::NotStarted)
+}
+
+/// Whether a task being reached runs: its required tasks ran and its
+/// condition holds. Otherwise notes a skip (or a failure, for a condition
+/// that cannot be evaluated) in `plan`.
+fn admitted(
+    def: &FlowDefinition,
+    task: &TaskDefinition,
+    action: &StepState,
+    s: &InstanceState,
+    plan: &mut Plan,
+) -> bool {
+    let skipped = |name: &str| {
+        s.steps
+            .get(&StepId::new(name, Phase::Action).key())
+            .is_some_and(|x| x.skip_reason.is_some())
+    };
+    if let Some(r) = task.requires.iter().find(|r| skipped(r)) {
+        plan.skip.push((
+            task.name.clone(),
+            format!("required task {r:?} was skipped"),
+            None,
+        ));
+        return false;
+    }
+    let Some(when) = &task.when else {
+        return true;
+    };
+    let instance = s.id.to_string();
+    let scope = condition::Scope {
+        input: &s.input,
+        instance: &instance,
+        business_key: s.business_key.as_deref(),
+        tasks: def
+            .tasks
+            .iter()
+            .filter_map(|t| {
+                let a = s.steps.get(&StepId::new(&t.name, Phase::Action).key());
+                match a.map(|a| (a.status, a.skip_reason.is_some())) {
+                    Some((StepStatus::Skipped, true)) => {
+                        Some((t.name.as_str(), &Value::Null, "skipped"))
+                    }
+                    _ => s
+                        .outputs
+                        .get(&t.name)
+                        .map(|o| (t.name.as_str(), o, "succeeded")),
+                }
+            })
+            .collect(),
+    };
+    match condition::evaluate(when, &scope) {
+        Ok(true) => true,
+        Ok(false) => {
+            plan.skip.push((
+                task.name.clone(),
+                format!("condition false: {when}"),
+                Some(when.clone()),
+            ));
+            false
+        }
+        Err(e) => {
+            plan.fail.push((
+                action.step.clone(),
+                format!("condition {when:?} could not be evaluated: {e}"),
+                "condition",
+            ));
+            false
+        }
+    }
+}
+
+/// A wait or signal task: reach it, or finish it when its time or its signal
+/// came, or fail it when its signal did not come in time.
+fn waiting(
+    task: &TaskDefinition,
+    action: &StepState,
+    s: &InstanceState,
+    now: DateTime<Utc>,
+    plan: &mut Plan,
+) {
+    let step = action.step.clone();
+    match action.status {
+        StepStatus::Pending | StepStatus::RetryDue => {
+            if let Some(at) = action.due_at.filter(|d| *d > now) {
+                plan.due(Some(at));
+                return;
+            }
+            if let Some(wait) = &task.wait {
+                let until = match (&wait.duration_ms, &wait.until) {
+                    (Some(ms), _) => Ok(now + chrono::Duration::milliseconds(*ms as i64)),
+                    (None, Some(t)) => wait_until(t, s),
+                    (None, None) => Ok(now),
+                };
+                match until {
+                    Ok(at) => plan.wait.push((step, Some(at), None)),
+                    Err(e) => plan.fail.push((step, e, "template")),
+                }
+            } else if let Some(signal) = &task.signal {
+                let until = signal
+                    .timeout_ms
+                    .map(|ms| now + chrono::Duration::milliseconds(ms as i64));
+                plan.wait.push((step, until, Some(signal.name.clone())));
+            }
+        }
+        StepStatus::Waiting => {
+            if let Some(signal) = &task.signal {
+                if let Some(sig) = s.pending_signal(&signal.name) {
+                    plan.finish
+                        .push((step, sig.payload.clone(), Some(sig.signal_id.clone())));
+                } else if let Some(at) = action.due_at {
+                    if at <= now {
+                        plan.fail.push((
+                            step,
+                            format!(
+                                "no signal {:?} came within {} ms",
+                                signal.name,
+                                signal.timeout_ms.unwrap_or_default()
+                            ),
+                            "signal_timeout",
+                        ));
+                    } else {
+                        plan.due(Some(at));
+                    }
+                }
+            } else {
+                match action.due_at {
+                    Some(at) if at > now => plan.due(Some(at)),
+                    at => {
+                        plan.finish
+                            .push((step, json!({ "waited_until": at.unwrap_or(now) }), None))
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The instant a `wait.until` template renders to.
+fn wait_until(text: &str, s: &InstanceState) -> Result<DateTime<Utc>, String> {
+    let instance = s.id.to_string();
+    let ctx = template::Context {
+        flow_input: &s.input,
+        outputs: &s.outputs,
+        input: None,
+        instance: &instance,
+        idempotency_key: &instance,
+        business_key: s.business_key.as_deref(),
+    };
+    let rendered =
+        template::render_text(text, &ctx).map_err(|e| format!("wait until {text:?}: {e}"))?;
+    DateTime::parse_from_rfc3339(rendered.trim())
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|e| format!("wait until {text:?} gave {rendered:?}, not an RFC 3339 instant: {e}"))
 }
 
 /// A task whose effects are settled for compensation: never done by its action,
@@ -315,7 +525,7 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
                         types::COMPENSATION_FAILED,
                         format!("{} failed: {}", c.step, c.error.clone().unwrap_or_default()),
                     ));
-                    plan.start.clear();
+                    plan.clear_steps();
                     return;
                 }
                 consider(c, plan, now);
@@ -348,7 +558,7 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
                     comp.error.clone().unwrap_or_default()
                 ),
             ));
-            plan.start.clear();
+            plan.clear_steps();
             return;
         }
         consider(&comp, plan, now);

@@ -68,8 +68,26 @@ pub enum StepStatus {
     Succeeded,
     /// Failed with no attempts left.
     Failed,
-    /// Skipped by an operator.
+    /// Skipped by an operator, or by its condition.
     Skipped,
+    /// A wait or signal task waiting for its time or its signal.
+    Waiting,
+}
+
+/// A signal sent to an instance, as its state keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceivedSignal {
+    /// Its name.
+    pub name: String,
+    /// The sender's id for it.
+    pub signal_id: String,
+    /// What it carries.
+    pub payload: Value,
+    /// When it was received.
+    pub at: DateTime<Utc>,
+    /// The task that consumed it, once one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_by: Option<String>,
 }
 
 /// An operator's acknowledgement of a step's open incident: someone is handling
@@ -120,6 +138,13 @@ pub struct StepState {
     /// so does the step's success or skip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<Acknowledgement>,
+    /// Why the task was skipped without running (its condition was false, or a
+    /// task it requires was skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
+    /// The signal a waiting signal task waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
 }
 
 impl StepState {
@@ -137,6 +162,8 @@ impl StepState {
             first_started: None,
             updated_at: at,
             acknowledged: None,
+            skip_reason: None,
+            signal: None,
         }
     }
 
@@ -190,6 +217,9 @@ pub struct InstanceState {
     pub steps: BTreeMap<String, StepState>,
     /// Outputs of succeeded (or skipped) tasks.
     pub outputs: BTreeMap<String, Value>,
+    /// Signals received, oldest first, consumed or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<ReceivedSignal>,
     /// Events folded.
     pub events: u64,
 }
@@ -227,6 +257,7 @@ impl InstanceState {
             paused_from: None,
             steps: BTreeMap::new(),
             outputs: BTreeMap::new(),
+            signals: Vec::new(),
             events: 1,
         }
     }
@@ -287,8 +318,41 @@ impl InstanceState {
                 step.error = None;
                 step.timed_out = false;
                 step.acknowledged = None;
+                step.due_at = None;
+                if let Some(id) = &d.signal_id
+                    && let Some(sig) = self.signals.iter_mut().find(|s| &s.signal_id == id)
+                {
+                    sig.consumed_by = Some(d.step.task.clone());
+                }
                 if d.step.phase == Phase::Action {
                     self.outputs.insert(d.step.task.clone(), d.output);
+                }
+            }
+            FlowEvent::TaskSkipped(d) => {
+                let step = self.step_mut(&StepId::new(&d.task, Phase::Action), at);
+                step.updated_at = at;
+                step.status = StepStatus::Skipped;
+                step.skip_reason = Some(d.reason);
+            }
+            FlowEvent::StepWaiting(d) => {
+                let step = self.step_mut(&d.step, at);
+                step.updated_at = at;
+                step.status = StepStatus::Waiting;
+                step.attempts += 1;
+                step.due_at = d.until;
+                step.signal = d.signal;
+                step.error = None;
+                step.first_started.get_or_insert(at);
+            }
+            FlowEvent::SignalReceived(d) => {
+                if !self.signals.iter().any(|s| s.signal_id == d.signal_id) {
+                    self.signals.push(ReceivedSignal {
+                        name: d.name,
+                        signal_id: d.signal_id,
+                        payload: d.payload,
+                        at,
+                        consumed_by: None,
+                    });
                 }
             }
             FlowEvent::StepFailed(d) | FlowEvent::StepTimedOut(d) => {
@@ -385,6 +449,13 @@ impl InstanceState {
                 self.reason = c.reason;
             }
         }
+    }
+
+    /// The oldest signal named `name` no task has consumed.
+    pub fn pending_signal(&self, name: &str) -> Option<&ReceivedSignal> {
+        self.signals
+            .iter()
+            .find(|s| s.name == name && s.consumed_by.is_none())
     }
 
     /// Paused because a task exhausted its retries (not by an operator).

@@ -777,6 +777,7 @@ impl Worker {
                             step: step.clone(),
                             attempt,
                             output: output.clone(),
+                            signal_id: None,
                         })];
                         if let Some(m) = &message {
                             out.push(FlowEvent::Message(m.clone()));

@@ -6,10 +6,15 @@
 //!   within their task) hold only letters, digits, `_`, `.` and `-`;
 //! - dependencies: no unknown task, no task depending on itself, no duplicate
 //!   entry, no cycle, and no task joining on a task that can never complete;
-//! - each task has exactly one of `action` and `tcc` (and a `tcc` task no
+//! - each task has exactly one of `action`, `tcc`, `wait` and `signal` (and a `tcc` task no
 //!   `compensate`), and every action is well formed (HTTP method and URL, SQL
 //!   statements, NATS subject, registered Rust function);
 //! - retry policies are sensible and cannot outlive the flow deadline;
+//! - a condition (`when`) parses as CEL, names only declared flow inputs and
+//!   tasks the task depends on, and is a well-typed `bool`
+//!   ([`condition`](super::condition)); `requires` names dependencies only;
+//! - a `wait` has exactly one of `duration_ms` and `until`, a `signal` a valid
+//!   name; neither has a `compensate`;
 //! - templates refer only to declared flow inputs, to the outputs of tasks the
 //!   task (transitively) depends on, and to the task's own inputs;
 //! - an HTTP body taken whole from a flow input is declared as an object or array.
@@ -22,6 +27,7 @@ mod graph;
 
 use graph::{shortest_cycle, strongly_connected};
 
+use super::condition;
 use super::definition::{Action, FlowDefinition, SqlStatement, TaskDefinition, ValueType};
 use super::template::{self, Reference};
 use crate::flow::DefinitionError;
@@ -468,15 +474,26 @@ impl<'a> Checker<'a> {
             self.check_templates(&scope, &format!("input {key:?}"), value, Place::TaskInput);
         }
 
-        match (&task.action, &task.tcc) {
-            (Some(_), Some(_)) => self.report(format!(
-                "task {name:?}: has both an action and a tcc group (it must have exactly one)"
+        let kinds: Vec<&str> = [
+            (task.action.is_some(), "an action"),
+            (task.tcc.is_some(), "a tcc group"),
+            (task.wait.is_some(), "a wait"),
+            (task.signal.is_some(), "a signal"),
+        ]
+        .into_iter()
+        .filter_map(|(set, what)| set.then_some(what))
+        .collect();
+        match kinds.len() {
+            1 => {}
+            0 => self.report(format!(
+                "task {name:?}: has none of action, tcc, wait and signal (it must have exactly one)"
             )),
-            (None, None) => self.report(format!(
-                "task {name:?}: has neither an action nor a tcc group (it must have exactly one)"
+            _ => self.report(format!(
+                "task {name:?}: has {} (it must have exactly one of action, tcc, wait and signal)",
+                kinds.join(" and ")
             )),
-            _ => {}
         }
+        self.check_control(&scope);
         if let Some(action) = &task.action {
             self.check_action(&scope, "", action);
         }
@@ -509,7 +526,92 @@ impl<'a> Checker<'a> {
             }
         }
 
-        self.check_retry(task);
+        // A wait or signal has no attempts to retry or time out.
+        if task.wait.is_none() && task.signal.is_none() {
+            self.check_retry(task);
+        }
+    }
+
+    /// `when`, `requires`, `wait` and `signal`.
+    fn check_control(&mut self, scope: &Scope<'_>) {
+        let flow = self.flow;
+        let task = scope.task;
+        let name = &task.name;
+        if let Some(when) = &task.when {
+            let tasks: BTreeSet<&str> = flow.tasks.iter().map(|t| t.name.as_str()).collect();
+            let upstream: BTreeSet<&str> = scope
+                .ancestors
+                .iter()
+                .map(|&i| flow.tasks[i].name.as_str())
+                .collect();
+            let names = condition::Names {
+                inputs: &flow.input,
+                tasks: &tasks,
+                upstream: &upstream,
+            };
+            if when.trim().is_empty() {
+                self.report(format!("task {name:?}: its condition (when) is empty"));
+            }
+            for problem in condition::check(when, &names) {
+                self.report(format!("task {name:?}: condition {when:?} {problem}"));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for r in &task.requires {
+            if !seen.insert(r.as_str()) {
+                self.report(format!("task {name:?}: requires {r:?} more than once"));
+            } else if !task.depends_on.contains(r) {
+                self.report(format!(
+                    "task {name:?}: requires {r:?}, which is not among its depends_on"
+                ));
+            }
+        }
+        let timed = task.wait.is_some() || task.signal.is_some();
+        if timed && task.compensate.is_some() {
+            self.report(format!(
+                "task {name:?}: a wait or signal task has nothing to compensate (remove compensate)"
+            ));
+        }
+        if let Some(wait) = &task.wait {
+            match (wait.duration_ms, &wait.until) {
+                (Some(_), Some(_)) => self.report(format!(
+                    "task {name:?}: its wait has both duration_ms and until (it must have exactly one)"
+                )),
+                (None, None) => self.report(format!(
+                    "task {name:?}: its wait has neither duration_ms nor until (it must have exactly one)"
+                )),
+                (Some(0), _) => self.report(format!(
+                    "task {name:?}: its wait duration_ms must be more than 0"
+                )),
+                (None, Some(until)) => {
+                    if until.trim().is_empty() {
+                        self.report(format!("task {name:?}: its wait until is empty"));
+                    }
+                    let until = Value::String(until.clone());
+                    self.check_templates(scope, "wait until", &until, Place::TaskInput);
+                }
+                (Some(ms), None) => {
+                    if let Some(d) = flow.deadline_ms.filter(|d| *d > 0 && ms > *d) {
+                        self.report(format!(
+                            "task {name:?}: its wait of {ms} ms is beyond the flow deadline of {d} ms"
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(signal) = &task.signal {
+            if !valid_name(&signal.name) {
+                self.report(format!(
+                    "task {name:?}: signal name {:?} must be non-empty and contain only letters, digits, '_', '.' and '-'",
+                    signal.name
+                ));
+            }
+            if signal.timeout_ms == Some(0) {
+                self.report(format!(
+                    "task {name:?}: its signal timeout_ms must be more than 0"
+                ));
+            }
+        }
     }
 
     fn check_retry(&mut self, task: &TaskDefinition) {

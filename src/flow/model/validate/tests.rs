@@ -208,8 +208,8 @@ tasks:
         r#"task "pack": sql action has no statements"#,
         r#"task "a b": its name may only contain"#,
         r#"task "a b": nats subject is empty"#,
-        r#"task "empty": has neither an action nor a tcc group"#,
-        r#"task "both": has both an action and a tcc group"#,
+        r#"task "empty": has none of action, tcc, wait and signal"#,
+        r#"task "both": has an action and a tcc group"#,
         r#"task "both": sql statement 1 is empty"#,
         r#"task "both": a tcc task cannot have a compensate action"#,
         r#"task "both": compensate: rust function "refund" is not registered"#,
@@ -549,4 +549,121 @@ fn undeclared_flow_inputs_are_only_checked_when_inputs_are_declared() {
                     .to_owned()
             ]
         );
+}
+
+#[test]
+fn conditions_waits_and_signals_are_checked_at_register() {
+    let ok = FlowDefinition::builder("loan")
+        .input("amount", ValueType::Number)
+        .input("at", ValueType::String)
+        .task(TaskDefinition::new("score", Action::rust("audit")))
+        .task(
+            TaskDefinition::new("auto", Action::rust("audit"))
+                .after(["score"])
+                .when("tasks.score.output.value >= 700 && flow.input.amount < 10000"),
+        )
+        .task(
+            TaskDefinition::signal("approval", "approved")
+                .after(["score"])
+                .when("!(tasks.score.output.value >= 700 && flow.input.amount < 10000)")
+                .signal_timeout(std::time::Duration::from_secs(60))
+                .on_exhausted(OnExhausted::Fail),
+        )
+        .task(
+            TaskDefinition::wait("cool_off", std::time::Duration::from_secs(1))
+                .after(["auto", "approval"]),
+        )
+        .task(TaskDefinition::wait_until("at", "{{flow.input.at}}").after(["cool_off"]))
+        .build();
+    assert_eq!(validate(&ok, FUNCTIONS), Ok(()));
+
+    let mut both = TaskDefinition::wait("both", std::time::Duration::from_secs(1));
+    both.wait.as_mut().unwrap().until = Some("{{flow.input.at}}".into());
+    let bad = FlowDefinition::builder("bad")
+        .input("amount", ValueType::Number)
+        .task(TaskDefinition::new("score", Action::rust("audit")))
+        .task(TaskDefinition::new("later", Action::rust("audit")))
+        .task(
+            TaskDefinition::new("typed", Action::rust("audit"))
+                .after(["score"])
+                .when("flow.input.amount == 'lots'"),
+        )
+        .task(
+            TaskDefinition::new("names", Action::rust("audit"))
+                .after(["score"])
+                .when("tasks.later.output.x > 1 || flow.input.amont > 2"),
+        )
+        .task(
+            TaskDefinition::new("syntax", Action::rust("audit"))
+                .after(["score"])
+                .when("tasks.score.output.x >")
+                .requires(["later"]),
+        )
+        .task(both)
+        .task(
+            TaskDefinition::signal("sig", "bad name!")
+                .signal_timeout(std::time::Duration::ZERO)
+                .compensate(Action::rust("audit")),
+        )
+        .task({
+            let mut t = TaskDefinition::wait("wait_and_act", std::time::Duration::from_secs(1));
+            t.action = Some(Action::rust("audit"));
+            t
+        })
+        .build();
+    let problems = problems(&bad);
+    for expected in [
+        r#"task "typed": condition "flow.input.amount == 'lots'" compares a number with a string"#,
+        r#"task "names": condition "tasks.later.output.x > 1 || flow.input.amont > 2" refers to task "later", which is not among the tasks it depends on"#,
+        r#"task "names": condition "tasks.later.output.x > 1 || flow.input.amont > 2" refers to undeclared flow input "amont""#,
+        r#"task "syntax": condition "tasks.score.output.x >" does not parse"#,
+        r#"task "syntax": requires "later", which is not among its depends_on"#,
+        r#"task "both": its wait has both duration_ms and until"#,
+        r#"task "sig": signal name "bad name!" must be non-empty"#,
+        r#"task "sig": its signal timeout_ms must be more than 0"#,
+        r#"task "sig": a wait or signal task has nothing to compensate"#,
+        r#"task "wait_and_act": has an action and a wait"#,
+    ] {
+        assert_has(&problems, expected);
+    }
+}
+
+#[cfg(feature = "yaml")]
+#[test]
+fn conditions_waits_and_signals_read_from_yaml() {
+    let flow = FlowDefinition::from_yaml(
+        r#"
+name: loan
+input: { amount: number }
+tasks:
+  - name: score
+    action: { executor: rust, function: audit }
+  - name: approval
+    depends_on: [score]
+    when: "tasks.score.output.value < 700"
+    signal: { name: approved, timeout_ms: 60000 }
+    on_exhausted: fail
+  - name: cool_off
+    depends_on: [approval]
+    requires: [approval]
+    wait: { duration_ms: 500 }
+"#,
+    )
+    .expect("parses");
+    assert_eq!(validate(&flow, FUNCTIONS), Ok(()));
+    let approval = flow.task("approval").unwrap();
+    assert_eq!(approval.signal.as_ref().unwrap().name, "approved");
+    assert_eq!(
+        approval.when.as_deref(),
+        Some("tasks.score.output.value < 700")
+    );
+    assert_eq!(
+        flow.task("cool_off")
+            .unwrap()
+            .wait
+            .as_ref()
+            .unwrap()
+            .duration_ms,
+        Some(500)
+    );
 }
