@@ -279,7 +279,7 @@ pub(crate) fn incidents(state: &InstanceState) -> Vec<Incident> {
 mod tests {
     use std::time::Duration;
 
-    use chrono::{DateTime, Utc};
+    use chrono::{DateTime, SubsecRound, Utc};
     use serde_json::json;
 
     use super::*;
@@ -610,13 +610,16 @@ mod tests {
         let mut state = started(&def, now);
         let events = next_events(&def, &state, now, WORKER);
         assert!(
-            matches!(&events[..], [FlowEvent::StepWaiting(w)] if w.until == Some(now + chrono::Duration::seconds(60))),
+            matches!(&events[..], [FlowEvent::StepWaiting(w)] if w.until == Some((now + chrono::Duration::seconds(60)).trunc_subsecs(6))),
             "{events:?}"
         );
         state = apply(&state, &events, now);
         let p = plan(&def, &state, now + chrono::Duration::seconds(30));
         assert!(p.is_idle());
-        assert_eq!(p.next_due, Some(now + chrono::Duration::seconds(60)));
+        assert_eq!(
+            p.next_due,
+            Some((now + chrono::Duration::seconds(60)).trunc_subsecs(6))
+        );
         let later = now + chrono::Duration::seconds(61);
         let events = next_events(&def, &state, later, WORKER);
         assert!(

@@ -1,7 +1,7 @@
 //! Deciding what an instance needs next, from its definition and state alone
 //! (pure: the worker applies the plan as conditional appends).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Value, json};
 
 use super::condition;
@@ -410,14 +410,15 @@ fn waiting(
                     (None, Some(t)) => wait_until(t, s),
                     (None, None) => Ok(now),
                 };
-                match until {
+                // To the microsecond, as PostgreSQL keeps times.
+                match until.map(|at| at.trunc_subsecs(6)) {
                     Ok(at) => plan.wait.push((step, Some(at), None)),
                     Err(e) => plan.fail.push((step, e, "template")),
                 }
             } else if let Some(signal) = &task.signal {
                 let until = signal
                     .timeout_ms
-                    .map(|ms| now + chrono::Duration::milliseconds(ms as i64));
+                    .map(|ms| (now + chrono::Duration::milliseconds(ms as i64)).trunc_subsecs(6));
                 plan.wait.push((step, until, Some(signal.name.clone())));
             }
         }

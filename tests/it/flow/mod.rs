@@ -2,6 +2,7 @@
 
 mod admin;
 mod basic;
+mod control;
 mod nats;
 mod ops;
 mod saga;

@@ -1,0 +1,405 @@
+//! Flows 2 control flow against a real PostgreSQL and real workers: conditions
+//! (`when`), durable timers (`wait`) and signals.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dcbflow::flow::{
+    Action, FlowDefinition, FlowError, Flows, InstanceStatus, OnExhausted, Operator, Phase, Signal,
+    StepId, StepStatus, TaskContext, TaskDefinition, TaskError, ValueType, events::types,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{Workers, engine, fast, wait_for};
+use crate::support::{DEADLINE, eventually};
+
+/// The number of events of `event_type` in the instance's timeline.
+async fn count(flows: &Flows, id: Uuid, event_type: &str) -> usize {
+    flows
+        .timeline(id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type() == event_type)
+        .count()
+}
+
+/// Registers a Rust function that counts its calls and returns `output`.
+fn counted(flows: &Flows, name: &str, output: Value) -> Arc<AtomicUsize> {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    flows.function(name, move |_ctx: TaskContext| {
+        let (c, output) = (c.clone(), output.clone());
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, TaskError>(output)
+        }
+    });
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_false_condition_skips_its_branch_and_the_join_completes() {
+    let (_t, flows) = engine().await;
+    flows.function("score", |ctx: TaskContext| async move {
+        Ok::<_, TaskError>(json!({"value": ctx.flow_input["score"]}))
+    });
+    let auto = counted(&flows, "auto", json!({"approved": true}));
+    let manual = counted(&flows, "manual", json!({"approved": "by a human"}));
+    let join = counted(&flows, "join", json!({}));
+    let def = FlowDefinition::builder("route")
+        .input("score", ValueType::Integer)
+        .task(TaskDefinition::new("score", Action::rust("score")))
+        .task(
+            TaskDefinition::new("auto", Action::rust("auto"))
+                .after(["score"])
+                .when("tasks.score.output.value >= 700"),
+        )
+        .task(
+            TaskDefinition::new("manual", Action::rust("manual"))
+                .after(["score"])
+                .when("tasks.score.output.value < 700"),
+        )
+        .task(TaskDefinition::new("join", Action::rust("join")).after(["auto", "manual"]))
+        .build();
+    flows.register(&def).await.unwrap();
+    let workers = Workers::start(&[&flows]);
+
+    let high = flows
+        .start("route", None, json!({"score": 720}))
+        .await
+        .unwrap()
+        .instance;
+    let low = flows
+        .start("route", None, json!({"score": 500}))
+        .await
+        .unwrap()
+        .instance;
+    let high = wait_for(&flows, high, InstanceStatus::Completed, 30).await;
+    let low = wait_for(&flows, low, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+
+    assert_eq!(
+        auto.load(Ordering::SeqCst),
+        1,
+        "auto ran for the high score only"
+    );
+    assert_eq!(
+        manual.load(Ordering::SeqCst),
+        1,
+        "manual ran for the low score only"
+    );
+    assert_eq!(join.load(Ordering::SeqCst), 2, "the join ran for both");
+    let manual_step = high.step(&StepId::new("manual", Phase::Action));
+    assert_eq!(manual_step.status, StepStatus::Skipped);
+    assert_eq!(
+        manual_step.skip_reason.as_deref(),
+        Some("condition false: tasks.score.output.value < 700")
+    );
+    assert!(
+        !high.outputs.contains_key("manual"),
+        "a skipped task has no output"
+    );
+    assert_eq!(low.outputs["manual"], json!({"approved": "by a human"}));
+    assert_eq!(count(&flows, high.id, types::TASK_SKIPPED).await, 1);
+    let skipped = flows
+        .timeline(low.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type() == types::TASK_SKIPPED)
+        .expect("a skip event");
+    assert_eq!(skipped.data()["task"], "auto");
+    assert_eq!(
+        skipped.data()["condition"],
+        "tasks.score.output.value >= 700"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ill_typed_condition_is_refused_at_register() {
+    let (_t, flows) = engine().await;
+    counted(&flows, "a", json!({}));
+    let def = FlowDefinition::builder("typed")
+        .input("amount", ValueType::Number)
+        .task(TaskDefinition::new("a", Action::rust("a")).when("flow.input.amount > 'ten'"))
+        .task(TaskDefinition::new("b", Action::rust("a")).when("tasks.a.output.x"))
+        .build();
+    let Err(FlowError::Definition(e)) = flows.register(&def).await else {
+        panic!("registered an ill-typed condition");
+    };
+    assert!(
+        e.problems
+            .iter()
+            .any(|p| p.contains("orders a number against a string")),
+        "{e}"
+    );
+    assert!(
+        e.problems.iter().any(|p| p.contains("refers to task \"a\", which is not among the tasks it depends on")),
+        "{e}"
+    );
+    assert!(
+        matches!(
+            flows.definition("typed", None).await,
+            Err(FlowError::UnknownFlow(_))
+        ),
+        "nothing registered"
+    );
+}
+
+/// The wake-up row of `id`: its due time, if it has one.
+async fn wakeup(flows: &Flows, id: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    let client = flows.store().pool().get().await.unwrap();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT due_at FROM \"{}\".flow_wakeups WHERE instance = $1",
+                flows.store().schema()
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    row.map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timer_survives_its_worker_being_killed_mid_wait() {
+    let (t, flows) = engine().await;
+    let after = counted(&flows, "after", json!({"done": true}));
+    let def = FlowDefinition::builder("timer")
+        .task(TaskDefinition::wait(
+            "cool_off",
+            Duration::from_millis(1500),
+        ))
+        .task(TaskDefinition::new("after", Action::rust("after")).after(["cool_off"]))
+        .build();
+    flows.register(&def).await.unwrap();
+
+    // Worker A reaches the timer, and is killed (its task aborted, as a crash
+    // would: no drain, no release of its claim).
+    let worker = flows.worker(fast("doomed"));
+    let killed = tokio::spawn(async move {
+        let _ = worker.run(dcbflow::CancellationToken::new()).await;
+    });
+    let id = flows
+        .start("timer", None, json!({}))
+        .await
+        .unwrap()
+        .instance;
+    let waiting = eventually("the timer to be reached", DEADLINE, || async {
+        let s = flows.instance(id).await.unwrap()?;
+        let step = s.step(&StepId::new("cool_off", Phase::Action));
+        (step.status == StepStatus::Waiting).then_some(step)
+    })
+    .await;
+    killed.abort();
+    let _ = killed.await;
+    let until = waiting.due_at.expect("the timer's due time");
+    // The timer is a row of the wake-up table, not a sleeping worker.
+    assert_eq!(wakeup(&flows, id).await, Some(until));
+    assert_eq!(after.load(Ordering::SeqCst), 0);
+
+    // Another process's engine on the same store fires it.
+    let other = Flows::new(t.store.clone());
+    let after2 = counted(&other, "after", json!({"done": true}));
+    let workers = Workers::start(&[&other]);
+    let done = wait_for(&other, id, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+    assert_eq!(after2.load(Ordering::SeqCst), 1);
+    let fired = flows
+        .timeline(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type() == types::STEP_SUCCEEDED && e.data()["step"]["task"] == "cool_off")
+        .expect("the timer fired");
+    assert!(
+        fired.recorded_at >= until,
+        "fired at {} before its time {until}",
+        fired.recorded_at
+    );
+    assert_eq!(done.outputs["cool_off"]["waited_until"], json!(until));
+}
+
+/// first (held until `gate` opens) → approve (signal `approved`) → recheck
+/// (signal `approved` again).
+async fn signal_flow(flows: &Flows) -> Arc<tokio::sync::Notify> {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    flows.function("first", move |_ctx: TaskContext| {
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok::<_, TaskError>(json!({}))
+        }
+    });
+    let def = FlowDefinition::builder("approval")
+        .task(TaskDefinition::new("first", Action::rust("first")).timeout(Duration::from_secs(60)))
+        .task(TaskDefinition::signal("approve", "approved").after(["first"]))
+        .task(TaskDefinition::signal("recheck", "approved").after(["approve"]))
+        .build();
+    flows.register(&def).await.unwrap();
+    gate
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signal_sent_early_is_kept_and_consumed_once() {
+    let (_t, flows) = engine().await;
+    let gate = signal_flow(&flows).await;
+    let workers = Workers::start(&[&flows]);
+    let id = flows
+        .start("approval", None, json!({}))
+        .await
+        .unwrap()
+        .instance;
+    eventually("first to run", DEADLINE, || async {
+        let s = flows.instance(id).await.unwrap()?;
+        (s.step(&StepId::new("first", Phase::Action)).status == StepStatus::Running).then_some(())
+    })
+    .await;
+
+    // Sent before `approve` is reached, by 8 racing senders with one id.
+    let sends = (0..8).map(|_| {
+        let flows = flows.clone();
+        async move {
+            flows
+                .signal(
+                    id,
+                    Signal::new("approved", "s-1")
+                        .payload(json!({"by": "ada"}))
+                        .actor("ada"),
+                )
+                .await
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r.expect("an idempotent send succeeds");
+    }
+    assert_eq!(
+        count(&flows, id, types::SIGNAL_RECEIVED).await,
+        1,
+        "one id, one signal"
+    );
+    gate.notify_one();
+
+    // `approve` consumes it; `recheck` waits for a signal of its own.
+    let waiting = eventually("recheck to wait", DEADLINE, || async {
+        let s = flows.instance(id).await.unwrap()?;
+        (s.step(&StepId::new("recheck", Phase::Action)).status == StepStatus::Waiting).then_some(s)
+    })
+    .await;
+    assert_eq!(waiting.outputs["approve"], json!({"by": "ada"}));
+    assert_eq!(waiting.signals.len(), 1);
+    assert_eq!(waiting.signals[0].consumed_by.as_deref(), Some("approve"));
+    assert_eq!(waiting.status, InstanceStatus::Running);
+
+    flows
+        .signal(id, Signal::new("approved", "s-2").payload(json!("again")))
+        .await
+        .unwrap();
+    let done = wait_for(&flows, id, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+    assert_eq!(done.outputs["recheck"], json!("again"));
+    assert_eq!(count(&flows, id, types::SIGNAL_RECEIVED).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_signals_are_refused_and_write_nothing() {
+    let (_t, flows) = engine().await;
+    let _gate = signal_flow(&flows).await;
+    let id = flows
+        .start("approval", None, json!({}))
+        .await
+        .unwrap()
+        .instance;
+    flows
+        .signal(id, Signal::new("approved", "s-1").payload(json!(1)))
+        .await
+        .unwrap();
+    let before = flows.timeline(id).await.unwrap().len();
+    for (signal, expected) in [
+        (
+            Signal::new("aproved", "x"),
+            "no task of flow \"approval\" waits for signal \"aproved\"",
+        ),
+        (
+            Signal::new("approved", "s-1").payload(json!(2)),
+            "already sent",
+        ),
+        (Signal::new("approved", ""), "a signal id must be"),
+        (
+            Signal::new("approved", "x".repeat(201)),
+            "a signal id must be",
+        ),
+    ] {
+        match flows.signal(id, signal).await {
+            Err(FlowError::NotAllowed(m)) => assert!(m.contains(expected), "{m}"),
+            other => panic!("expected a refusal with {expected:?}, got {other:?}"),
+        }
+    }
+    match flows
+        .signal(Uuid::new_v4(), Signal::new("approved", "y"))
+        .await
+    {
+        Err(FlowError::UnknownInstance(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        flows.timeline(id).await.unwrap().len(),
+        before,
+        "nothing written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signal_that_does_not_come_in_time_follows_on_exhausted() {
+    let (_t, flows) = engine().await;
+    let def = FlowDefinition::builder("deadline")
+        .task(
+            TaskDefinition::signal("approve", "approved")
+                .signal_timeout(Duration::from_millis(300))
+                .on_exhausted(OnExhausted::Pause),
+        )
+        .build();
+    flows.register(&def).await.unwrap();
+    let workers = Workers::start(&[&flows]);
+    let id = flows
+        .start("deadline", None, json!({}))
+        .await
+        .unwrap()
+        .instance;
+    let paused = wait_for(&flows, id, InstanceStatus::Paused, 30).await;
+    let step = StepId::new("approve", Phase::Action);
+    assert!(
+        paused
+            .step(&step)
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no signal \"approved\""),
+        "{paused:?}"
+    );
+    // A signal sent while the instance is paused is kept; "retry now" waits
+    // again, with a fresh timeout, and consumes it at once.
+    flows
+        .signal(
+            id,
+            Signal::new("approved", "late").payload(json!({"ok": true})),
+        )
+        .await
+        .unwrap();
+    let kept = flows.instance(id).await.unwrap().unwrap();
+    assert_eq!(kept.status, InstanceStatus::Paused);
+    let ops = Operator::new("ada", "the approver is back");
+    flows
+        .retry_now(id, &step, kept.last_position, &ops)
+        .await
+        .unwrap();
+    let done = wait_for(&flows, id, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+    assert_eq!(done.outputs["approve"], json!({"ok": true}));
+    assert_eq!(done.step(&step).attempts, 2, "waited twice");
+}
