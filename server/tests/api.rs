@@ -759,3 +759,130 @@ async fn health_and_metrics() {
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
 }
+
+const LOAN: &str = r#"
+name: loan
+input: { amount: number }
+tasks:
+  - name: score
+    action: { executor: rust, function: hello }
+  - name: auto
+    depends_on: [score]
+    when: "flow.input.amount < 1000"
+    action: { executor: rust, function: hello }
+  - name: approval
+    depends_on: [score]
+    when: "flow.input.amount >= 1000"
+    signal: { name: approved, timeout_ms: 600000 }
+  - name: cool_off
+    depends_on: [auto, approval]
+    wait: { duration_ms: 50 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signals_conditions_and_waits_over_http() {
+    let s = TestServer::start().await;
+    functions(&s);
+    let (st, body) = register_yaml(&s, LOAN).await;
+    assert_eq!(st, 201, "{body}");
+    // An ill-typed condition is a 422 naming the task, and registers nothing.
+    let (st, p) = register_yaml(
+        &s,
+        "name: bad\ninput: { amount: number }\ntasks:\n  - name: a\n    when: \"flow.input.amount == 'x'\"\n    action: { executor: rust, function: hello }\n",
+    )
+    .await;
+    assert_eq!(st, 422, "{p}");
+    assert!(
+        p.to_string().contains("compares a number with a string"),
+        "{p}"
+    );
+
+    let (stop, w) = worker(&s);
+    let (_, big) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "loan", "input": {"amount": 5000}}),
+        )
+        .await;
+    let id = big["id"].as_str().unwrap().to_owned();
+    let waiting = eventually("approval to wait", || async {
+        let v = status_of(&s, &id).await;
+        let step = v["steps"]
+            .as_array()?
+            .iter()
+            .find(|x| x["task"] == "approval")?
+            .clone();
+        (step["status"] == "waiting").then_some(v)
+    })
+    .await;
+    let auto = waiting["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["task"] == "auto")
+        .unwrap();
+    assert_eq!(auto["status"], "skipped");
+    assert_eq!(
+        auto["skip_reason"],
+        "condition false: flow.input.amount < 1000"
+    );
+    let approval = waiting["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["task"] == "approval")
+        .unwrap();
+    assert_eq!(approval["signal"], "approved");
+
+    // Bad signals: 4xx problems, nothing written.
+    let path = format!("/api/v1/instances/{id}/signals");
+    let (st, p) = s.post(&path, json!({"name": "approvd", "id": "x"})).await;
+    assert_eq!((st, p["code"].as_str()), (409, Some("not_allowed")), "{p}");
+    let (st, p) = s.post(&path, json!({"name": ""})).await;
+    assert_eq!(st, 400, "{p}");
+    let (st, p) = s.post(&path, json!({"name": "approved", "bogus": 1})).await;
+    assert_eq!(st, 400, "{p}");
+    let (st, p) = s
+        .post(
+            &format!("/api/v1/instances/{}/signals", uuid::Uuid::new_v4()),
+            json!({"name": "approved", "id": "y"}),
+        )
+        .await;
+    assert_eq!(st, 404, "{p}");
+    assert_eq!(
+        status_of(&s, &id).await["seen"],
+        waiting["seen"],
+        "nothing written"
+    );
+
+    // The approval, sent twice with one id: one signal.
+    let signal = json!({"name": "approved", "id": "approval-1", "payload": {"by": "ada"}, "actor": "ada", "reason": "looks fine"});
+    for _ in 0..2 {
+        let (st, v) = s.post(&path, signal.clone()).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let done = eventually("the loan to complete", || async {
+        let v = status_of(&s, &id).await;
+        (v["status"] == "completed").then_some(v)
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+    assert_eq!(done["outputs"]["approval"], json!({"by": "ada"}));
+    assert_eq!(done["signals"].as_array().unwrap().len(), 1);
+    assert_eq!(done["signals"][0]["consumed_by"], "approval");
+    let (_, t) = s.get(&format!("/api/v1/instances/{id}/timeline")).await;
+    let received: Vec<&Value> = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "FlowSignalReceived")
+        .collect();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["data"]["reason"], "looks fine");
+    // Once its task is done, a further signal is refused.
+    let (st, p) = s
+        .post(&path, json!({"name": "approved", "id": "approval-2"}))
+        .await;
+    assert_eq!((st, p["code"].as_str()), (409, Some("not_allowed")), "{p}");
+}

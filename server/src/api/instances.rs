@@ -167,8 +167,32 @@ pub struct StepView {
     pub updated_at: DateTime<Utc>,
     /// From the first attempt's start to the last change, once finished.
     pub duration_ms: Option<i64>,
-    /// Next attempt due.
+    /// Next attempt due; for a waiting step, its timer's time or its signal's
+    /// timeout.
     pub due_at: Option<DateTime<Utc>>,
+    /// The signal a waiting signal step waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Why the task was skipped without running (its condition was false, or a
+    /// task it requires was skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
+}
+
+/// A signal an instance received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SignalView {
+    /// Its name.
+    pub name: String,
+    /// The sender's id for it.
+    pub id: String,
+    /// What it carries.
+    #[schema(value_type = Value)]
+    pub payload: Value,
+    /// When it was received.
+    pub at: DateTime<Utc>,
+    /// The task that consumed it (none yet: kept until a signal task is reached).
+    pub consumed_by: Option<String>,
 }
 
 /// An instance: its state, steps and outputs.
@@ -196,6 +220,8 @@ pub struct InstanceView {
     pub outputs: Value,
     /// Steps, in the order they first started.
     pub steps: Vec<StepView>,
+    /// Signals received, oldest first.
+    pub signals: Vec<SignalView>,
     /// Started.
     pub started_at: DateTime<Utc>,
     /// Last change.
@@ -231,6 +257,11 @@ impl From<&InstanceState> for InstanceView {
                         .filter(|_| done)
                         .map(|f| (st.updated_at - f).num_milliseconds()),
                     due_at: st.due_at,
+                    signal: st
+                        .signal
+                        .clone()
+                        .filter(|_| st.status == StepStatus::Waiting),
+                    skip_reason: st.skip_reason.clone(),
                 }
             })
             .collect();
@@ -246,6 +277,17 @@ impl From<&InstanceState> for InstanceView {
             input: s.input.clone(),
             outputs: serde_json::to_value(&s.outputs).unwrap_or_default(),
             steps,
+            signals: s
+                .signals
+                .iter()
+                .map(|g| SignalView {
+                    name: g.name.clone(),
+                    id: g.signal_id.clone(),
+                    payload: g.payload.clone(),
+                    at: g.at,
+                    consumed_by: g.consumed_by.clone(),
+                })
+                .collect(),
             started_at: s.started_at,
             updated_at: s.updated_at,
             deadline_at: s.deadline_at,
@@ -697,6 +739,73 @@ pub async fn skip_task(app: &App, id: Uuid, req: &SkipRequest) -> ApiResult<Inst
         .flows
         .skip(id, &req.task, req.output.clone(), Position(req.seen), &by)
         .await?;
+    Ok(InstanceView::from(&state))
+}
+
+/// A signal to send to an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// The signal's name (what a `signal` task waits for).
+    pub name: String,
+    /// Your id for this signal: sending it again changes nothing. Default: a
+    /// new UUID (so a retried request sends a second signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// What it carries: the consuming task's output.
+    #[serde(default)]
+    #[schema(value_type = Value)]
+    pub payload: Value,
+    /// Who sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Why (recorded with the signal: an approver's note).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Sends a signal to an instance: a `signal` task waiting for its name
+/// consumes it and completes with its payload; one not reached yet consumes it
+/// when it is. Idempotent by `id`.
+#[utoipa::path(post, path = "/api/v1/instances/{id}/signals", tag = "instances", request_body = SignalRequest,
+    params(("id" = Uuid, Path, description = "Instance id")),
+    responses(
+        (status = 200, description = "Sent (or sent before with this id): the instance now", body = InstanceView),
+        (status = 404, body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`not_allowed`: no task waits for this signal, every one is done, the instance is over, or the id was used for another signal", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "An empty name or a bad id", body = crate::error::Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn signal(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<SignalRequest>,
+) -> ApiResult<Json<InstanceView>> {
+    Ok(Json(send_signal(&app, parse_id(&id)?, &req).await?))
+}
+
+/// Sends a signal.
+///
+/// # Errors
+/// 404, 409 `not_allowed`, 400 for an empty name or a bad id.
+pub async fn send_signal(app: &App, id: Uuid, req: &SignalRequest) -> ApiResult<InstanceView> {
+    if req.name.trim().is_empty() {
+        return Err(ApiError::bad_field("name", "must not be empty"));
+    }
+    let signal_id = req.id.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+    if signal_id.trim().is_empty() || signal_id.len() > dcbflow::flow::MAX_SIGNAL_ID {
+        return Err(ApiError::bad_field(
+            "id",
+            format!("must be 1 to {} bytes", dcbflow::flow::MAX_SIGNAL_ID),
+        ));
+    }
+    let mut signal = dcbflow::flow::Signal::new(&req.name, signal_id).payload(req.payload.clone());
+    if let Some(actor) = req.actor.as_deref().filter(|a| !a.trim().is_empty()) {
+        signal = signal.actor(actor);
+    }
+    if let Some(reason) = req.reason.as_deref().filter(|r| !r.trim().is_empty()) {
+        signal = signal.reason(reason);
+    }
+    let state = app.flows.signal(id, signal).await?;
     Ok(InstanceView::from(&state))
 }
 

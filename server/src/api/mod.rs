@@ -80,6 +80,7 @@ pub fn routes(app: &App) -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(instances::timeline))
         .routes(routes!(instances::retry))
         .routes(routes!(instances::skip))
+        .routes(routes!(instances::signal))
         .routes(routes!(instances::abort))
         .routes(routes!(instances::pause))
         .routes(routes!(instances::resume))

@@ -14,7 +14,7 @@ use crate::api::incidents::{
 };
 use crate::api::instances::{
     self, BulkRequest, BulkResult, InstancePage, InstanceView, Operation, OperationRequest,
-    SkipRequest, StartRequest, Started, Timeline,
+    SignalRequest, SkipRequest, StartRequest, Started, Timeline,
 };
 use crate::api::relays::{self, ConsumerList, DeadLetterAction, DeadLetterPage, DeadLetterParams};
 use crate::app::App;
@@ -410,6 +410,20 @@ impl Backend {
             Backend::Local(app) => instances::skip_task(app, id, req).await,
             Backend::Remote(r) => {
                 r.post(&["api", "v1", "instances", &id.to_string(), "skip"], req)
+                    .await
+            }
+        }
+    }
+
+    /// Sends a signal.
+    ///
+    /// # Errors
+    /// As [`instances::send_signal`].
+    pub async fn signal(&self, id: Uuid, req: &SignalRequest) -> ApiResult<InstanceView> {
+        match self {
+            Backend::Local(app) => instances::send_signal(app, id, req).await,
+            Backend::Remote(r) => {
+                r.post(&["api", "v1", "instances", &id.to_string(), "signals"], req)
                     .await
             }
         }

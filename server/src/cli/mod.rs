@@ -25,7 +25,8 @@ use serde_json::Value;
 
 use crate::api::incidents::{self, HandleRequest, RetryRequest};
 use crate::api::instances::{
-    self, BulkRequest, Operation, OperationRequest, SkipRequest, StartRequest, parse_id,
+    self, BulkRequest, Operation, OperationRequest, SignalRequest, SkipRequest, StartRequest,
+    parse_id,
 };
 use crate::api::relays::DeadLetterParams;
 use crate::app::App;
@@ -284,6 +285,27 @@ pub enum InstancesCommand {
         /// Operator.
         #[command(flatten)]
         op: OperatorArgs,
+    },
+    /// Send a signal: a `signal` task waiting for its name completes with its
+    /// payload (one not reached yet consumes it when it is).
+    Signal {
+        /// Instance id.
+        id: String,
+        /// The signal's name.
+        name: String,
+        /// Its payload, JSON (or @FILE). Default: null.
+        #[arg(long, value_name = "JSON")]
+        payload: Option<String>,
+        /// Your id for it: sending the same id again changes nothing. Default:
+        /// a new UUID.
+        #[arg(long = "signal-id", value_name = "ID")]
+        signal_id: Option<String>,
+        /// Who sends it.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Why (recorded with the signal).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Abort: no new task starts, completed ones are compensated.
     Abort {
@@ -928,6 +950,32 @@ async fn instances(backend: &Backend, c: InstancesCommand, json: bool) -> ApiRes
             let view = backend.skip(id, &req).await?;
             if !json {
                 note(format!("skipped task {} of {id}", req.task));
+            }
+            emit(json, &view)
+        }
+        InstancesCommand::Signal {
+            id,
+            name,
+            payload,
+            signal_id,
+            actor,
+            reason,
+        } => {
+            let id = parse_id(&id)?;
+            let payload = match payload {
+                Some(t) => json_arg("payload", &t)?,
+                None => Value::Null,
+            };
+            let req = SignalRequest {
+                name,
+                id: signal_id,
+                payload,
+                actor,
+                reason,
+            };
+            let view = backend.signal(id, &req).await?;
+            if !json {
+                note(format!("sent signal {} to {id}", req.name));
             }
             emit(json, &view)
         }

@@ -269,6 +269,8 @@ pub struct Signal {
     pub payload: Value,
     /// Who sent it.
     pub actor: Option<String>,
+    /// Why (a human approver's note).
+    pub reason: Option<String>,
 }
 
 /// The longest signal id accepted, in bytes.
@@ -282,6 +284,7 @@ impl Signal {
             id: id.into(),
             payload: Value::Null,
             actor: None,
+            reason: None,
         }
     }
 
@@ -296,6 +299,13 @@ impl Signal {
     #[must_use]
     pub fn actor(mut self, actor: impl Into<String>) -> Self {
         self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets why (recorded with the signal).
+    #[must_use]
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
         self
     }
 }
@@ -362,6 +372,7 @@ impl Flows {
                     signal_id: signal.id.clone(),
                     payload: signal.payload.clone(),
                     actor: signal.actor.clone(),
+                    reason: signal.reason.clone(),
                 })])
             })
             .await;

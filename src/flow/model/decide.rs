@@ -638,6 +638,7 @@ mod tests {
             signal_id: id.into(),
             payload,
             actor: None,
+            reason: None,
         })
     }
 

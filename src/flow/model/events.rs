@@ -281,6 +281,9 @@ pub struct SignalReceived {
     /// Who sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// Why (a human approver's note).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `FlowStepFailed` / `FlowStepTimedOut`: an attempt failed.

@@ -38,7 +38,16 @@ const OPS = {
     title: 'Resume the instance', ok: 'Resume', done: 'Resumed.',
     desc: 'Steps start again where they stopped.',
   },
+  signal: {
+    title: 'Send a signal', ok: 'Send the signal', done: 'Signal sent.',
+    desc: 'The task waiting for this signal completes with the payload as its output.',
+  },
 };
+
+/** The signals waiting steps of an instance wait for (names, once each). */
+export function awaitedSignals(steps) {
+  return [...new Set((steps || []).filter((s) => s.status === 'waiting' && s.signal).map((s) => str(s.signal)))];
+}
 
 /** For each task, the step whose error cell carries `data-step-error="<task>"`. */
 export function errorStepOf(steps) {
@@ -89,6 +98,7 @@ export function applicable(inst) {
     pause: ['running', 'compensating'].includes(st),
     resume: st === 'paused',
     abort: ['running', 'paused', 'failed'].includes(st),
+    signal: ['running', 'paused'].includes(st) && awaitedSignals(steps).length > 0,
   };
 }
 
@@ -183,6 +193,11 @@ export function InstanceDetail({ id }) {
       op,
       seen: basis.seen, // what the operator decided on: a change since answers 409 moved
       step,
+      signal: awaitedSignals(basisSteps)[0] || '',
+      payload: '{}',
+      // One id per dialog: sending twice (a double click, a retried request)
+      // sends one signal.
+      signalId: crypto.randomUUID(),
       task: failing.length ? str(failing[0].task) : (tasks.find((t) => !basisSteps.some((s) => s.task === t && (s.status === 'succeeded' || s.status === 'skipped'))) || tasks[0] || ''),
       output: '{}',
     });
@@ -198,7 +213,12 @@ export function InstanceDetail({ id }) {
     }
     setBusy(true);
     try {
-      const now = await api(`instances/${seg(id)}/${d.op}`, { method: 'POST', body });
+      const now = d.op === 'signal'
+        ? await api(`instances/${seg(id)}/signals`, {
+          method: 'POST',
+          body: { name: d.signal, id: d.signalId, payload: JSON.parse(d.payload || 'null'), actor, reason },
+        })
+        : await api(`instances/${seg(id)}/${d.op}`, { method: 'POST', body });
       setInst(now);
       setBasis(now);
       setMoved(false);
@@ -247,6 +267,7 @@ export function InstanceDetail({ id }) {
     ${operator && html`<div class="toolbar" role="group" aria-label="Operations">
       ${can.retry && html`<button type="button" id="act-retry" onClick=${() => open('retry')}>Retry…</button>`}
       ${can.skip && html`<button type="button" id="act-skip" onClick=${() => open('skip')}>Skip…</button>`}
+      ${can.signal && html`<button type="button" id="act-signal" class="btn-primary" onClick=${() => open('signal')}>Send signal…</button>`}
       ${can.pause && html`<button type="button" id="act-pause" onClick=${() => open('pause')}>Pause…</button>`}
       ${can.resume && html`<button type="button" id="act-resume" onClick=${() => open('resume')}>Resume…</button>`}
       ${can.abort && html`<button type="button" id="act-abort" class="btn-danger-outline" onClick=${() => open('abort')}>Abort…</button>`}
@@ -287,13 +308,13 @@ export function InstanceDetail({ id }) {
             const k = str(s.key);
             return html`<tr data-step-key=${k} class=${bad ? 'failing' : ''} key=${k}>
               <th scope="row"><code>${k}</code>${bad && !final && html` <span class="tag-failing">failing</span>`}</th>
-              <td data-status=${str(s.status)}><${Status} status=${s.status} kind="step" /></td>
+              <td data-status=${str(s.status)}><${Status} status=${s.status} kind="step" />${s.signal && html` <span class="muted" data-waits-for=${str(s.signal)}>for signal <code>${str(s.signal)}</code></span>`}</td>
               <td class="num">${str(s.attempts)}</td>
               <td>${s.worker ? html`<code>${str(s.worker)}</code>` : html`<span class="muted">—</span>`}</td>
               <td><${Time} at=${s.started_at} /></td>
               <td class="num">${fmtDuration(s.duration_ms)}</td>
               <td>${s.due_at ? html`<${Time} at=${s.due_at} />` : ''}</td>
-              <td class="error-cell" data-step-error=${errorCell.get(k)} data-step-error-key=${k}>${str(s.error)}</td>
+              <td class="error-cell" data-step-error=${errorCell.get(k)} data-step-error-key=${k}>${str(s.error)}${s.skip_reason && html`<span class="muted" data-skip-reason>${str(s.skip_reason)}</span>`}</td>
             </tr>`;
           })}
         </tbody>
@@ -304,6 +325,7 @@ export function InstanceDetail({ id }) {
       <div><h2>Input</h2><${JsonBlock} id="input" value=${inst.input} /></div>
       <div><h2>Outputs</h2><${JsonBlock} id="outputs" value=${inst.outputs} /></div>
       <div><h2>Errors</h2><${JsonBlock} id="errors" value=${errors} /></div>
+      ${Array.isArray(inst.signals) && inst.signals.length > 0 && html`<div><h2>Signals</h2><${JsonBlock} id="signals" value=${inst.signals} /></div>`}
     </div>
 
     <h2>Timeline</h2>
@@ -343,8 +365,14 @@ export function InstanceDetail({ id }) {
 
     ${dialog && html`<${ReasonDialog}
         title=${OPS[dialog.op].title} description=${OPS[dialog.op].desc} okLabel=${OPS[dialog.op].ok}
+        reasonLabel=${dialog.op === 'signal' ? 'Note' : 'Reason'}
         busy=${busy} onSubmit=${submit} onClose=${() => { if (!busy) setDialog(null); }}
         validate=${() => {
+          if (dialog.op === 'signal') {
+            if (!dialog.signal) return 'Choose the signal.';
+            try { JSON.parse(dialog.payload || 'null'); } catch (e) { return `The payload is not JSON: ${e.message}`; }
+            return '';
+          }
           if (dialog.op !== 'skip') return '';
           if (!dialog.task) return 'Choose the task to skip.';
           try { JSON.parse(dialog.output || 'null'); } catch (e) { return `The output is not JSON: ${e.message}`; }
@@ -369,7 +397,19 @@ export function InstanceDetail({ id }) {
           <textarea id="skip-output" rows="4" class="mono" value=${dialog.output}
             onInput=${(e) => setDialog({ ...dialog, output: e.currentTarget.value })}></textarea>
         </label>`}
-      <p class="muted">Sent with seen = <code>${str(dialog.seen)}</code>: if the instance changed since, nothing is done.</p>
+      ${dialog.op === 'signal' && html`
+        <label class="field">
+          <span>Signal</span>
+          <select id="signal-name" value=${dialog.signal} onChange=${(e) => setDialog({ ...dialog, signal: e.currentTarget.value })}>
+            ${awaitedSignals(basisSteps).map((n) => html`<option value=${n}>${n}</option>`)}
+          </select>
+        </label>
+        <label class="field">
+          <span>Its payload (JSON): the task's output</span>
+          <textarea id="signal-payload" rows="4" class="mono" value=${dialog.payload}
+            onInput=${(e) => setDialog({ ...dialog, payload: e.currentTarget.value })}></textarea>
+        </label>`}
+      ${dialog.op !== 'signal' && html`<p class="muted">Sent with seen = <code>${str(dialog.seen)}</code>: if the instance changed since, nothing is done.</p>`}
     <//>`}
   </section>`;
 }
