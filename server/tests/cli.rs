@@ -658,6 +658,75 @@ async fn instances_list_show_timeline_and_operations() {
     assert!(consumers["head"].as_i64().unwrap() > 0, "{consumers}");
 }
 
+const APPROVAL: &str = r#"
+name: approval
+tasks:
+  - name: pack
+    action: { executor: http, method: POST, url: "https://example.com/pack" }
+  - name: approve
+    depends_on: [pack]
+    signal: { name: approved }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signals_are_sent_idempotently_and_bad_ones_exit_non_zero() {
+    let cli = Cli::fresh();
+    cli.run(&["migrate"]).await.ok();
+    let f = cli.file("approval.yaml", APPROVAL);
+    cli.run(&["flows", "register", s(&f)]).await.ok();
+    let started = cli
+        .run(&["--json", "flows", "start", "approval"])
+        .await
+        .ok()
+        .json();
+    let id = started["id"].as_str().unwrap().to_owned();
+    // Sent before its task is reached (no worker runs here): kept.
+    for _ in 0..2 {
+        let v = cli
+            .run(&[
+                "--json",
+                "instances",
+                "signal",
+                &id,
+                "approved",
+                "--payload",
+                r#"{"ok":true}"#,
+                "--signal-id",
+                "a-1",
+                "--actor",
+                "ada",
+                "--reason",
+                "checked the file",
+            ])
+            .await
+            .ok()
+            .json();
+        assert_eq!(v["signals"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["signals"][0]["payload"]["ok"], true, "{v}");
+        assert_eq!(v["signals"][0]["consumed_by"], Value::Null, "{v}");
+    }
+    cli.run(&["instances", "signal", &id, "approved", "--signal-id", "a-2"])
+        .await
+        .ok()
+        .err_has("sent signal approved");
+    cli.run(&["instances", "signal", &id, "aproved"])
+        .await
+        .code(4)
+        .err_has("no task of flow \"approval\" waits for signal \"aproved\"");
+    cli.run(&["instances", "signal", &id, "approved", "--payload", "{nope"])
+        .await
+        .code(2)
+        .err_has("payload");
+    cli.run(&[
+        "instances",
+        "signal",
+        &uuid::Uuid::new_v4().to_string(),
+        "approved",
+    ])
+    .await
+    .code(3);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bulk_dry_run_then_for_real_with_progress() {
     let cli = shipping().await;

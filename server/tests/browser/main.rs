@@ -44,6 +44,10 @@ const SLOW: &str = "name: slow\ninput: { service: string }\ntasks:\n  \
     - name: wait\n    action: { executor: http, method: POST, url: \"{{flow.input.service}}/hang\" }\n    \
     timeout_ms: 120000\n";
 
+/// A human approval: the instance waits for the signal `approved`.
+const APPROVE: &str = "name: approve\ntasks:\n  \
+    - name: approval\n    signal: { name: approved }\n";
+
 /// A number as the page shows it (`1,234`, `1 234`).
 fn number(text: &str) -> Option<i64> {
     let digits: String = text.chars().filter(char::is_ascii_digit).collect();
@@ -297,6 +301,42 @@ async fn a_failed_step_is_highlighted_and_a_retry_completes_the_instance() {
         retry.to_string().contains("the payment provider is back"),
         "{retry}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_approval_is_given_with_the_send_signal_button() {
+    let server = Server::start(ServerConfig {
+        flows: vec![("approve.yaml", APPROVE.into())],
+        ..Default::default()
+    })
+    .await;
+    let id = server.start_instance("approve", "loan-9", json!({})).await;
+    let b = Browser::open("signal", &server.url).await;
+    b.goto(&format!("/instances/{id}")).await;
+    b.present(r#"td[data-status="waiting"] [data-waits-for="approved"]"#)
+        .await;
+    b.shot("signal-waiting").await;
+    b.click("#act-signal").await;
+    b.wait("#signal-payload").await;
+    b.fill("#signal-name", "approved").await;
+    b.fill("#signal-payload", r#"{"approved": true}"#).await;
+    b.fill("#reason", "income checked").await;
+    b.click("#reason-ok").await;
+    b.wait(r#"#instance-status[data-status="completed"]"#).await;
+    b.wait(r#"tr[data-event-type="FlowSignalReceived"]"#).await;
+    let v = server.until_status(&id, "completed").await;
+    assert_eq!(v["outputs"]["approval"], json!({"approved": true}), "{v:#}");
+    assert_eq!(v["signals"][0]["consumed_by"], "approval", "{v:#}");
+    let timeline = server
+        .get(&format!("/api/v1/instances/{id}/timeline"))
+        .await;
+    let sent = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "FlowSignalReceived")
+        .unwrap_or_else(|| panic!("no signal in {timeline:#}"));
+    assert_eq!(sent["data"]["reason"], "income checked", "{sent}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
