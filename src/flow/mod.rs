@@ -23,8 +23,8 @@ pub use admin::{
 };
 pub use error::{DefinitionError, FlowError};
 pub use model::definition::{
-    Action, FlowBuilder, FlowDefinition, OnExhausted, SignalWait, SqlStatement, TaskDefinition,
-    TaskRetry, Tcc, TccParticipant, ValueType, Wait,
+    Action, AwaitEvent, FlowBuilder, FlowDefinition, OnExhausted, SignalWait, SqlStatement,
+    TaskDefinition, TaskRetry, Tcc, TccParticipant, ValueType, Wait,
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
@@ -42,7 +42,8 @@ use crate::store::migrate::{Layer, Migration};
 
 /// The flow layer's schema: the read models of instances, wake-ups, incidents
 /// (and, from 0002, the admin queries' indexes and incident acknowledgements;
-/// from 0003, an index that lets most updates of an instance's row be HOT).
+/// from 0003, an index that lets most updates of an instance's row be HOT;
+/// from 0004, the queries of waiting await_event tasks).
 pub(crate) const SCHEMA: Layer = Layer {
     name: "flow",
     migrations: &[
@@ -60,6 +61,11 @@ pub(crate) const SCHEMA: Layer = Layer {
             version: 3,
             name: "0003_hot_updates.sql",
             sql: include_str!("../../sql/flow/0003_hot_updates.sql"),
+        },
+        Migration {
+            version: 4,
+            name: "0004_await_event.sql",
+            sql: include_str!("../../sql/flow/0004_await_event.sql"),
         },
     ],
 };

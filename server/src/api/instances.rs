@@ -173,6 +173,10 @@ pub struct StepView {
     /// The signal a waiting signal step waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// The event a waiting await_event step waits for: `{types, tags}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub awaits: Option<Value>,
     /// Why the task was skipped without running (its condition was false, or a
     /// task it requires was skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +265,11 @@ impl From<&InstanceState> for InstanceView {
                         .signal
                         .clone()
                         .filter(|_| st.status == StepStatus::Waiting),
+                    awaits: st
+                        .event
+                        .as_ref()
+                        .filter(|_| st.status == StepStatus::Waiting)
+                        .and_then(|e| serde_json::to_value(e).ok()),
                     skip_reason: st.skip_reason.clone(),
                 }
             })

@@ -96,11 +96,12 @@ fn round(
             condition: condition.clone(),
         }));
     }
-    for (step, until, signal) in &p.wait {
+    for w in &p.wait {
         out.push(FlowEvent::StepWaiting(StepWaiting {
-            step: step.clone(),
-            until: *until,
-            signal: signal.clone(),
+            step: w.step.clone(),
+            until: w.until,
+            signal: w.signal.clone(),
+            event: w.event.clone(),
         }));
     }
     for (step, output, signal_id) in &p.finish {

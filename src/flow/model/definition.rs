@@ -103,6 +103,10 @@ pub struct TaskDefinition {
     /// task's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<SignalWait>,
+    /// Waits for an event in the log matching a query (instead of `action`):
+    /// the event becomes the task's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub await_event: Option<AwaitEvent>,
     /// How to undo it when the flow is compensated (saga).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Action>,
@@ -153,6 +157,25 @@ pub struct SignalWait {
     pub timeout_ms: Option<u64>,
 }
 
+/// An `await_event` task: waits until an event of one of `types` carrying
+/// every one of `tags` (templated, e.g. `order:{{business_key}}`) is in the
+/// log, whether it was appended before the task was reached or after, late
+/// committers included. The first such event (by position) is the task's
+/// output: `{position, type, tags, data, recorded_at}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwaitEvent {
+    /// Event types, any of which matches (empty: any type).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// Tags the event must all carry (templated; at least one).
+    pub tags: Vec<String>,
+    /// Milliseconds to wait from when the task is reached; then the task fails
+    /// (code `event_timeout`) and `on_exhausted` applies. `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
 /// What kind of task a definition is (by which of its fields is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TaskKind {
@@ -164,6 +187,8 @@ pub(crate) enum TaskKind {
     Wait,
     /// Waits for a signal.
     Signal,
+    /// Waits for an event in the log.
+    AwaitEvent,
 }
 
 /// A try/confirm/cancel task: every participant's `try` (within `try_deadline_ms`),
@@ -518,6 +543,8 @@ impl TaskDefinition {
             TaskKind::Wait
         } else if self.signal.is_some() {
             TaskKind::Signal
+        } else if self.await_event.is_some() {
+            TaskKind::AwaitEvent
         } else {
             TaskKind::Action
         }
@@ -533,6 +560,7 @@ impl TaskDefinition {
             requires: Vec::new(),
             wait: None,
             signal: None,
+            await_event: None,
             action: Some(action),
             compensate: None,
             tcc: None,
@@ -592,12 +620,36 @@ impl TaskDefinition {
         }
     }
 
-    /// Sets how long a signal task waits before it fails (`on_exhausted`
-    /// applies).
+    /// A task waiting for an event of one of `types` (empty: any) carrying all
+    /// of `tags` (templated) in the log.
+    pub fn await_event<T, S, U, V>(name: impl Into<String>, types: T, tags: U) -> Self
+    where
+        T: IntoIterator<Item = S>,
+        S: Into<String>,
+        U: IntoIterator<Item = V>,
+        V: Into<String>,
+    {
+        TaskDefinition {
+            action: None,
+            await_event: Some(AwaitEvent {
+                types: types.into_iter().map(Into::into).collect(),
+                tags: tags.into_iter().map(Into::into).collect(),
+                timeout_ms: None,
+            }),
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// Sets how long a signal or await_event task waits before it fails
+    /// (`on_exhausted` applies).
     #[must_use]
     pub fn signal_timeout(mut self, timeout: Duration) -> Self {
+        let ms = Some(timeout.as_millis() as u64);
         if let Some(s) = &mut self.signal {
-            s.timeout_ms = Some(timeout.as_millis() as u64);
+            s.timeout_ms = ms;
+        }
+        if let Some(a) = &mut self.await_event {
+            a.timeout_ms = ms;
         }
         self
     }

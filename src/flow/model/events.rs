@@ -264,6 +264,19 @@ pub struct StepWaiting {
     /// The signal waited for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// The event waited for (an `await_event` task's query, its tags rendered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<AwaitedEvent>,
+}
+
+/// The query of an `await_event` task, with its tags rendered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwaitedEvent {
+    /// Any of these types (empty: any type).
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// All of these tags.
+    pub tags: Vec<String>,
 }
 
 /// `FlowSignalReceived`: a signal sent to an instance. The event's id is

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::condition;
 use super::definition::{FlowDefinition, OnExhausted, TaskDefinition, TaskKind};
-use super::events::{Phase, StepId, types};
+use super::events::{AwaitedEvent, Phase, StepId, types};
 use super::state::{InstanceState, InstanceStatus, StepState, StepStatus};
 use super::template;
 
@@ -23,8 +23,8 @@ pub(crate) struct Plan {
     pub next_due: Option<DateTime<Utc>>,
     /// Tasks to skip without running: (task, reason, the false condition).
     pub skip: Vec<(String, String, Option<String>)>,
-    /// Wait and signal steps reached: (step, until, signal).
-    pub wait: Vec<(StepId, Option<DateTime<Utc>>, Option<String>)>,
+    /// Wait, signal and await_event steps reached.
+    pub wait: Vec<Waiting>,
     /// Waiting steps whose time came or whose signal is there: (step, output,
     /// the signal consumed).
     pub finish: Vec<(StepId, Value, Option<String>)>,
@@ -59,6 +59,19 @@ impl Plan {
         self.finish.clear();
         self.fail.clear();
     }
+}
+
+/// A wait, signal or await_event step being reached.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Waiting {
+    /// The step.
+    pub step: StepId,
+    /// A timer's due time, or a signal's or an event's timeout.
+    pub until: Option<DateTime<Utc>>,
+    /// The signal waited for.
+    pub signal: Option<String>,
+    /// The event waited for.
+    pub event: Option<AwaitedEvent>,
 }
 
 /// Where a task is, derived from its steps.
@@ -244,7 +257,7 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
             continue;
         }
         match task.kind() {
-            TaskKind::Wait | TaskKind::Signal => {
+            TaskKind::Wait | TaskKind::Signal | TaskKind::AwaitEvent => {
                 waiting(task, &action, s, now, plan);
                 continue;
             }
@@ -412,18 +425,66 @@ fn waiting(
                 };
                 // To the microsecond, as PostgreSQL keeps times.
                 match until.map(|at| at.trunc_subsecs(6)) {
-                    Ok(at) => plan.wait.push((step, Some(at), None)),
+                    Ok(at) => plan.wait.push(Waiting {
+                        step,
+                        until: Some(at),
+                        signal: None,
+                        event: None,
+                    }),
                     Err(e) => plan.fail.push((step, e, "template")),
                 }
             } else if let Some(signal) = &task.signal {
-                let until = signal
-                    .timeout_ms
-                    .map(|ms| (now + chrono::Duration::milliseconds(ms as i64)).trunc_subsecs(6));
-                plan.wait.push((step, until, Some(signal.name.clone())));
+                plan.wait.push(Waiting {
+                    step,
+                    until: timeout(signal.timeout_ms, now),
+                    signal: Some(signal.name.clone()),
+                    event: None,
+                });
+            } else if let Some(wanted) = &task.await_event {
+                let tags: Result<Vec<String>, String> = wanted
+                    .tags
+                    .iter()
+                    .map(|t| render(t, s).map_err(|e| format!("await_event tag {t:?}: {e}")))
+                    .collect();
+                match tags {
+                    Ok(tags) => plan.wait.push(Waiting {
+                        step,
+                        until: timeout(wanted.timeout_ms, now),
+                        signal: None,
+                        event: Some(AwaitedEvent {
+                            types: wanted.types.clone(),
+                            tags,
+                        }),
+                    }),
+                    Err(e) => plan.fail.push((step, e, "template")),
+                }
             }
         }
         StepStatus::Waiting => {
-            if let Some(signal) = &task.signal {
+            if let Some(wanted) = &task.await_event {
+                // The event itself is looked for by the worker (a read of the
+                // log); here only its timeout.
+                if let Some(at) = action.due_at {
+                    if at <= now {
+                        plan.fail.push((
+                            step,
+                            format!(
+                                "no event of {:?} tagged {:?} came within {} ms",
+                                wanted.types,
+                                action
+                                    .event
+                                    .as_ref()
+                                    .map(|e| e.tags.clone())
+                                    .unwrap_or_default(),
+                                wanted.timeout_ms.unwrap_or_default()
+                            ),
+                            "event_timeout",
+                        ));
+                    } else {
+                        plan.due(Some(at));
+                    }
+                }
+            } else if let Some(signal) = &task.signal {
                 if let Some(sig) = s.pending_signal(&signal.name) {
                     plan.finish
                         .push((step, sig.payload.clone(), Some(sig.signal_id.clone())));
@@ -456,8 +517,13 @@ fn waiting(
     }
 }
 
-/// The instant a `wait.until` template renders to.
-fn wait_until(text: &str, s: &InstanceState) -> Result<DateTime<Utc>, String> {
+/// `now` plus `ms`, to the microsecond (as PostgreSQL keeps times).
+fn timeout(ms: Option<u64>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    ms.map(|ms| (now + chrono::Duration::milliseconds(ms as i64)).trunc_subsecs(6))
+}
+
+/// A template rendered as text against the instance.
+fn render(text: &str, s: &InstanceState) -> Result<String, String> {
     let instance = s.id.to_string();
     let ctx = template::Context {
         flow_input: &s.input,
@@ -467,8 +533,12 @@ fn wait_until(text: &str, s: &InstanceState) -> Result<DateTime<Utc>, String> {
         idempotency_key: &instance,
         business_key: s.business_key.as_deref(),
     };
-    let rendered =
-        template::render_text(text, &ctx).map_err(|e| format!("wait until {text:?}: {e}"))?;
+    template::render_text(text, &ctx)
+}
+
+/// The instant a `wait.until` template renders to.
+fn wait_until(text: &str, s: &InstanceState) -> Result<DateTime<Utc>, String> {
+    let rendered = render(text, s).map_err(|e| format!("wait until {text:?}: {e}"))?;
     DateTime::parse_from_rfc3339(rendered.trim())
         .map(|d| d.with_timezone(&Utc))
         .map_err(|e| format!("wait until {text:?} gave {rendered:?}, not an RFC 3339 instant: {e}"))

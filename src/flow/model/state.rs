@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::events::{self, FlowEvent, Phase, StepId};
+use super::events::{self, AwaitedEvent, FlowEvent, Phase, StepId};
 use crate::store::{Position, SequencedEvent};
 
 /// Where an instance is.
@@ -145,6 +145,9 @@ pub struct StepState {
     /// The signal a waiting signal task waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// The event a waiting await_event task waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<AwaitedEvent>,
 }
 
 impl StepState {
@@ -164,6 +167,7 @@ impl StepState {
             acknowledged: None,
             skip_reason: None,
             signal: None,
+            event: None,
         }
     }
 
@@ -217,6 +221,11 @@ pub struct InstanceState {
     pub steps: BTreeMap<String, StepState>,
     /// Outputs of succeeded (or skipped) tasks.
     pub outputs: BTreeMap<String, Value>,
+    /// The queries of the await_event steps waiting now, by step key (the
+    /// read model keeps them in `flow_awaits`, where appended events are
+    /// matched against them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub awaiting: BTreeMap<String, AwaitedEvent>,
     /// Signals received, oldest first, consumed or not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signals: Vec<ReceivedSignal>,
@@ -258,6 +267,7 @@ impl InstanceState {
             steps: BTreeMap::new(),
             outputs: BTreeMap::new(),
             signals: Vec::new(),
+            awaiting: BTreeMap::new(),
             events: 1,
         }
     }
@@ -287,6 +297,18 @@ impl InstanceState {
             return;
         };
         let by_incident = self.paused_by_incident();
+        match &event {
+            FlowEvent::StepSucceeded(d) => {
+                self.awaiting.remove(&d.step.key());
+            }
+            FlowEvent::StepFailed(d) | FlowEvent::StepTimedOut(d) => {
+                self.awaiting.remove(&d.step.key());
+            }
+            FlowEvent::StepSkipped(d) | FlowEvent::RetryRequested(d) => {
+                self.awaiting.remove(&d.step.key());
+            }
+            _ => {}
+        }
         match event {
             FlowEvent::Started(_) | FlowEvent::Message(_) => {}
             FlowEvent::IncidentAcknowledged(d) => {
@@ -341,8 +363,12 @@ impl InstanceState {
                 step.attempts += 1;
                 step.due_at = d.until;
                 step.signal = d.signal;
+                step.event = d.event.clone();
                 step.error = None;
                 step.first_started.get_or_insert(at);
+                if let Some(q) = d.event {
+                    self.awaiting.insert(d.step.key(), q);
+                }
             }
             FlowEvent::SignalReceived(d) => {
                 if !self.signals.iter().any(|s| s.signal_id == d.signal_id) {
@@ -427,7 +453,10 @@ impl InstanceState {
                 self.paused_from = None;
                 self.reason = c.reason;
             }
-            FlowEvent::Compensated(_) => self.status = InstanceStatus::Compensated,
+            FlowEvent::Compensated(_) => {
+                self.status = InstanceStatus::Compensated;
+                self.awaiting.clear();
+            }
             FlowEvent::CompensationFailed(c) => {
                 self.status = InstanceStatus::CompensationFailed;
                 self.reason = c.reason;
@@ -443,7 +472,10 @@ impl InstanceState {
                 self.status = self.paused_from.take().unwrap_or(InstanceStatus::Running);
                 self.reason = None;
             }
-            FlowEvent::Completed(_) => self.status = InstanceStatus::Completed,
+            FlowEvent::Completed(_) => {
+                self.status = InstanceStatus::Completed;
+                self.awaiting.clear();
+            }
             FlowEvent::Failed(c) => {
                 self.status = InstanceStatus::Failed;
                 self.reason = c.reason;

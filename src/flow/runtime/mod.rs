@@ -1,6 +1,7 @@
 //! The flow engine at work: [`Flows`] (definitions, starts, read models),
 //! transitions as commands of the command layer, workers and executors.
 
+mod awaits;
 mod engine;
 mod executor;
 mod messages;

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
+use super::awaits::{self, EventWaker};
 use super::engine::Flows;
 use super::executor::{self, Effect, TaskContext};
 use super::transition::TransitionError;
@@ -25,10 +26,10 @@ use crate::flow::model::definition::{FlowDefinition, TaskDefinition};
 use crate::flow::model::events::{FlowEvent, Message, StepId, StepSucceeded, types};
 use crate::flow::model::failure::TaskError;
 use crate::flow::model::plan::plan;
-use crate::flow::model::state::{InstanceState, StepStatus};
+use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
 use crate::flow::model::template;
 use crate::projection::{Subscription, SubscriptionOptions};
-use crate::store::{Query, sqlstate};
+use crate::store::{Query, SequencedEvent, sqlstate};
 
 /// Worker settings.
 ///
@@ -125,14 +126,17 @@ pub struct Drained {
     pub instances_released: usize,
 }
 
-/// The stop and abandon signals of one run, and what the drain counted.
-#[derive(Debug, Clone, Default)]
+/// The stop and abandon signals of one run, what the drain counted, and the
+/// run's await_event waker.
+#[derive(Clone, Default)]
 struct Drain {
     /// Claim nothing more, start no step, record what finishes.
     stop: CancellationToken,
     /// The grace period is over: cancel the steps still running.
     abandon: CancellationToken,
     counts: Arc<DrainCounts>,
+    /// Started when an await_event task waits.
+    waker: Option<Arc<EventWaker>>,
 }
 
 #[derive(Debug, Default)]
@@ -309,6 +313,7 @@ impl Worker {
                     types::RESUMED,
                     types::ABORTED,
                     types::STEP_SKIPPED,
+                    types::SIGNAL_RECEIVED,
                 ],
                 Vec::<String>::new(),
             );
@@ -335,8 +340,13 @@ impl Worker {
                 .instrument(tracing::debug_span!("dcbflow.worker.wakeups")),
             )
         };
+        let waker = EventWaker::new(self.flows.clone(), wake.clone(), stop.clone());
+        if EventWaker::any_waiting(&self.flows).await? {
+            waker.ensure();
+        }
         let drain = Drain {
             stop: stop.clone(),
+            waker: Some(waker),
             ..Drain::default()
         };
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
@@ -535,6 +545,16 @@ impl Worker {
                     );
                 }
             }
+            // An await_event task waiting: the event may be in the log already.
+            if !state.awaiting.is_empty() && !draining {
+                if let Some(w) = &drain.waker {
+                    w.ensure();
+                }
+                if let Some((step, event)) = awaits::awaited(&self.flows, &state).await? {
+                    (state, appended) = self.deliver(id, &step, &event).await?;
+                    continue;
+                }
+            }
             if running.is_empty() {
                 if draining {
                     return Ok(Claim::Held);
@@ -629,6 +649,36 @@ impl Worker {
                 let events = next_events(def, state, now, self.lessee());
                 #[cfg(feature = "metrics")]
                 note_due(due, state, &events);
+                Ok(events)
+            })
+            .await;
+        flatten(result)
+    }
+
+    /// Records `event` as the output of the await_event step `step`, if it
+    /// still waits, with the next planning round, in one transition.
+    async fn deliver(
+        &self,
+        id: Uuid,
+        step: &StepId,
+        event: &SequencedEvent,
+    ) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
+        let output = awaits::output(event);
+        let result = self
+            .flows
+            .transition(id, None, |state, def, now| {
+                let s = state.step(step);
+                if s.status != StepStatus::Waiting || state.status != InstanceStatus::Running {
+                    return Ok(Vec::new());
+                }
+                let mut events = vec![FlowEvent::StepSucceeded(StepSucceeded {
+                    step: step.clone(),
+                    attempt: s.attempts,
+                    output: output.clone(),
+                    signal_id: None,
+                })];
+                let next = preview(state, &events, now);
+                events.extend(next_events(def, &next, now, self.lessee()));
                 Ok(events)
             })
             .await;

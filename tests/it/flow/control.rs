@@ -403,3 +403,138 @@ async fn a_signal_that_does_not_come_in_time_follows_on_exhausted() {
     assert_eq!(done.outputs["approve"], json!({"ok": true}));
     assert_eq!(done.step(&step).attempts, 2, "waited twice");
 }
+
+/// pay: waits for `PaymentSettled` tagged with the order (the business key),
+/// then `ship` records the amount it saw.
+async fn payment_flow(flows: &Flows) -> Arc<std::sync::Mutex<Vec<Value>>> {
+    let shipped = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = shipped.clone();
+    flows.function("ship", move |ctx: TaskContext| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(ctx.outputs["paid"].clone());
+            Ok::<_, TaskError>(json!({}))
+        }
+    });
+    let def = FlowDefinition::builder("payment")
+        .task(TaskDefinition::await_event(
+            "paid",
+            ["PaymentSettled"],
+            ["order:{{business_key}}"],
+        ))
+        .task(TaskDefinition::new("ship", Action::rust("ship")).after(["paid"]))
+        .build();
+    flows.register(&def).await.unwrap();
+    shipped
+}
+
+fn settled(order: &str, amount: i64) -> dcbflow::Event {
+    dcbflow::Event::new(
+        "PaymentSettled",
+        [format!("order:{order}")],
+        json!({"amount": amount}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn await_event_catches_an_event_committed_late_by_a_writer_held_open() {
+    let (t, flows) = engine().await;
+    let shipped = payment_flow(&flows).await;
+    let workers = Workers::start(&[&flows]);
+    let a = flows
+        .start("payment", Some("o1"), json!({}))
+        .await
+        .unwrap()
+        .instance;
+    let b = flows
+        .start("payment", Some("o2"), json!({}))
+        .await
+        .unwrap()
+        .instance;
+    for id in [a, b] {
+        eventually("the payment to be awaited", DEADLINE, || async {
+            let s = flows.instance(id).await.unwrap()?;
+            (s.step(&StepId::new("paid", Phase::Action)).status == StepStatus::Waiting)
+                .then_some(())
+        })
+        .await;
+    }
+    // o1's payment is written by a transaction held open; o2's, after it, commits.
+    let mut client = t.store.pool().get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let late = t
+        .store
+        .append_in_tx(&tx, vec![settled("o1", 10)], None)
+        .await
+        .unwrap()
+        .last_position();
+    let later = t
+        .store
+        .append(vec![settled("o2", 20)], None)
+        .await
+        .unwrap()
+        .last_position();
+    assert!(later > late);
+    // Below the writer horizon nothing moves: o2 is not delivered before o1's
+    // writer ends (a waker that went past o1 here would never come back to it).
+    let early = tokio::time::timeout(
+        Duration::from_secs(2),
+        wait_for(&flows, b, InstanceStatus::Completed, 2),
+    )
+    .await;
+    assert!(early.is_err(), "o2 was delivered past a writer still open");
+    tx.commit().await.unwrap();
+    let a = wait_for(&flows, a, InstanceStatus::Completed, 30).await;
+    let b = wait_for(&flows, b, InstanceStatus::Completed, 30).await;
+    workers.stop().await;
+    assert_eq!(a.outputs["paid"]["position"], json!(late.0));
+    assert_eq!(a.outputs["paid"]["data"], json!({"amount": 10}));
+    assert_eq!(b.outputs["paid"]["position"], json!(later.0));
+    assert_eq!(shipped.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_already_in_the_log_is_taken_and_one_that_never_comes_times_out() {
+    let (t, flows) = engine().await;
+    let shipped = payment_flow(&flows).await;
+    let def = FlowDefinition::builder("patient")
+        .task(
+            TaskDefinition::await_event("paid", ["PaymentSettled"], ["order:{{business_key}}"])
+                .signal_timeout(Duration::from_millis(300))
+                .on_exhausted(OnExhausted::Fail),
+        )
+        .build();
+    flows.register(&def).await.unwrap();
+    let before = t
+        .store
+        .append(vec![settled("o3", 30)], None)
+        .await
+        .unwrap()
+        .last_position();
+    // Workers started after the event: the waker's first sweep and the
+    // worker's read find it.
+    let workers = Workers::start(&[&flows]);
+    let id = flows
+        .start("payment", Some("o3"), json!({}))
+        .await
+        .unwrap()
+        .instance;
+    let done = wait_for(&flows, id, InstanceStatus::Completed, 30).await;
+    assert_eq!(done.outputs["paid"]["position"], json!(before.0));
+    assert_eq!(shipped.lock().unwrap().len(), 1);
+    let never = flows
+        .start("patient", Some("o4"), json!({}))
+        .await
+        .unwrap()
+        .instance;
+    let failed = wait_for(&flows, never, InstanceStatus::Failed, 30).await;
+    workers.stop().await;
+    let step = failed.step(&StepId::new("paid", Phase::Action));
+    assert!(
+        step.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no event of"),
+        "{step:?}"
+    );
+}

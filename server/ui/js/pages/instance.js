@@ -308,7 +308,7 @@ export function InstanceDetail({ id }) {
             const k = str(s.key);
             return html`<tr data-step-key=${k} class=${bad ? 'failing' : ''} key=${k}>
               <th scope="row"><code>${k}</code>${bad && !final && html` <span class="tag-failing">failing</span>`}</th>
-              <td data-status=${str(s.status)}><${Status} status=${s.status} kind="step" />${s.signal && html` <span class="muted" data-waits-for=${str(s.signal)}>for signal <code>${str(s.signal)}</code></span>`}</td>
+              <td data-status=${str(s.status)}><${Status} status=${s.status} kind="step" />${s.signal && html` <span class="muted" data-waits-for=${str(s.signal)}>for signal <code>${str(s.signal)}</code></span>`}${s.awaits && html` <span class="muted" data-awaits=${(s.awaits.tags || []).map(str).join(' ')}>for <code>${(s.awaits.types || []).map(str).join(' | ') || 'any event'}</code> tagged <code>${(s.awaits.tags || []).map(str).join(', ')}</code></span>`}</td>
               <td class="num">${str(s.attempts)}</td>
               <td>${s.worker ? html`<code>${str(s.worker)}</code>` : html`<span class="muted">—</span>`}</td>
               <td><${Time} at=${s.started_at} /></td>

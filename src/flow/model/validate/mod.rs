@@ -479,6 +479,7 @@ impl<'a> Checker<'a> {
             (task.tcc.is_some(), "a tcc group"),
             (task.wait.is_some(), "a wait"),
             (task.signal.is_some(), "a signal"),
+            (task.await_event.is_some(), "an await_event"),
         ]
         .into_iter()
         .filter_map(|(set, what)| set.then_some(what))
@@ -486,10 +487,10 @@ impl<'a> Checker<'a> {
         match kinds.len() {
             1 => {}
             0 => self.report(format!(
-                "task {name:?}: has none of action, tcc, wait and signal (it must have exactly one)"
+                "task {name:?}: has none of action, tcc, wait, signal and await_event (it must have exactly one)"
             )),
             _ => self.report(format!(
-                "task {name:?}: has {} (it must have exactly one of action, tcc, wait and signal)",
+                "task {name:?}: has {} (it must have exactly one of action, tcc, wait, signal and await_event)",
                 kinds.join(" and ")
             )),
         }
@@ -527,7 +528,7 @@ impl<'a> Checker<'a> {
         }
 
         // A wait or signal has no attempts to retry or time out.
-        if task.wait.is_none() && task.signal.is_none() {
+        if task.wait.is_none() && task.signal.is_none() && task.await_event.is_none() {
             self.check_retry(task);
         }
     }
@@ -566,10 +567,10 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
-        let timed = task.wait.is_some() || task.signal.is_some();
+        let timed = task.wait.is_some() || task.signal.is_some() || task.await_event.is_some();
         if timed && task.compensate.is_some() {
             self.report(format!(
-                "task {name:?}: a wait or signal task has nothing to compensate (remove compensate)"
+                "task {name:?}: a wait, signal or await_event task has nothing to compensate (remove compensate)"
             ));
         }
         if let Some(wait) = &task.wait {
@@ -597,6 +598,35 @@ impl<'a> Checker<'a> {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(wanted) = &task.await_event {
+            if wanted.tags.is_empty() {
+                self.report(format!(
+                    "task {name:?}: its await_event has no tags (it must wait for a fact about something, e.g. order:{{{{business_key}}}})"
+                ));
+            }
+            for t in &wanted.tags {
+                if t.trim().is_empty() {
+                    self.report(format!("task {name:?}: its await_event has an empty tag"));
+                }
+                let v = Value::String(t.clone());
+                self.check_templates(
+                    scope,
+                    &format!("await_event tag {t:?}"),
+                    &v,
+                    Place::TaskInput,
+                );
+            }
+            for ty in &wanted.types {
+                if ty.trim().is_empty() {
+                    self.report(format!("task {name:?}: its await_event has an empty type"));
+                }
+            }
+            if wanted.timeout_ms == Some(0) {
+                self.report(format!(
+                    "task {name:?}: its await_event timeout_ms must be more than 0"
+                ));
             }
         }
         if let Some(signal) = &task.signal {

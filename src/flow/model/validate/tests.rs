@@ -208,7 +208,7 @@ tasks:
         r#"task "pack": sql action has no statements"#,
         r#"task "a b": its name may only contain"#,
         r#"task "a b": nats subject is empty"#,
-        r#"task "empty": has none of action, tcc, wait and signal"#,
+        r#"task "empty": has none of action, tcc, wait, signal and await_event"#,
         r#"task "both": has an action and a tcc group"#,
         r#"task "both": sql statement 1 is empty"#,
         r#"task "both": a tcc task cannot have a compensate action"#,
@@ -621,7 +621,7 @@ fn conditions_waits_and_signals_are_checked_at_register() {
         r#"task "both": its wait has both duration_ms and until"#,
         r#"task "sig": signal name "bad name!" must be non-empty"#,
         r#"task "sig": its signal timeout_ms must be more than 0"#,
-        r#"task "sig": a wait or signal task has nothing to compensate"#,
+        r#"task "sig": a wait, signal or await_event task has nothing to compensate"#,
         r#"task "wait_and_act": has an action and a wait"#,
     ] {
         assert_has(&problems, expected);
