@@ -421,7 +421,7 @@ async fn migrate_register_list_show_start() {
     cli.run(&["flows", "start", "shipping"])
         .await
         .code(2)
-        .err_has("missing field \"order\"");
+        .err_has("field \"order\" is missing");
     cli.run(&["flows", "start", "nope"]).await.code(3);
 }
 

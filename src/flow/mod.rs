@@ -23,8 +23,8 @@ pub use admin::{
 };
 pub use error::{DefinitionError, FlowError};
 pub use model::definition::{
-    Action, AwaitEvent, FlowBuilder, FlowDefinition, OnExhausted, SignalWait, SqlStatement,
-    TaskDefinition, TaskRetry, Tcc, TccParticipant, ValueType, Wait,
+    Action, AwaitEvent, FlowBuilder, FlowDefinition, InputField, InputSpec, OnExhausted,
+    SignalWait, SqlStatement, TaskDefinition, TaskRetry, Tcc, TccParticipant, ValueType, Wait,
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;

@@ -27,7 +27,7 @@ use cel::common::ast::{Expr, IdedExpr, LiteralValue};
 use cel::{Context, Program};
 use serde_json::{Map, Value, json};
 
-use super::definition::ValueType;
+use super::definition::{InputField, ValueType};
 
 /// The functions and macros of CEL's standard environment a condition may call,
 /// with the type they return (`None`: dynamic).
@@ -119,7 +119,7 @@ impl Ty {
 /// What a condition may refer to.
 pub(crate) struct Names<'a> {
     /// The flow's declared input fields (empty: undeclared, anything goes).
-    pub(crate) inputs: &'a BTreeMap<String, ValueType>,
+    pub(crate) inputs: &'a BTreeMap<String, InputField>,
     /// Every task of the flow.
     pub(crate) tasks: &'a BTreeSet<&'a str>,
     /// The tasks the conditioned task depends on, directly or not.
@@ -271,7 +271,7 @@ impl Checker<'_, '_> {
                 if inputs.is_empty() {
                     return Ty::Dyn;
                 }
-                let Some(&ty) = inputs.get(*field) else {
+                let Some(ty) = inputs.get(*field).map(InputField::ty) else {
                     self.report(format!("refers to undeclared flow input {field:?}"));
                     return Ty::Dyn;
                 };
@@ -553,10 +553,10 @@ mod tests {
     use super::*;
 
     fn problems(source: &str) -> Vec<String> {
-        let inputs: BTreeMap<String, ValueType> = [
-            ("amount".to_owned(), ValueType::Number),
-            ("country".to_owned(), ValueType::String),
-            ("vip".to_owned(), ValueType::Boolean),
+        let inputs: BTreeMap<String, InputField> = [
+            ("amount".to_owned(), ValueType::Number.into()),
+            ("country".to_owned(), ValueType::String.into()),
+            ("vip".to_owned(), ValueType::Boolean.into()),
         ]
         .into();
         let tasks: BTreeSet<&str> = ["score", "review", "later"].into();

@@ -27,9 +27,11 @@ pub struct FlowDefinition {
     /// is compensated. `None`: no deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
-    /// The flow input's fields and their types, checked when an instance starts.
+    /// The flow input's fields: a type (`amount: number`), or a type with
+    /// `required` and `default` (`amount: { type: number, default: 0 }`).
+    /// Checked, converted and completed when an instance starts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub input: BTreeMap<String, ValueType>,
+    pub input: BTreeMap<String, InputField>,
     /// The tasks, in any order.
     pub tasks: Vec<TaskDefinition>,
 }
@@ -54,7 +56,131 @@ pub enum ValueType {
     Any,
 }
 
+/// A declared flow input field: its type alone (required, no default), or
+/// with `required` and `default`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputField {
+    /// `amount: number`: required, no default.
+    Type(ValueType),
+    /// `amount: { type: number, required: false, default: 0 }`.
+    Spec(InputSpec),
+}
+
+/// A flow input field with its rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub ty: ValueType,
+    /// Whether a start must give it (default: yes unless it has a default; a
+    /// field with a default is never missing, and cannot also be required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    /// The value it takes when a start does not give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+    /// What it is, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl InputField {
+    /// Its type.
+    pub fn ty(&self) -> ValueType {
+        match self {
+            InputField::Type(t) => *t,
+            InputField::Spec(s) => s.ty,
+        }
+    }
+
+    /// Whether a start must give it (and it has no default).
+    pub fn required(&self) -> bool {
+        match self {
+            InputField::Type(_) => true,
+            InputField::Spec(s) => s.required.unwrap_or(true) && s.default.is_none(),
+        }
+    }
+
+    /// Its default, if any.
+    pub fn default_value(&self) -> Option<&Value> {
+        match self {
+            InputField::Type(_) => None,
+            InputField::Spec(s) => s.default.as_ref(),
+        }
+    }
+}
+
+impl From<ValueType> for InputField {
+    fn from(ty: ValueType) -> Self {
+        InputField::Type(ty)
+    }
+}
+
 impl ValueType {
+    /// `value` as this type, if it is one or converts unambiguously: a string
+    /// holding an integer (`"42"`) for an integer, a number for a number, `"true"`
+    /// or `"false"` for a boolean; a number without fraction (`42.0`) for an
+    /// integer; an integer or a boolean for a string. `Err`: why not.
+    pub fn convert(self, value: &Value) -> Result<Value, String> {
+        if self.admits(value) {
+            return Ok(value.clone());
+        }
+        let converted = match (self, value) {
+            (ValueType::Integer, Value::String(s)) => s.trim().parse::<i64>().ok().map(Value::from),
+            (ValueType::Integer, Value::Number(n)) => n
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| Value::from(f as i64)),
+            (ValueType::Number, Value::String(s)) => s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .and_then(|f| {
+                    if f.fract() == 0.0 && f.abs() < 9.0e15 && !s.contains(['.', 'e', 'E']) {
+                        Some(Value::from(f as i64))
+                    } else {
+                        serde_json::Number::from_f64(f).map(Value::Number)
+                    }
+                }),
+            (ValueType::Boolean, Value::String(s)) => match s.trim() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            (ValueType::String, Value::Number(n)) if n.is_i64() || n.is_u64() => {
+                Some(Value::String(n.to_string()))
+            }
+            (ValueType::String, Value::Bool(b)) => Some(Value::String(b.to_string())),
+            _ => None,
+        };
+        converted.ok_or_else(|| {
+            format!(
+                "must be {}, got {}",
+                self.name(),
+                match value {
+                    Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+                    other => other.to_string(),
+                }
+            )
+        })
+    }
+
+    /// Lower-case name, as written in definitions.
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::String => "a string",
+            ValueType::Number => "a number",
+            ValueType::Integer => "an integer",
+            ValueType::Boolean => "a boolean",
+            ValueType::Object => "an object",
+            ValueType::Array => "an array",
+            ValueType::Any => "a value",
+        }
+    }
+
     /// Whether `value` has this type.
     pub fn admits(self, value: &Value) -> bool {
         match self {
@@ -413,6 +539,48 @@ fn check_source(text: &str, what: &str, yaml: bool) -> Result<(), DefinitionErro
 }
 
 impl FlowDefinition {
+    /// `input` checked against the declared fields, converted where that is
+    /// unambiguous and completed with defaults: the input an instance starts
+    /// with. Undeclared fields pass as they are. Every problem names its field.
+    ///
+    /// # Errors
+    /// One line per problem.
+    pub fn prepare_input(&self, input: &Value) -> Result<Value, Vec<String>> {
+        if self.input.is_empty() {
+            return Ok(input.clone());
+        }
+        let Some(obj) = input.as_object() else {
+            return Err(vec!["the input must be a JSON object".into()]);
+        };
+        let mut out = obj.clone();
+        let mut problems = Vec::new();
+        for (name, field) in &self.input {
+            match obj.get(name).filter(|v| !v.is_null()) {
+                None => match field.default_value() {
+                    Some(d) => {
+                        out.insert(name.clone(), d.clone());
+                    }
+                    None if field.required() => problems.push(format!(
+                        "field {name:?} is missing (it must be {})",
+                        field.ty().name()
+                    )),
+                    None => {}
+                },
+                Some(v) => match field.ty().convert(v) {
+                    Ok(c) => {
+                        out.insert(name.clone(), c);
+                    }
+                    Err(e) => problems.push(format!("field {name:?} {e}")),
+                },
+            }
+        }
+        if problems.is_empty() {
+            Ok(Value::Object(out))
+        } else {
+            Err(problems)
+        }
+    }
+
     /// A builder for a flow named `name`.
     pub fn builder(name: impl Into<String>) -> FlowBuilder {
         FlowBuilder {
@@ -800,9 +968,38 @@ pub struct FlowBuilder {
 }
 
 impl FlowBuilder {
-    /// Declares a flow input field.
+    /// Declares a required flow input field.
     pub fn input(mut self, name: impl Into<String>, ty: ValueType) -> Self {
-        self.flow.input.insert(name.into(), ty);
+        self.flow.input.insert(name.into(), InputField::Type(ty));
+        self
+    }
+
+    /// Declares a flow input field with a default (a start without it gets the
+    /// default).
+    pub fn input_default(mut self, name: impl Into<String>, ty: ValueType, default: Value) -> Self {
+        self.flow.input.insert(
+            name.into(),
+            InputField::Spec(InputSpec {
+                ty,
+                required: None,
+                default: Some(default),
+                description: None,
+            }),
+        );
+        self
+    }
+
+    /// Declares an optional flow input field (no default: absent when not given).
+    pub fn input_optional(mut self, name: impl Into<String>, ty: ValueType) -> Self {
+        self.flow.input.insert(
+            name.into(),
+            InputField::Spec(InputSpec {
+                ty,
+                required: Some(false),
+                default: None,
+                description: None,
+            }),
+        );
         self
     }
 

@@ -353,7 +353,9 @@ impl Flows {
     ) -> Result<StartedInstance, FlowError> {
         self.ready().await?;
         let def = self.definition(flow, None).await?;
-        check_input(&def, &input)?;
+        let input = def
+            .prepare_input(&input)
+            .map_err(FlowError::InputMismatch)?;
         let version = def.version();
         let store = &self.inner.store;
         let key_query = business_key
@@ -483,31 +485,6 @@ impl Flows {
             tx.commit().await?;
         }
         Ok(n)
-    }
-}
-
-fn check_input(def: &FlowDefinition, input: &Value) -> Result<(), FlowError> {
-    if def.input.is_empty() {
-        return Ok(());
-    }
-    let Some(obj) = input.as_object() else {
-        return Err(FlowError::InputMismatch(vec![
-            "the input must be a JSON object".into(),
-        ]));
-    };
-    let problems: Vec<String> = def
-        .input
-        .iter()
-        .filter_map(|(name, ty)| match obj.get(name) {
-            None => Some(format!("missing field {name:?}")),
-            Some(v) if !ty.admits(v) => Some(format!("field {name:?} must be {ty:?}, got {v}")),
-            _ => None,
-        })
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(FlowError::InputMismatch(problems))
     }
 }
 

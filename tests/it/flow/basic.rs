@@ -173,9 +173,18 @@ async fn bad_input_and_bad_definitions_are_refused() {
         .build();
     flows.register(&def).await.unwrap();
     let before = t.count().await;
-    match flows.start("typed", None, json!({"amount": "12"})).await {
+    match flows
+        .start("typed", None, json!({"amount": "twelve"}))
+        .await
+    {
         Err(FlowError::InputMismatch(problems)) => {
-            assert_eq!(problems.len(), 2, "{problems:?}");
+            assert_eq!(
+                problems,
+                [
+                    r#"field "amount" must be an integer, got "twelve""#,
+                    r#"field "sku" is missing (it must be a string)"#
+                ],
+            );
         }
         other => panic!("expected invalid input, got {other:?}"),
     }
@@ -243,4 +252,49 @@ async fn a_running_instance_keeps_the_version_it_started_with() {
     );
     assert_eq!(new_state.definition_version, v2_version);
     assert!(new_state.outputs.contains_key("second"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_are_converted_and_completed_with_defaults() {
+    let (_t, flows) = engine().await;
+    flows.function("noop", |_ctx: TaskContext| async move {
+        Ok::<_, TaskError>(Value::Null)
+    });
+    let def = FlowDefinition::builder("inputs")
+        .input("amount", ValueType::Integer)
+        .input("rate", ValueType::Number)
+        .input("express", ValueType::Boolean)
+        .input_default("currency", ValueType::String, json!("EUR"))
+        .input_optional("note", ValueType::String)
+        .task(TaskDefinition::new("noop", Action::rust("noop")))
+        .build();
+    flows.register(&def).await.unwrap();
+    let id = flows
+        .start(
+            "inputs",
+            None,
+            json!({"amount": "42", "rate": "0.5", "express": "true", "extra": 1}),
+        )
+        .await
+        .unwrap()
+        .instance;
+    let s = flows.instance(id).await.unwrap().unwrap();
+    assert_eq!(
+        s.input,
+        json!({"amount": 42, "rate": 0.5, "express": true, "currency": "EUR", "extra": 1})
+    );
+    // A default of the wrong type is a problem at register, naming the field.
+    let bad = FlowDefinition::builder("bad-default")
+        .input_default("count", ValueType::Integer, json!("many"))
+        .task(TaskDefinition::new("noop", Action::rust("noop")))
+        .build();
+    match flows.register(&bad).await {
+        Err(FlowError::Definition(e)) => assert!(
+            e.problems
+                .iter()
+                .any(|p| p.starts_with(r#"flow input "count": its default must be an integer"#)),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
 }

@@ -257,11 +257,28 @@ impl<'a> Checker<'a> {
         if flow.deadline_ms == Some(0) {
             self.report("the flow deadline must be more than 0 ms".into());
         }
-        for field in flow.input.keys() {
+        for (field, spec) in &flow.input {
             if !valid_field(field) {
                 self.report(format!(
                     "flow input name {field:?} must be non-empty and contain no '.', '{{', '}}' or whitespace"
                 ));
+            }
+            if let super::definition::InputField::Spec(s) = spec
+                && let Some(d) = &s.default
+            {
+                if s.required == Some(true) {
+                    self.report(format!(
+                        "flow input {field:?}: has a default, so it cannot be required (remove one of required and default)"
+                    ));
+                }
+                match s.ty.convert(d) {
+                    Ok(c) if c == *d => {}
+                    Ok(c) => self.report(format!(
+                        "flow input {field:?}: its default {d} must be {} (write {c})",
+                        s.ty.name()
+                    )),
+                    Err(e) => self.report(format!("flow input {field:?}: its default {e}")),
+                }
             }
         }
         let by_name = self.check_names();
@@ -808,7 +825,7 @@ impl<'a> Checker<'a> {
         let ["flow", "input", field] = parts.as_slice() else {
             return;
         };
-        if let Some(&ty) = self.flow.input.get(*field)
+        if let Some(ty) = self.flow.input.get(*field).map(|f| f.ty())
             && !matches!(ty, ValueType::Object | ValueType::Array | ValueType::Any)
         {
             self.report(format!(

@@ -667,3 +667,40 @@ tasks:
         Some(500)
     );
 }
+
+#[cfg(feature = "yaml")]
+#[test]
+fn input_fields_with_required_and_default_read_from_yaml() {
+    let flow = FlowDefinition::from_yaml(
+        r#"
+name: inputs
+input:
+  amount: integer
+  currency: { type: string, default: EUR }
+  note: { type: string, required: false, description: "free text" }
+  count: { type: integer, required: true, default: "3" }
+tasks:
+  - name: a
+    action: { executor: rust, function: audit }
+"#,
+    )
+    .expect("parses");
+    let problems = problems(&flow);
+    assert_eq!(
+        problems,
+        [
+            r#"flow input "count": has a default, so it cannot be required (remove one of required and default)"#,
+            r#"flow input "count": its default "3" must be an integer (write 3)"#,
+        ]
+    );
+    assert_eq!(
+        flow.prepare_input(&json!({"amount": 1})).unwrap(),
+        json!({"amount": 1, "currency": "EUR", "count": "3"})
+    );
+    // A type alone reads back as a type alone: the version of a definition
+    // written before input rules existed is unchanged.
+    assert_eq!(
+        serde_json::to_value(&flow.input["amount"]).unwrap(),
+        json!("integer")
+    );
+}
