@@ -34,6 +34,9 @@ pub const STEP_DURATION_SECONDS: &str = crate::flow::Worker::STEP_DURATION_SECON
 /// `dcbflow_step_queue_wait_seconds`: how long due steps waited for a worker, by `flow`.
 #[cfg(feature = "flow")]
 pub const STEP_QUEUE_WAIT_SECONDS: &str = crate::flow::Worker::STEP_QUEUE_WAIT_SECONDS;
+/// Histogram of the delays before flow step retries, by flow and task.
+#[cfg(feature = "flow")]
+pub const STEP_RETRY_BACKOFF_SECONDS: &str = crate::flow::Worker::STEP_RETRY_BACKOFF_SECONDS;
 
 /// Describes every dcbflow metric (unit and help text) to the installed
 /// recorder. Call it once, after installing the recorder.
@@ -65,6 +68,11 @@ pub fn describe() {
             STEP_QUEUE_WAIT_SECONDS,
             Unit::Seconds,
             "Time from when a flow step became due (its retry time, or the instance's previous event) to when a worker started it, by flow."
+        );
+        describe_histogram!(
+            STEP_RETRY_BACKOFF_SECONDS,
+            Unit::Seconds,
+            "The delay a failed flow step attempt scheduled before its retry (backoff with jitter, or the executor's Retry-After), by flow and task."
         );
     }
 }

@@ -869,6 +869,17 @@ async fn signals_conditions_and_waits_over_http() {
     stop.cancel();
     w.await.unwrap();
     assert_eq!(done["outputs"]["approval"], json!({"by": "ada"}));
+    let steps = done["steps"].as_array().unwrap();
+    let approval = steps.iter().find(|x| x["task"] == "approval").unwrap();
+    assert!(
+        approval["timings"]["waiting_ms"].as_u64().unwrap() > 0,
+        "{approval}"
+    );
+    let cool = steps.iter().find(|x| x["task"] == "cool_off").unwrap();
+    assert!(
+        cool["timings"]["waiting_ms"].as_u64().unwrap() >= 50,
+        "{cool}"
+    );
     assert_eq!(done["signals"].as_array().unwrap().len(), 1);
     assert_eq!(done["signals"][0]["consumed_by"], "approval");
     let (_, t) = s.get(&format!("/api/v1/instances/{id}/timeline")).await;

@@ -30,6 +30,7 @@ pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
 pub use model::state::{
     Acknowledgement, InstanceState, InstanceStatus, ReceivedSignal, StepState, StepStatus,
+    StepTimings,
 };
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};

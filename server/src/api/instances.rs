@@ -181,6 +181,21 @@ pub struct StepView {
     /// task it requires was skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_reason: Option<String>,
+    /// Where its time went.
+    pub timings: TimingsView,
+}
+
+/// Where a step's time went, in milliseconds (a per-stage profile).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TimingsView {
+    /// Waiting for a worker once due, summed over attempts.
+    pub queued_ms: u64,
+    /// Running, summed over attempts.
+    pub running_ms: u64,
+    /// Backing off between attempts.
+    pub backoff_ms: u64,
+    /// Waiting for a timer, a signal or an event.
+    pub waiting_ms: u64,
 }
 
 /// A signal an instance received.
@@ -271,6 +286,12 @@ impl From<&InstanceState> for InstanceView {
                         .filter(|_| st.status == StepStatus::Waiting)
                         .and_then(|e| serde_json::to_value(e).ok()),
                     skip_reason: st.skip_reason.clone(),
+                    timings: TimingsView {
+                        queued_ms: st.timings.queued_ms,
+                        running_ms: st.timings.running_ms,
+                        backoff_ms: st.timings.backoff_ms,
+                        waiting_ms: st.timings.waiting_ms,
+                    },
                 }
             })
             .collect();

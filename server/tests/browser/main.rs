@@ -324,6 +324,15 @@ async fn a_waiting_approval_is_given_with_the_send_signal_button() {
     b.click("#reason-ok").await;
     b.wait(r#"#instance-status[data-status="completed"]"#).await;
     b.wait(r#"tr[data-event-type="FlowSignalReceived"]"#).await;
+    // The profile shows the approval's wait.
+    b.until("the profile to show the wait", async || {
+        let ms = b
+            .probe(r#"return document.querySelector('#profile tr[data-profile-step="approval/action"]')?.dataset.waitingMs"#)
+            .await;
+        ms.as_str().and_then(|m| m.parse::<u64>().ok()).filter(|m| *m > 0)
+    })
+    .await;
+    b.shot("signal-completed").await;
     let v = server.until_status(&id, "completed").await;
     assert_eq!(v["outputs"]["approval"], json!({"approved": true}), "{v:#}");
     assert_eq!(v["signals"][0]["consumed_by"], "approval", "{v:#}");

@@ -708,4 +708,42 @@ mod tests {
         state = apply(&state, &events, late);
         assert_eq!(state.status, InstanceStatus::Failed);
     }
+
+    #[test]
+    fn a_step_records_its_queue_wait_run_time_and_backoff() {
+        let (def, t0) = (serial(), Utc::now());
+        let at = |ms: i64| t0 + chrono::Duration::milliseconds(ms);
+        let mut state = started(&def, t0);
+        let step = StepId::new("reserve", Phase::Action);
+        // Started 40 ms after the instance, failed after 100 ms of running.
+        state = apply(&state, &next_events(&def, &state, at(40), WORKER), at(40));
+        let task = def.task("reserve").unwrap();
+        let failed = failure_events(
+            task,
+            &state,
+            &step,
+            &TaskError::retryable("503"),
+            false,
+            at(140),
+        );
+        let FlowEvent::RetryScheduled(r) = &failed[1] else {
+            panic!("{failed:?}")
+        };
+        let backoff = (r.due_at - at(140)).num_milliseconds() as u64;
+        state = apply(&state, &failed, at(140));
+        // The retry starts 30 ms after its due time and runs 50 ms.
+        let later = |ms: i64| r.due_at + chrono::Duration::milliseconds(ms);
+        state = apply(
+            &state,
+            &next_events(&def, &state, later(30), WORKER),
+            later(30),
+        );
+        state = apply(&state, &[succeeded("reserve", 2, json!({}))], later(80));
+        let t = state.step(&step).timings;
+        assert_eq!(
+            (t.queued_ms, t.running_ms, t.backoff_ms, t.waiting_ms),
+            (70, 150, backoff, 0),
+            "{t:?}"
+        );
+    }
 }

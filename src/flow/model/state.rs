@@ -74,6 +74,43 @@ pub enum StepStatus {
     Waiting,
 }
 
+/// Where a step's time went, as a per-stage profiler shows it: waiting in
+/// the queue for a worker, running, backing off between attempts, and waiting
+/// for a timer, a signal or an event. In milliseconds, from the events' record
+/// times.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepTimings {
+    /// From due (ready, or a retry's due time) to the attempt's start, summed
+    /// over attempts.
+    pub queued_ms: u64,
+    /// From each attempt's start to its outcome, summed.
+    pub running_ms: u64,
+    /// The delays before retries, summed.
+    pub backoff_ms: u64,
+    /// A wait, signal or await_event step's wait.
+    pub waiting_ms: u64,
+    /// When the running attempt or the wait began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl StepTimings {
+    /// An attempt or a wait ended at `at` (the step was in `status`).
+    fn end(&mut self, status: StepStatus, at: DateTime<Utc>) {
+        if let Some(since) = self.since.take() {
+            match status {
+                StepStatus::Waiting => self.waiting_ms += millis(since, at),
+                _ => self.running_ms += millis(since, at),
+            }
+        }
+    }
+}
+
+/// Whole milliseconds from `from` to `to` (none if `to` is earlier).
+fn millis(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    (to - from).num_milliseconds().max(0) as u64
+}
+
 /// A signal sent to an instance, as its state keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReceivedSignal {
@@ -148,6 +185,9 @@ pub struct StepState {
     /// The event a waiting await_event task waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<AwaitedEvent>,
+    /// Where its time went.
+    #[serde(default)]
+    pub timings: StepTimings,
 }
 
 impl StepState {
@@ -168,6 +208,7 @@ impl StepState {
             skip_reason: None,
             signal: None,
             event: None,
+            timings: StepTimings::default(),
         }
     }
 
@@ -290,6 +331,9 @@ impl InstanceState {
     /// decode, only move `last_position`).
     pub fn apply(&mut self, e: &SequencedEvent) {
         let at = e.recorded_at;
+        // The instance's last change before this event: when a step it starts
+        // became ready (unless a retry's due time says otherwise).
+        let before = self.updated_at;
         self.updated_at = at;
         self.last_position = e.position;
         self.events += 1;
@@ -323,6 +367,12 @@ impl InstanceState {
             }
             FlowEvent::StepStarted(d) => {
                 let step = self.step_mut(&d.step, at);
+                let ready = match (step.status, step.due_at) {
+                    (StepStatus::RetryDue, Some(due)) => due,
+                    _ => before,
+                };
+                step.timings.queued_ms += millis(ready, at);
+                step.timings.since = Some(at);
                 step.updated_at = at;
                 step.status = StepStatus::Running;
                 step.attempts = d.attempt;
@@ -333,6 +383,7 @@ impl InstanceState {
             }
             FlowEvent::StepSucceeded(d) => {
                 let step = self.step_mut(&d.step, at);
+                step.timings.end(step.status, at);
                 step.updated_at = at;
                 step.status = StepStatus::Succeeded;
                 step.worker = None;
@@ -359,6 +410,7 @@ impl InstanceState {
             FlowEvent::StepWaiting(d) => {
                 let step = self.step_mut(&d.step, at);
                 step.updated_at = at;
+                step.timings.since = Some(at);
                 step.status = StepStatus::Waiting;
                 step.attempts += 1;
                 step.due_at = d.until;
@@ -384,6 +436,7 @@ impl InstanceState {
             FlowEvent::StepFailed(d) | FlowEvent::StepTimedOut(d) => {
                 let timed_out = e.event_type() == events::types::STEP_TIMED_OUT;
                 let step = self.step_mut(&d.step, at);
+                step.timings.end(step.status, at);
                 step.updated_at = at;
                 step.status = if d.exhausted {
                     StepStatus::Failed
@@ -406,6 +459,7 @@ impl InstanceState {
             }
             FlowEvent::RetryScheduled(d) => {
                 let step = self.step_mut(&d.step, at);
+                step.timings.backoff_ms += millis(at, d.due_at);
                 step.updated_at = at;
                 step.status = StepStatus::RetryDue;
                 step.due_at = Some(d.due_at);

@@ -199,6 +199,10 @@ impl Worker {
     /// The time the due work sat in `flow_wakeups` would miss the part before
     /// its row was written and after it was claimed.
     pub(crate) const STEP_QUEUE_WAIT_SECONDS: &'static str = "dcbflow_step_queue_wait_seconds";
+    /// Histogram of the delays before step retries (the backoff a failure
+    /// scheduled), by `flow` and `task`.
+    pub(crate) const STEP_RETRY_BACKOFF_SECONDS: &'static str =
+        "dcbflow_step_retry_backoff_seconds";
 }
 
 /// Counts a finished attempt and records how long it took.
@@ -880,6 +884,20 @@ impl Worker {
                 Ok(with_plan(state, def, now, out))
             })
             .await;
+        #[cfg(feature = "metrics")]
+        if let Ok((_, appended)) = &result {
+            for e in appended {
+                if let FlowEvent::RetryScheduled(r) = e {
+                    let delay = (r.due_at - Utc::now()).to_std().unwrap_or_default();
+                    ::metrics::histogram!(
+                        Self::STEP_RETRY_BACKOFF_SECONDS,
+                        "flow" => flow.clone(),
+                        "task" => r.step.task.clone()
+                    )
+                    .record(delay.as_secs_f64());
+                }
+            }
+        }
         flatten(result)
     }
 }

@@ -321,6 +321,40 @@ export function InstanceDetail({ id }) {
       </table>
     <//>
 
+    <h2>Profile</h2>
+    <p class="muted">Where each step's time went: waiting for a worker once due, running, backing off between attempts, waiting for a timer, a signal or an event.</p>
+    <${TableWrap} label="Profile">
+      <table id="profile">
+        <thead><tr>
+          <th scope="col">Step</th><th scope="col" class="num">Queued</th><th scope="col" class="num">Running</th>
+          <th scope="col" class="num">Backoff</th><th scope="col" class="num">Waiting</th><th scope="col">Share</th>
+        </tr></thead>
+        <tbody>
+          ${steps.length === 0 && html`<${EmptyRow} cols="6" text="No step has started yet." />`}
+          ${(() => {
+            const total = (t) => (t ? t.queued_ms + t.running_ms + t.backoff_ms + t.waiting_ms : 0);
+            const most = Math.max(1, ...steps.map((x) => total(x.timings)));
+            return steps.map((x) => {
+              const t = x.timings || { queued_ms: 0, running_ms: 0, backoff_ms: 0, waiting_ms: 0 };
+              const k = str(x.key);
+              const seg = (cls, ms, what) => (ms > 0 ? html`<span class=${cls} style=${`width:${(100 * ms) / most}%`} title=${`${what}: ${fmtDuration(ms)}`}></span>` : '');
+              return html`<tr data-profile-step=${k} data-queued-ms=${t.queued_ms} data-running-ms=${t.running_ms}
+                  data-backoff-ms=${t.backoff_ms} data-waiting-ms=${t.waiting_ms} key=${k}>
+                <th scope="row"><code>${k}</code></th>
+                <td class="num">${fmtDuration(t.queued_ms)}</td>
+                <td class="num">${fmtDuration(t.running_ms)}</td>
+                <td class="num">${fmtDuration(t.backoff_ms)}</td>
+                <td class="num">${fmtDuration(t.waiting_ms)}</td>
+                <td><div class="profile-bar" role="img" aria-label=${`${k}: ${fmtDuration(total(t))} in all`}>
+                  ${seg('seg-queued', t.queued_ms, 'queued')}${seg('seg-running', t.running_ms, 'running')}${seg('seg-backoff', t.backoff_ms, 'backoff')}${seg('seg-waiting', t.waiting_ms, 'waiting')}
+                </div></td>
+              </tr>`;
+            });
+          })()}
+        </tbody>
+      </table>
+    <//>
+
     <div class="json-grid">
       <div><h2>Input</h2><${JsonBlock} id="input" value=${inst.input} /></div>
       <div><h2>Outputs</h2><${JsonBlock} id="outputs" value=${inst.outputs} /></div>
