@@ -102,6 +102,7 @@ fn round(
             until: w.until,
             signal: w.signal.clone(),
             event: w.event.clone(),
+            child: None,
         }));
     }
     for (step, output, signal_id) in &p.finish {
@@ -314,6 +315,7 @@ mod tests {
             business_key: None,
             input: json!({}),
             deadline_at: None,
+            parent: None,
         });
         let seq = SequencedEvent {
             position: Position(1),

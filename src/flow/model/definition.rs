@@ -233,6 +233,11 @@ pub struct TaskDefinition {
     /// the event becomes the task's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub await_event: Option<AwaitEvent>,
+    /// Starts a child instance of another flow (instead of `action`) and
+    /// completes with the child's outputs; a child that fails or is
+    /// compensated fails the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<SubFlow>,
     /// How to undo it when the flow is compensated (saga).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Action>,
@@ -302,6 +307,18 @@ pub struct AwaitEvent {
     pub timeout_ms: Option<u64>,
 }
 
+/// A `flow` task: a child instance of flow `name` with `input` (templated),
+/// started once per parent and task (idempotent), linked both ways.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubFlow {
+    /// The child's flow (its latest version when the task starts).
+    pub name: String,
+    /// The child's input (templated values).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input: BTreeMap<String, Value>,
+}
+
 /// What kind of task a definition is (by which of its fields is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TaskKind {
@@ -315,6 +332,8 @@ pub(crate) enum TaskKind {
     Signal,
     /// Waits for an event in the log.
     AwaitEvent,
+    /// Runs a child instance.
+    SubFlow,
 }
 
 /// A try/confirm/cancel task: every participant's `try` (within `try_deadline_ms`),
@@ -713,6 +732,8 @@ impl TaskDefinition {
             TaskKind::Signal
         } else if self.await_event.is_some() {
             TaskKind::AwaitEvent
+        } else if self.flow.is_some() {
+            TaskKind::SubFlow
         } else {
             TaskKind::Action
         }
@@ -729,6 +750,7 @@ impl TaskDefinition {
             wait: None,
             signal: None,
             await_event: None,
+            flow: None,
             action: Some(action),
             compensate: None,
             tcc: None,
@@ -803,6 +825,23 @@ impl TaskDefinition {
                 types: types.into_iter().map(Into::into).collect(),
                 tags: tags.into_iter().map(Into::into).collect(),
                 timeout_ms: None,
+            }),
+            ..TaskDefinition::new(name, Action::rust(""))
+        }
+    }
+
+    /// A task running a child instance of `flow` with `input` (templated
+    /// values) and completing with its outputs.
+    pub fn sub_flow(name: impl Into<String>, flow: impl Into<String>, input: Value) -> Self {
+        let input = match input {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        TaskDefinition {
+            action: None,
+            flow: Some(SubFlow {
+                name: flow.into(),
+                input,
             }),
             ..TaskDefinition::new(name, Action::rust(""))
         }

@@ -209,6 +209,18 @@ pub struct Started {
     /// When its deadline passes.
     #[serde(default)]
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The instance and task that started it (a child of a `flow` task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of a child instance: the instance and its `flow` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent instance.
+    pub instance: Uuid,
+    /// Its task that started the child.
+    pub task: String,
 }
 
 /// `FlowStepStarted`: an attempt of a step began; `worker` holds it until
@@ -264,9 +276,13 @@ pub struct StepWaiting {
     /// The signal waited for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
-    /// The event waited for (an `await_event` task's query, its tags rendered).
+    /// The event waited for (an `await_event` task's query, its tags rendered;
+    /// a `flow` task's child's final event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<AwaitedEvent>,
+    /// A `flow` task's child instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<Uuid>,
 }
 
 /// The query of an `await_event` task, with its tags rendered.

@@ -261,7 +261,7 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
                 waiting(task, &action, s, now, plan);
                 continue;
             }
-            TaskKind::Action | TaskKind::Tcc => {}
+            TaskKind::Action | TaskKind::Tcc | TaskKind::SubFlow => {}
         }
         match tcc_view(task, s, now) {
             None => consider(&s.step(&StepId::new(&task.name, Phase::Action)), plan, now),
@@ -561,6 +561,10 @@ fn settled(task: &TaskDefinition, s: &InstanceState, now: DateTime<Utc>) -> bool
         StepStatus::Succeeded if task.compensate.is_some() => {
             done(&s.step(&StepId::new(&task.name, Phase::Compensate)))
         }
+        // A child still running is aborted (and so compensated) first.
+        StepStatus::Waiting if task.flow.is_some() && action.child.is_some() => {
+            done(&s.step(&StepId::new(&task.name, Phase::Compensate)))
+        }
         StepStatus::Running => false,
         _ => true,
     }
@@ -604,6 +608,26 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
             continue;
         }
         let action = s.step(&StepId::new(&task.name, Phase::Action));
+        if task.flow.is_some() && action.status == StepStatus::Waiting && action.child.is_some() {
+            // Abort the running child: its compensate step.
+            let abort = s.step(&StepId::new(&task.name, Phase::Compensate));
+            if abort.status == StepStatus::Failed {
+                plan.instance = Some((
+                    types::COMPENSATION_FAILED,
+                    format!(
+                        "aborting the child of {:?} failed: {}",
+                        task.name,
+                        abort.error.clone().unwrap_or_default()
+                    ),
+                ));
+                plan.clear_steps();
+                return;
+            }
+            if !done(&abort) {
+                consider(&abort, plan, now);
+            }
+            continue;
+        }
         if action.status != StepStatus::Succeeded || task.compensate.is_none() {
             continue;
         }

@@ -188,6 +188,9 @@ pub struct StepState {
     /// Where its time went.
     #[serde(default)]
     pub timings: StepTimings,
+    /// A `flow` task's child instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<Uuid>,
 }
 
 impl StepState {
@@ -209,6 +212,7 @@ impl StepState {
             signal: None,
             event: None,
             timings: StepTimings::default(),
+            child: None,
         }
     }
 
@@ -248,6 +252,9 @@ pub struct InstanceState {
     pub started_at: DateTime<Utc>,
     /// When its deadline passes.
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The instance and task that started it, for a child instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<events::ParentRef>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
     /// Position of its newest event, the instance's concurrency token: pass it
@@ -301,6 +308,7 @@ impl InstanceState {
             status: InstanceStatus::Running,
             started_at: e.recorded_at,
             deadline_at: s.deadline_at,
+            parent: s.parent,
             updated_at: e.recorded_at,
             last_position: e.position,
             reason: None,
@@ -412,10 +420,18 @@ impl InstanceState {
                 step.updated_at = at;
                 step.timings.since = Some(at);
                 step.status = StepStatus::Waiting;
-                step.attempts += 1;
+                step.worker = None;
+                step.lease_until = None;
+                // A child's wait follows its task's attempt, which counted.
+                if d.child.is_none() {
+                    step.attempts += 1;
+                }
                 step.due_at = d.until;
                 step.signal = d.signal;
                 step.event = d.event.clone();
+                if d.child.is_some() {
+                    step.child = d.child;
+                }
                 step.error = None;
                 step.first_started.get_or_insert(at);
                 if let Some(q) = d.event {

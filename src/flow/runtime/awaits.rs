@@ -131,13 +131,15 @@ impl EventWaker {
              {upsert}"
         );
         while let Some(batch) = sub.next_batch_or_cancel(&self.stop).await? {
-            // The engine's own events are not facts anyone awaits.
+            // The engine's own events are not facts anyone awaits, but for an
+            // instance's end, which its parent's `flow` task awaits.
             let facts: Vec<Value> = batch
                 .iter()
                 .filter(|e| {
-                    !e.tags().iter().any(|t| {
-                        t.starts_with("flow_instance:") || t.starts_with("flow_definition:")
-                    })
+                    super::worker::FINAL_TYPES.contains(&e.event_type())
+                        || !e.tags().iter().any(|t| {
+                            t.starts_with("flow_instance:") || t.starts_with("flow_definition:")
+                        })
                 })
                 .map(|e| json!({"type": e.event_type(), "tags": e.tags()}))
                 .collect();

@@ -351,6 +351,18 @@ impl Flows {
         business_key: Option<&str>,
         input: Value,
     ) -> Result<StartedInstance, FlowError> {
+        self.start_with_parent(flow, business_key, input, None)
+            .await
+    }
+
+    /// [`start`](Self::start) of a child instance of `parent`.
+    pub(crate) async fn start_with_parent(
+        &self,
+        flow: &str,
+        business_key: Option<&str>,
+        input: Value,
+        parent: Option<events::ParentRef>,
+    ) -> Result<StartedInstance, FlowError> {
         self.ready().await?;
         let def = self.definition(flow, None).await?;
         let input = def
@@ -393,6 +405,7 @@ impl Flows {
                 deadline_at: def
                     .deadline_ms
                     .map(|ms| now + chrono::Duration::milliseconds(ms as i64)),
+                parent: parent.clone(),
             };
             let mut event = FlowEvent::Started(started).to_event(id);
             event.tags.push(events::flow_tag(flow));

@@ -101,6 +101,8 @@ pub(crate) enum Effect {
     Sql(Vec<BoundStatement>),
     /// Append this message for the outbox with the completion.
     Message { subject: String, payload: Value },
+    /// A child instance started (a `flow` task): wait for its end.
+    Child(uuid::Uuid),
 }
 
 fn render_err(e: String) -> TaskError {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,10 @@ use super::transition::TransitionError;
 use crate::flow::FlowError;
 use crate::flow::model::decide::{Lessee, failure_events, next_due, next_events, preview};
 use crate::flow::model::definition::{FlowDefinition, TaskDefinition};
-use crate::flow::model::events::{FlowEvent, Message, StepId, StepSucceeded, types};
+use crate::flow::model::events::{
+    AwaitedEvent, FlowEvent, Message, ParentRef, Phase, StepFailed, StepId, StepSucceeded,
+    StepWaiting, instance_tag, types,
+};
 use crate::flow::model::failure::TaskError;
 use crate::flow::model::plan::plan;
 use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
@@ -555,7 +558,8 @@ impl Worker {
                     w.ensure();
                 }
                 if let Some((step, event)) = awaits::awaited(&self.flows, &state).await? {
-                    (state, appended) = self.deliver(id, &step, &event).await?;
+                    let outcome = self.outcome_of(&state, &step, &event).await?;
+                    (state, appended) = self.deliver(id, &step, outcome).await?;
                     continue;
                 }
             }
@@ -665,9 +669,8 @@ impl Worker {
         &self,
         id: Uuid,
         step: &StepId,
-        event: &SequencedEvent,
+        outcome: Result<Value, String>,
     ) -> Result<(InstanceState, Vec<FlowEvent>), FlowError> {
-        let output = awaits::output(event);
         let result = self
             .flows
             .transition(id, None, |state, def, now| {
@@ -675,12 +678,21 @@ impl Worker {
                 if s.status != StepStatus::Waiting || state.status != InstanceStatus::Running {
                     return Ok(Vec::new());
                 }
-                let mut events = vec![FlowEvent::StepSucceeded(StepSucceeded {
-                    step: step.clone(),
-                    attempt: s.attempts,
-                    output: output.clone(),
-                    signal_id: None,
-                })];
+                let mut events = vec![match &outcome {
+                    Ok(output) => FlowEvent::StepSucceeded(StepSucceeded {
+                        step: step.clone(),
+                        attempt: s.attempts,
+                        output: output.clone(),
+                        signal_id: None,
+                    }),
+                    Err(error) => FlowEvent::StepFailed(StepFailed {
+                        step: step.clone(),
+                        attempt: s.attempts,
+                        error: error.clone(),
+                        code: Some("child_failed".into()),
+                        exhausted: true,
+                    }),
+                }];
                 let next = preview(state, &events, now);
                 events.extend(next_events(def, &next, now, self.lessee()));
                 Ok(events)
@@ -708,6 +720,10 @@ impl Worker {
             let waited = (Utc::now() - due_at).to_std().unwrap_or_default();
             ::metrics::histogram!(Self::STEP_QUEUE_WAIT_SECONDS, "flow" => flow.clone())
                 .record(waited.as_secs_f64());
+        }
+        if task.flow.is_some() {
+            self.spawn_child_step(running, state, task, step, attempt);
+            return;
         }
         let ctx = context(state, &task, &step, attempt);
         let action = task.action_for(&step).cloned();
@@ -767,6 +783,118 @@ impl Worker {
         );
     }
 
+    /// A `flow` task's step: its action starts the child (idempotent by parent
+    /// and task), its compensation aborts a child still running.
+    fn spawn_child_step(
+        &self,
+        running: &mut JoinSet<Finished>,
+        state: &InstanceState,
+        task: TaskDefinition,
+        step: StepId,
+        attempt: u32,
+    ) {
+        let flows = self.flows.clone();
+        let parent = state.id;
+        let child = state.step(&StepId::new(&task.name, Phase::Action)).child;
+        let instance = parent.to_string();
+        let key = step.idempotency_key(parent);
+        let rendered = task.flow.as_ref().map(|sub| {
+            let ctx = template::Context {
+                flow_input: &state.input,
+                outputs: &state.outputs,
+                input: None,
+                instance: &instance,
+                idempotency_key: &key,
+                business_key: state.business_key.as_deref(),
+            };
+            template::render(
+                &Value::Object(sub.input.clone().into_iter().collect()),
+                &ctx,
+            )
+        });
+        #[cfg(feature = "metrics")]
+        let flow = state.flow.clone();
+        running.spawn(
+            async move {
+                #[cfg(feature = "metrics")]
+                let started = std::time::Instant::now();
+                let result = match (step.phase, task.flow.as_ref(), rendered) {
+                    (Phase::Action, Some(sub), Some(Ok(input))) => flows
+                        .start_with_parent(
+                            &sub.name,
+                            Some(&format!("parent:{parent}:{}", task.name)),
+                            input,
+                            Some(ParentRef {
+                                instance: parent,
+                                task: task.name.clone(),
+                            }),
+                        )
+                        .await
+                        .map(|s| Effect::Child(s.instance))
+                        .map_err(|e| {
+                            let error = match &e {
+                                FlowError::UnknownFlow(_) | FlowError::InputMismatch(_) => {
+                                    TaskError::fatal(e.to_string()).code("child_start")
+                                }
+                                _ => TaskError::retryable(e.to_string()).code("child_start"),
+                            };
+                            Failure::new(error)
+                        }),
+                    (Phase::Action, _, Some(Err(e))) => {
+                        Err(Failure::new(TaskError::fatal(e).code("template")))
+                    }
+                    (Phase::Compensate, _, _) => match child {
+                        Some(c) => abort_child(&flows, c, parent).await.map_err(Failure::new),
+                        None => Ok(Effect::Output(Value::Null)),
+                    },
+                    _ => Err(Failure::new(TaskError::fatal(format!(
+                        "{step} is not a step of a flow task"
+                    )))),
+                };
+                Finished {
+                    step,
+                    attempt,
+                    timeout_ms: task.timeout_ms,
+                    result,
+                    #[cfg(feature = "metrics")]
+                    flow,
+                    #[cfg(feature = "metrics")]
+                    ran: started.elapsed(),
+                }
+            }
+            .instrument(tracing::debug_span!("dcbflow.step.child")),
+        );
+    }
+
+    /// What a waiting await_event or `flow` step gets from the event found: the
+    /// event itself, or a child's outputs (or why the child did not complete).
+    async fn outcome_of(
+        &self,
+        state: &InstanceState,
+        step: &StepId,
+        event: &SequencedEvent,
+    ) -> Result<Result<Value, String>, FlowError> {
+        let Some(child) = state.step(step).child else {
+            return Ok(Ok(awaits::output(event)));
+        };
+        let child_state = self
+            .flows
+            .instance(child)
+            .await?
+            .ok_or(FlowError::UnknownInstance(child))?;
+        Ok(match child_state.status {
+            InstanceStatus::Completed => {
+                Ok(serde_json::to_value(&child_state.outputs).unwrap_or_default())
+            }
+            other => Err(format!(
+                "child instance {child} of flow {:?} is {}: {}",
+                child_state.flow,
+                other.as_str(),
+                child_state.reason.clone().unwrap_or_default()
+            )),
+        })
+    }
+
     /// Records an attempt's outcome, if the attempt is still the current one (a
     /// late worker whose lease expired loses here), together with the next
     /// planning round (with `plan`), in one transition. SQL runs in this transaction.
@@ -804,12 +932,35 @@ impl Worker {
                 events.extend(planned);
                 events
             };
+        if let Ok(Effect::Child(child)) = &result {
+            let child = *child;
+            let outcome = self
+                .flows
+                .transition(id, None, |state, def, now| {
+                    if !current(state) {
+                        return Ok(Vec::new());
+                    }
+                    let wait = FlowEvent::StepWaiting(StepWaiting {
+                        step: step.clone(),
+                        until: None,
+                        signal: None,
+                        event: Some(AwaitedEvent {
+                            types: FINAL_TYPES.iter().map(|t| (*t).to_owned()).collect(),
+                            tags: vec![instance_tag(child)],
+                        }),
+                        child: Some(child),
+                    });
+                    Ok(with_plan(state, def, now, vec![wait]))
+                })
+                .await;
+            return flatten(outcome);
+        }
         let failure = match result {
             Ok(effect) => {
                 let work = effect.sql_work(timeout_ms);
                 let (output, message) = match effect {
                     Effect::Output(v) => (v, None),
-                    Effect::Sql(_) => (Value::Null, None),
+                    Effect::Sql(_) | Effect::Child(_) => (Value::Null, None),
                     Effect::Message { subject, payload } => (
                         Value::Null,
                         Some(Message {
@@ -900,6 +1051,42 @@ impl Worker {
         }
         flatten(result)
     }
+}
+
+/// The final events of an instance, which a `flow` task's wait for its child
+/// ends on.
+pub(crate) const FINAL_TYPES: [&str; 3] = [types::COMPLETED, types::COMPENSATED, types::FAILED];
+
+/// Aborts child instance `child` of `parent` if it still runs (a parent
+/// compensating takes its running children with it); done if it is over.
+async fn abort_child(flows: &Flows, child: Uuid, parent: Uuid) -> Result<Effect, TaskError> {
+    let by = crate::flow::Operator::new(
+        "dcbflow",
+        format!("parent instance {parent} is compensating"),
+    );
+    for _ in 0..5 {
+        let state = flows
+            .instance(child)
+            .await
+            .map_err(|e| TaskError::retryable(e.to_string()))?
+            .ok_or_else(|| TaskError::fatal(format!("child instance {child} is gone")))?;
+        if !matches!(
+            state.status,
+            InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Failed
+        ) {
+            return Ok(Effect::Output(
+                json!({"child": child, "status": state.status.as_str()}),
+            ));
+        }
+        match flows.abort(child, state.last_position, &by).await {
+            Ok(_) => return Ok(Effect::Output(json!({"child": child, "aborted": true}))),
+            Err(FlowError::Moved { .. }) => continue,
+            Err(e) => return Err(TaskError::retryable(e.to_string())),
+        }
+    }
+    Err(TaskError::retryable(format!(
+        "child instance {child} kept moving"
+    )))
 }
 
 /// A failed SQL step: what [`sqlstate::is_transient`] calls transient

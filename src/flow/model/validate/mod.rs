@@ -497,6 +497,7 @@ impl<'a> Checker<'a> {
             (task.wait.is_some(), "a wait"),
             (task.signal.is_some(), "a signal"),
             (task.await_event.is_some(), "an await_event"),
+            (task.flow.is_some(), "a flow"),
         ]
         .into_iter()
         .filter_map(|(set, what)| set.then_some(what))
@@ -504,10 +505,10 @@ impl<'a> Checker<'a> {
         match kinds.len() {
             1 => {}
             0 => self.report(format!(
-                "task {name:?}: has none of action, tcc, wait, signal and await_event (it must have exactly one)"
+                "task {name:?}: has none of action, tcc, wait, signal, await_event and flow (it must have exactly one)"
             )),
             _ => self.report(format!(
-                "task {name:?}: has {} (it must have exactly one of action, tcc, wait, signal and await_event)",
+                "task {name:?}: has {} (it must have exactly one of action, tcc, wait, signal, await_event and flow)",
                 kinds.join(" and ")
             )),
         }
@@ -615,6 +616,32 @@ impl<'a> Checker<'a> {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(sub) = &task.flow {
+            if !valid_name(&sub.name) {
+                self.report(format!(
+                    "task {name:?}: its flow {:?} is not a valid flow name",
+                    sub.name
+                ));
+            } else if sub.name == flow.name {
+                self.report(format!(
+                    "task {name:?}: a flow task cannot start its own flow {:?} (that would never end)",
+                    sub.name
+                ));
+            }
+            if task.compensate.is_some() {
+                self.report(format!(
+                    "task {name:?}: a flow task's compensation is its child's (remove compensate)"
+                ));
+            }
+            for (key, value) in &sub.input {
+                self.check_templates(
+                    scope,
+                    &format!("flow input {key:?}"),
+                    value,
+                    Place::TaskInput,
+                );
             }
         }
         if let Some(wanted) = &task.await_event {

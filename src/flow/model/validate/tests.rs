@@ -208,7 +208,7 @@ tasks:
         r#"task "pack": sql action has no statements"#,
         r#"task "a b": its name may only contain"#,
         r#"task "a b": nats subject is empty"#,
-        r#"task "empty": has none of action, tcc, wait, signal and await_event"#,
+        r#"task "empty": has none of action, tcc, wait, signal, await_event and flow"#,
         r#"task "both": has an action and a tcc group"#,
         r#"task "both": sql statement 1 is empty"#,
         r#"task "both": a tcc task cannot have a compensate action"#,
