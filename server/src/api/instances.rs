@@ -183,6 +183,18 @@ pub struct StepView {
     pub skip_reason: Option<String>,
     /// Where its time went.
     pub timings: TimingsView,
+    /// A `flow` task's child instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<Uuid>,
+}
+
+/// A link between a parent instance and a child it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceLink {
+    /// The other instance.
+    pub id: Uuid,
+    /// The parent's `flow` task.
+    pub task: String,
 }
 
 /// Where a step's time went, in milliseconds (a per-stage profile).
@@ -241,6 +253,11 @@ pub struct InstanceView {
     pub steps: Vec<StepView>,
     /// Signals received, oldest first.
     pub signals: Vec<SignalView>,
+    /// The instance that started this one (a `flow` task's child).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<InstanceLink>,
+    /// The child instances its `flow` tasks started.
+    pub children: Vec<InstanceLink>,
     /// Started.
     pub started_at: DateTime<Utc>,
     /// Last change.
@@ -292,6 +309,7 @@ impl From<&InstanceState> for InstanceView {
                         backoff_ms: st.timings.backoff_ms,
                         waiting_ms: st.timings.waiting_ms,
                     },
+                    child: st.child,
                 }
             })
             .collect();
@@ -316,6 +334,20 @@ impl From<&InstanceState> for InstanceView {
                     payload: g.payload.clone(),
                     at: g.at,
                     consumed_by: g.consumed_by.clone(),
+                })
+                .collect(),
+            parent: s.parent.as_ref().map(|p| InstanceLink {
+                id: p.instance,
+                task: p.task.clone(),
+            }),
+            children: s
+                .steps
+                .values()
+                .filter_map(|st| {
+                    st.child.map(|id| InstanceLink {
+                        id,
+                        task: st.step.task.clone(),
+                    })
                 })
                 .collect(),
             started_at: s.started_at,

@@ -122,7 +122,8 @@ impl ValueType {
     /// `value` as this type, if it is one or converts unambiguously: a string
     /// holding an integer (`"42"`) for an integer, a number for a number, `"true"`
     /// or `"false"` for a boolean; a number without fraction (`42.0`) for an
-    /// integer; an integer or a boolean for a string. `Err`: why not.
+    /// integer. Nothing becomes a string: a number where text is expected is
+    /// more likely a mistake. `Err`: why not.
     pub fn convert(self, value: &Value) -> Result<Value, String> {
         if self.admits(value) {
             return Ok(value.clone());
@@ -150,10 +151,6 @@ impl ValueType {
                 "false" => Some(Value::Bool(false)),
                 _ => None,
             },
-            (ValueType::String, Value::Number(n)) if n.is_i64() || n.is_u64() => {
-                Some(Value::String(n.to_string()))
-            }
-            (ValueType::String, Value::Bool(b)) => Some(Value::String(b.to_string())),
             _ => None,
         };
         converted.ok_or_else(|| {

@@ -473,6 +473,20 @@ impl Worker {
         Ok(())
     }
 
+    /// Deletes the wake-up row of `id` this worker claimed (nothing is due).
+    async fn forget(&self, id: Uuid) -> Result<(), FlowError> {
+        self.flows.inner.stats.statements(1);
+        let client = self.flows.store().pool().get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "DELETE FROM {} WHERE instance = $1 AND claimed_by = $2",
+                self.flows.store().table("flow_wakeups")
+            ))
+            .await?;
+        client.execute(&stmt, &[&id, &self.options.id]).await?;
+        Ok(())
+    }
+
     async fn release(&self, id: Uuid) -> Result<(), FlowError> {
         self.flows.inner.stats.statements(1);
         let client = self.flows.store().pool().get().await?;
@@ -588,8 +602,24 @@ impl Worker {
                         }
                     }
                     // Nothing due at all: the last transition's read models
-                    // have no wake-up row left, nor so a claim to release.
-                    _ if next_due(&planned, now).is_none() => return Ok(Claim::Gone),
+                    // have no wake-up row left, nor so a claim to release. One
+                    // that appended nothing wrote nothing: the row this claim
+                    // came from (made due by an event waker's match or sweep)
+                    // is deleted here, and the log read again, so that an
+                    // event the waker matched meanwhile is not lost with it.
+                    _ if next_due(&planned, now).is_none() => {
+                        if appended.is_empty() {
+                            self.forget(id).await?;
+                            if let Some((step, event)) =
+                                awaits::awaited(&self.flows, &state).await?
+                            {
+                                let outcome = self.outcome_of(&state, &step, &event).await?;
+                                (state, appended) = self.deliver(id, &step, outcome).await?;
+                                continue;
+                            }
+                        }
+                        return Ok(Claim::Gone);
+                    }
                     _ => return Ok(Claim::Held),
                 }
             }

@@ -711,3 +711,93 @@ async fn aborting_the_parent_aborts_its_running_child() {
         StepStatus::Succeeded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_parents_complete_whenever_their_children_end() {
+    let (_t, flows) = engine().await;
+    parent_and_child(&flows).await;
+    // Default claims (30 s): a claim left behind would show as a stall.
+    let cancel = dcbflow::CancellationToken::new();
+    let mut handles = Vec::new();
+    for i in 0..2 {
+        let mut o = dcbflow::flow::WorkerOptions::default().id(format!("d{i}"));
+        o.poll_interval = Duration::from_millis(50);
+        let (w, c) = (flows.worker(o), cancel.clone());
+        handles.push(tokio::spawn(async move { w.run(c).await.unwrap() }));
+    }
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let key = format!("m-{i}");
+        ids.push(
+            flows
+                .start("order", Some(&key), json!({"order": key}))
+                .await
+                .unwrap()
+                .instance,
+        );
+    }
+    for id in ids {
+        wait_for(&flows, id, InstanceStatus::Completed, 20).await;
+    }
+    cancel.cancel();
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_woken_with_nothing_to_do_releases_its_claim() {
+    let (t, flows) = engine().await;
+    payment_flow(&flows).await;
+    // Default claims: a claim left behind would hold the instance for 30 s.
+    let cancel = dcbflow::CancellationToken::new();
+    let mut o = dcbflow::flow::WorkerOptions::default().id("default-claims");
+    o.poll_interval = Duration::from_millis(50);
+    let worker = flows.worker(o);
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move { worker.run(c).await.unwrap() });
+    let id = flows
+        .start("payment", Some("o9"), json!({}))
+        .await
+        .unwrap()
+        .instance;
+    eventually("the payment to be awaited", DEADLINE, || async {
+        let s = flows.instance(id).await.unwrap()?;
+        (s.step(&StepId::new("paid", Phase::Action)).status == StepStatus::Waiting).then_some(())
+    })
+    .await;
+    // Woken with nothing to do (as an event waker's sweep does).
+    let table = format!("\"{}\".flow_wakeups", t.store.schema());
+    let client = t.store.pool().get().await.unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (instance, due_at) VALUES ($1, now()) \
+                 ON CONFLICT (instance) DO UPDATE SET due_at = now()"
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    // The worker claims it, finds nothing to do, and lets it go: no row (a
+    // claim left behind would hold it for 30 s, whatever woke it next).
+    eventually(
+        "the wake-up to be taken and dropped",
+        Duration::from_secs(10),
+        || async {
+            let row = client
+                .query_opt(
+                    &format!("SELECT 1 FROM {table} WHERE instance = $1"),
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            row.is_none().then_some(())
+        },
+    )
+    .await;
+    t.store.append(vec![settled("o9", 9)], None).await.unwrap();
+    wait_for(&flows, id, InstanceStatus::Completed, 10).await;
+    cancel.cancel();
+    handle.await.unwrap();
+}

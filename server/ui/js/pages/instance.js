@@ -259,6 +259,8 @@ export function InstanceDetail({ id }) {
       <div><dt>Started</dt><dd><${Time} at=${inst.started_at} /></dd></div>
       <div><dt>Updated</dt><dd><${Time} at=${inst.updated_at} /></dd></div>
       ${inst.deadline_at && html`<div><dt>Deadline</dt><dd><${Time} at=${inst.deadline_at} /></dd></div>`}
+      ${inst.parent && html`<div><dt>Parent</dt><dd><a id="parent-link" href=${'#/instances/' + encodeURIComponent(str(inst.parent.id))}><code>${short(inst.parent.id)}</code></a> (task <code>${str(inst.parent.task)}</code>)</dd></div>`}
+      ${Array.isArray(inst.children) && inst.children.length > 0 && html`<div><dt>Children</dt><dd>${inst.children.map((c, i) => html`${i > 0 ? ', ' : ''}<a data-child=${str(c.id)} href=${'#/instances/' + encodeURIComponent(str(c.id))}><code>${short(c.id)}</code></a> (<code>${str(c.task)}</code>)`)}</dd></div>`}
       <div><dt>Seen</dt><dd><code id="instance-seen">${str(inst.seen)}</code> (${str(inst.events)} events)</dd></div>
       <div><dt>Events</dt><dd><a href=${href('/events', { tags: `flow_instance:${inst.id}` })}>in the event log</a></dd></div>
     </dl>
