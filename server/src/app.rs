@@ -134,6 +134,32 @@ impl App {
         Ok(registered)
     }
 
+    /// Sets every schedule of the configuration that is new or changed
+    /// (one that is already as configured keeps its last tick and state,
+    /// paused included).
+    ///
+    /// # Errors
+    /// The first schedule that is refused, naming it.
+    pub async fn apply_configured_schedules(&self) -> ApiResult<Vec<String>> {
+        let mut set = Vec::new();
+        for s in &self.config.schedules {
+            let current = self.flows.schedule(&s.name).await?;
+            if current.as_ref().is_some_and(|c| &c.schedule == s) {
+                continue;
+            }
+            self.flows
+                .set_schedule(s, Some("configuration"))
+                .await
+                .map_err(|e| {
+                    let mut e = ApiError::from(e);
+                    e.detail = format!("schedules {:?}: {}", s.name, e.detail);
+                    e
+                })?;
+            set.push(s.name.clone());
+        }
+        Ok(set)
+    }
+
     /// The relays and projections of the configuration.
     pub fn watched(&self) -> Vec<Watched> {
         let relays = self.config.relays.iter().map(|r: &Relay| Watched {

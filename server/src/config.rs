@@ -27,6 +27,14 @@
 //! types = ["OrderPlaced"]
 //! nats = { url = "nats://127.0.0.1:4222", prefix = "shop" }
 //!
+//! [[schedules]]
+//! name = "nightly-report"
+//! flow = "report"
+//! cron = "0 0 2 * * *"      # seconds first: 02:00:00 every day
+//! timezone = "Europe/Amsterdam"
+//! missed = "run_once"       # or "skip" (default)
+//! input = { kind = "daily" }
+//!
 //! [[projections]]
 //! name = "order-summary"    # a checkpoint your own process advances
 //! types = ["OrderPlaced", "OrderShipped"]
@@ -64,6 +72,8 @@ pub struct Config {
     pub relays: Vec<Relay>,
     /// Projections to watch (checkpoints advanced by your own processes).
     pub projections: Vec<Projection>,
+    /// Cron schedules that start flow instances (`[[schedules]]`).
+    pub schedules: Vec<dcbflow::flow::Schedule>,
     /// Tokens.
     pub auth: Auth,
     /// The HTTP API.
@@ -328,8 +338,9 @@ impl Config {
                 "api" => section(&key, value, &mut problems, &mut config.api),
                 "relays" => config.relays = list(&key, value, &mut problems),
                 "projections" => config.projections = list(&key, value, &mut problems),
+                "schedules" => config.schedules = list(&key, value, &mut problems),
                 other => problems.push(format!(
-                    "{other}: unknown key (expected listen, database, flows, workers, relays, projections, auth, api)"
+                    "{other}: unknown key (expected listen, database, flows, workers, relays, projections, schedules, auth, api)"
                 )),
             }
         }
@@ -397,6 +408,18 @@ impl Config {
         }
         if w.count > 64 {
             p.push("workers.count: at most 64 workers per process".to_owned());
+        }
+        let mut schedules = BTreeMap::new();
+        for (i, s) in self.schedules.iter().enumerate() {
+            for problem in s.problems() {
+                p.push(format!("schedules[{i}]: {problem}"));
+            }
+            if let Some(j) = schedules.insert(s.name.clone(), i) {
+                p.push(format!(
+                    "schedules[{i}].name: {:?} is also schedules[{j}]'s name",
+                    s.name
+                ));
+            }
         }
         let mut names = BTreeMap::new();
         for (i, r) in self.relays.iter().enumerate() {

@@ -268,6 +268,18 @@ impl From<FlowError> for ApiError {
             ),
             FlowError::UnknownFlow(f) => ApiError::not_found(format!("no flow {f:?}")),
             FlowError::UnknownInstance(i) => ApiError::not_found(format!("no instance {i}")),
+            FlowError::UnknownSchedule(n) => ApiError::not_found(format!("no schedule {n:?}")),
+            FlowError::InvalidSchedule(problems) => ApiError::invalid(
+                "schedule_invalid",
+                "the schedule is invalid",
+                problems
+                    .into_iter()
+                    .map(|message| FieldProblem {
+                        field: "schedule".into(),
+                        message,
+                    })
+                    .collect(),
+            ),
             FlowError::InputMismatch(problems) => ApiError::invalid(
                 "input_mismatch",
                 "the input does not match the flow's input fields",

@@ -151,6 +151,9 @@ async fn run(
     for (name, version) in app.register_configured_flows().await? {
         println!("registered flow {name} version {version}");
     }
+    for name in app.apply_configured_schedules().await? {
+        println!("set schedule {name}");
+    }
     let stop = CancellationToken::new();
     let mut background = JoinSet::new();
     if options.demo {

@@ -51,6 +51,13 @@ pub enum FlowError {
     /// No instance with this id.
     #[error("unknown flow instance {0}")]
     UnknownInstance(uuid::Uuid),
+    /// A schedule is invalid (one line per problem, naming the field): nothing
+    /// was written.
+    #[error("schedule is invalid: {}", .0.join("; "))]
+    InvalidSchedule(Vec<String>),
+    /// No schedule of this name.
+    #[error("no schedule {0:?}")]
+    UnknownSchedule(String),
     /// The flow input does not match the definition's input fields (one line
     /// per problem): fix the input. Nothing was written.
     #[error("flow input does not match the definition: {}", .0.join("; "))]

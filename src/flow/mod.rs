@@ -28,6 +28,7 @@ pub use model::definition::{
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
+pub use model::schedule::{MissedTicks, Schedule};
 pub use model::state::{
     Acknowledgement, InstanceState, InstanceStatus, ReceivedSignal, StepState, StepStatus,
     StepTimings,
@@ -35,8 +36,8 @@ pub use model::state::{
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 pub use runtime::{
-    Drained, FlowStats, Flows, HttpPolicy, HttpRuleError, StartedInstance, TaskContext,
-    TaskExecutor, Worker, WorkerOptions,
+    Drained, FlowStats, Flows, HttpPolicy, HttpRuleError, ScheduleState, StartedInstance,
+    TaskContext, TaskExecutor, Worker, WorkerOptions,
 };
 
 use crate::store::migrate::{Layer, Migration};

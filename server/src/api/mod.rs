@@ -13,6 +13,7 @@ pub mod incidents;
 pub mod instances;
 pub mod overview;
 pub mod relays;
+pub mod schedules;
 
 use std::sync::Arc;
 
@@ -91,6 +92,10 @@ pub fn routes(app: &App) -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(incidents::retry))
         .routes(routes!(events::read, events::append))
         .routes(routes!(events::live))
+        .routes(routes!(schedules::list))
+        .routes(routes!(schedules::set))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
         .routes(routes!(relays::list))
         .routes(routes!(relays::dead_letters))
         .routes(routes!(relays::replay))

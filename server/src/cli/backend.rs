@@ -17,6 +17,7 @@ use crate::api::instances::{
     SignalRequest, SkipRequest, StartRequest, Started, Timeline,
 };
 use crate::api::relays::{self, ConsumerList, DeadLetterAction, DeadLetterPage, DeadLetterParams};
+use crate::api::schedules::{self, ScheduleChange, ScheduleList, ScheduleRequest, ScheduleView};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Problem};
 
@@ -172,6 +173,16 @@ impl Remote {
         let mut url = self.url(segments);
         url.set_query(query.as_deref().filter(|q| !q.is_empty()));
         self.send(self.request(reqwest::Method::GET, url)).await
+    }
+
+    async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> ApiResult<T> {
+        let url = self.url(segments);
+        self.send(self.request(reqwest::Method::PUT, url).json(body))
+            .await
     }
 
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -497,6 +508,47 @@ impl Backend {
         match self {
             Backend::Local(app) => relays::consumers(app).await,
             Backend::Remote(r) => r.get(&["api", "v1", "relays"], None).await,
+        }
+    }
+
+    /// The schedules.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn schedules(&self) -> ApiResult<ScheduleList> {
+        match self {
+            Backend::Local(app) => schedules::list_schedules(app).await,
+            Backend::Remote(r) => r.get(&["api", "v1", "schedules"], None).await,
+        }
+    }
+
+    /// Creates or changes a schedule.
+    ///
+    /// # Errors
+    /// As [`schedules::set_schedule`].
+    pub async fn set_schedule(&self, name: &str, req: &ScheduleRequest) -> ApiResult<ScheduleView> {
+        match self {
+            Backend::Local(app) => schedules::set_schedule(app, name, req).await,
+            Backend::Remote(r) => r.put(&["api", "v1", "schedules", name], req).await,
+        }
+    }
+
+    /// Pauses (`pause`) or resumes a schedule.
+    ///
+    /// # Errors
+    /// As [`schedules::change_schedule`].
+    pub async fn change_schedule(
+        &self,
+        name: &str,
+        pause: bool,
+        req: &ScheduleChange,
+    ) -> ApiResult<ScheduleView> {
+        match self {
+            Backend::Local(app) => schedules::change_schedule(app, name, pause, req).await,
+            Backend::Remote(r) => {
+                let op = if pause { "pause" } else { "resume" };
+                r.post(&["api", "v1", "schedules", name, op], req).await
+            }
         }
     }
 

@@ -109,6 +109,61 @@ pub enum Command {
     /// Relays and projections with checkpoint and lag.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Cron schedules that start flow instances.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
+}
+
+/// `dcbflow schedules ...`.
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// List the schedules with their last and next tick.
+    List,
+    /// Create or change a schedule.
+    Set {
+        /// Its name.
+        name: String,
+        /// The flow it starts.
+        #[arg(long, required = true)]
+        flow: String,
+        /// A cron expression, seconds first: "0 */5 * * * *".
+        #[arg(long, required = true)]
+        cron: String,
+        /// An IANA time zone (default UTC).
+        #[arg(long)]
+        timezone: Option<String>,
+        /// Each instance's input, JSON (or @FILE). Default: {}.
+        #[arg(long, value_name = "JSON")]
+        input: Option<String>,
+        /// skip (default) or run_once: ticks missed while no worker ran.
+        #[arg(long)]
+        missed: Option<String>,
+        /// Who (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Pause a schedule: no tick starts an instance until it is resumed.
+    Pause {
+        /// Its name.
+        name: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Why.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+    /// Resume a paused schedule.
+    Resume {
+        /// Its name.
+        name: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Why.
+        #[arg(long, required = true)]
+        reason: String,
+    },
 }
 
 /// `dcbflow flows ...`.
@@ -832,7 +887,71 @@ async fn command_on(backend: &Backend, command: Command, json: bool) -> ApiResul
         Command::Incidents(c) => incidents(backend, c, json).await,
         Command::Dlq(c) => dlq(backend, c, json).await,
         Command::Projections(ProjectionsCommand::List) => emit(json, &backend.consumers().await?),
+        Command::Schedules(c) => schedules(backend, c, json).await,
     }
+}
+
+async fn schedules(backend: &Backend, c: SchedulesCommand, json: bool) -> ApiResult<()> {
+    use crate::api::schedules::ScheduleRequest;
+    match c {
+        SchedulesCommand::List => emit(json, &backend.schedules().await?),
+        SchedulesCommand::Set {
+            name,
+            flow,
+            cron,
+            timezone,
+            input,
+            missed,
+            actor: who,
+        } => {
+            let input = input.map(|t| json_arg("input", &t)).transpose()?;
+            let req = ScheduleRequest {
+                flow,
+                cron,
+                timezone,
+                input,
+                missed,
+                actor: Some(actor(who)?),
+            };
+            let view = backend.set_schedule(&name, &req).await?;
+            if !json {
+                note(format!("set schedule {name}"));
+            }
+            emit(json, &view)
+        }
+        SchedulesCommand::Pause {
+            name,
+            actor: who,
+            reason,
+        } => change_schedule(backend, &name, true, who, reason, json).await,
+        SchedulesCommand::Resume {
+            name,
+            actor: who,
+            reason,
+        } => change_schedule(backend, &name, false, who, reason, json).await,
+    }
+}
+
+async fn change_schedule(
+    backend: &Backend,
+    name: &str,
+    pause: bool,
+    who: Option<String>,
+    reason: String,
+    json: bool,
+) -> ApiResult<()> {
+    let req = crate::api::schedules::ScheduleChange {
+        actor: actor(who)?,
+        reason,
+    };
+    let view = backend.change_schedule(name, pause, &req).await?;
+    if !json {
+        note(format!(
+            "{} schedule {name}",
+            if pause { "paused" } else { "resumed" }
+        ));
+    }
+    emit(json, &view)
 }
 
 async fn flows(backend: &Backend, c: FlowsCommand, json: bool) -> ApiResult<()> {

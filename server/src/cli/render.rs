@@ -467,6 +467,46 @@ impl Human for ConsumerList {
     }
 }
 
+impl Human for crate::api::schedules::ScheduleList {
+    fn human(&self) -> String {
+        if self.items.is_empty() {
+            return "no schedules\n".into();
+        }
+        let mut t = table([
+            "NAME",
+            "FLOW",
+            "CRON",
+            "TIMEZONE",
+            "MISSED",
+            "PAUSED",
+            "LAST TICK",
+            "NEXT TICK",
+        ]);
+        for s in &self.items {
+            t.add_row([
+                s.name.clone(),
+                s.flow.clone(),
+                s.cron.clone(),
+                s.timezone.clone(),
+                s.missed.clone(),
+                if s.paused { "yes".into() } else { "no".into() },
+                opt_time(s.last_tick.as_ref()),
+                opt_time(s.next_tick.as_ref()),
+            ]);
+        }
+        format!("{t}\n")
+    }
+}
+
+impl Human for crate::api::schedules::ScheduleView {
+    fn human(&self) -> String {
+        crate::api::schedules::ScheduleList {
+            items: vec![self.clone()],
+        }
+        .human()
+    }
+}
+
 impl Human for DeadLetterPage {
     fn human(&self) -> String {
         if self.items.is_empty() {

@@ -57,6 +57,17 @@ pub mod types {
     pub const STEP_WAITING: &str = "FlowStepWaiting";
     /// A signal was sent to the instance (kept until a signal task consumes it).
     pub const SIGNAL_RECEIVED: &str = "FlowSignalReceived";
+    /// A schedule was set (created or changed).
+    pub const SCHEDULE_SET: &str = "FlowScheduleSet";
+    /// A schedule was paused.
+    pub const SCHEDULE_PAUSED: &str = "FlowSchedulePaused";
+    /// A schedule was resumed.
+    pub const SCHEDULE_RESUMED: &str = "FlowScheduleResumed";
+}
+
+/// The tag of a schedule's events and of the instances it started.
+pub fn schedule_tag(name: &str) -> String {
+    format!("flow_schedule:{name}")
 }
 
 /// The tag every event of an instance carries.

@@ -8,6 +8,7 @@ pub(crate) mod definition;
 pub mod events;
 pub(crate) mod failure;
 pub(crate) mod plan;
+pub(crate) mod schedule;
 pub(crate) mod state;
 pub mod template;
 pub(crate) mod validate;

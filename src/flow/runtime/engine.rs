@@ -351,17 +351,19 @@ impl Flows {
         business_key: Option<&str>,
         input: Value,
     ) -> Result<StartedInstance, FlowError> {
-        self.start_with_parent(flow, business_key, input, None)
+        self.start_with_parent(flow, business_key, input, None, Vec::new())
             .await
     }
 
-    /// [`start`](Self::start) of a child instance of `parent`.
+    /// [`start`](Self::start) of a child instance of `parent`, with further
+    /// `tags` on its `FlowStarted`.
     pub(crate) async fn start_with_parent(
         &self,
         flow: &str,
         business_key: Option<&str>,
         input: Value,
         parent: Option<events::ParentRef>,
+        tags: Vec<String>,
     ) -> Result<StartedInstance, FlowError> {
         self.ready().await?;
         let def = self.definition(flow, None).await?;
@@ -412,6 +414,7 @@ impl Flows {
             if let Some(k) = business_key {
                 event.tags.push(events::business_key_tag(flow, k));
             }
+            event.tags.extend(tags.iter().cloned());
             match store
                 .append_in_tx(&tx, vec![event.clone()], condition)
                 .await

@@ -5,10 +5,13 @@ mod awaits;
 mod engine;
 mod executor;
 mod messages;
+mod scheduler;
 mod transition;
 mod worker;
 
 pub use engine::{FlowStats, Flows, StartedInstance};
 pub use executor::{HttpPolicy, HttpRuleError, TaskContext, TaskExecutor};
+pub use scheduler::ScheduleState;
+pub(crate) use scheduler::Scheduler;
 pub(crate) use transition::instance_query;
 pub use worker::{Drained, Worker, WorkerOptions};

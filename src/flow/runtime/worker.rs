@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
+use super::Scheduler;
 use super::awaits::{self, EventWaker};
 use super::engine::Flows;
 use super::executor::{self, Effect, TaskContext};
@@ -360,10 +361,20 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let mut busy: HashSet<Uuid> = HashSet::new();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
+        let mut scheduler = Scheduler::default();
         while !stop.is_cancelled() {
             while let Ok(id) = done_rx.try_recv() {
                 busy.remove(&id);
             }
+            // Cron schedules: start the instances of due ticks (idempotent
+            // by the tick, whichever worker gets there first).
+            let next_tick = match scheduler.run_due(&self.flows).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(worker = %self.options.id, error = %e, "running schedules failed");
+                    None
+                }
+            };
             while tasks.try_join_next().is_some() {}
             // The claim also says when the next unclaimed wake-up is due: one
             // statement per round (none claimed when every slot is busy).
@@ -402,7 +413,9 @@ impl Worker {
                     .instrument(tracing::debug_span!("dcbflow.worker.instance", instance = %id)),
                 );
             }
-            let sleep = next_due.unwrap_or(self.options.poll_interval);
+            let sleep = next_due
+                .unwrap_or(self.options.poll_interval)
+                .min(next_tick.unwrap_or(Duration::MAX));
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = wake.notified() => {}
@@ -858,6 +871,7 @@ impl Worker {
                                 instance: parent,
                                 task: task.name.clone(),
                             }),
+                            Vec::new(),
                         )
                         .await
                         .map(|s| Effect::Child(s.instance))

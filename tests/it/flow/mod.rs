@@ -6,6 +6,7 @@ mod control;
 mod nats;
 mod ops;
 mod saga;
+mod schedules;
 mod tcc;
 mod workers;
 
