@@ -697,6 +697,36 @@ operator_token = "short"
     }
 
     #[test]
+    fn schedules_are_read_and_each_problem_named() {
+        let text = "[[schedules]]\nname = \"nightly\"\nflow = \"report\"\ncron = \"0 0 2 * * *\"\ntimezone = \"Europe/Amsterdam\"\nmissed = \"run_once\"\ninput = { kind = \"daily\" }\n[[schedules]]\nname = \"nightly\"\nflow = \"report\"\ncron = \"at two\"\ntimezone = \"Mars/Olympus\"\n";
+        let c = Config::parse(text, None).unwrap();
+        assert_eq!(c.schedules.len(), 2);
+        assert_eq!(c.schedules[0].missed, dcbflow::flow::MissedTicks::RunOnce);
+        assert_eq!(c.schedules[0].input["kind"], "daily");
+        let problems = c.check();
+        for expected in [
+            "schedules[1]: cron \"at two\" does not parse",
+            "schedules[1]: timezone \"Mars/Olympus\"",
+            "schedules[1].name: \"nightly\" is also schedules[0]'s name",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected:?} not in {problems:?}"
+            );
+        }
+        let e = Config::parse(
+            "[[schedules]]\nname = \"x\"\nflow = \"f\"\ncron = \"* * * * * *\"\nevery = 5\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.iter()
+                .any(|p| p.contains("schedules[0]") && p.contains("every")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn a_public_address_needs_tokens() {
         let c = Config::parse("listen = \"0.0.0.0:8080\"", None).unwrap();
         assert!(c.check().iter().any(|p| p.starts_with("listen:")));

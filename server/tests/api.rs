@@ -938,3 +938,72 @@ async fn a_sub_flow_links_parent_and_child() {
     assert_eq!(kid["parent"], json!({"id": id, "task": "raise"}));
     assert_eq!(kid["status"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedules_are_set_listed_paused_and_refused_when_bad() {
+    let s = TestServer::start().await;
+    functions(&s);
+    register_yaml(&s, GREETING).await;
+    let (st, v) = s
+        .put(
+            "/api/v1/schedules/hourly",
+            json!({"flow": "greeting", "cron": "0 0 * * * *", "timezone": "Europe/Amsterdam", "input": {"who": "cron"}, "actor": "ada"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["paused"].as_bool(), v["missed"].as_str()),
+        (Some(false), Some("skip"))
+    );
+    assert!(v["next_tick"].is_string(), "{v}");
+    let (st, list) = s.get("/api/v1/schedules").await;
+    assert_eq!((st, list["items"].as_array().unwrap().len()), (200, 1));
+    let (st, v) = s
+        .post(
+            "/api/v1/schedules/hourly/pause",
+            json!({"actor": "ada", "reason": "maintenance"}),
+        )
+        .await;
+    assert_eq!((st, v["paused"].as_bool()), (200, Some(true)), "{v}");
+    // Bad ones: each problem named, nothing written.
+    let (st, p) = s
+        .put("/api/v1/schedules/bad", json!({"flow": "greeting", "cron": "hourly", "timezone": "Mars/Olympus", "input": {"who": "x"}}))
+        .await;
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (422, Some("schedule_invalid")),
+        "{p}"
+    );
+    assert_eq!(p["errors"].as_array().unwrap().len(), 2, "{p}");
+    let (st, p) = s
+        .put(
+            "/api/v1/schedules/bad",
+            json!({"flow": "greeting", "cron": "0 0 * * * *", "input": {"who": 7}}),
+        )
+        .await;
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (422, Some("input_mismatch")),
+        "{p}"
+    );
+    let (st, _) = s
+        .put(
+            "/api/v1/schedules/bad",
+            json!({"flow": "nope", "cron": "0 0 * * * *"}),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (st, _) = s
+        .post(
+            "/api/v1/schedules/nope/resume",
+            json!({"actor": "ada", "reason": "x"}),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (_, list) = s.get("/api/v1/schedules").await;
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        1,
+        "nothing written"
+    );
+}

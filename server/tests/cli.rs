@@ -728,6 +728,63 @@ async fn signals_are_sent_idempotently_and_bad_ones_exit_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn schedules_are_set_listed_paused_and_bad_ones_exit_2() {
+    let cli = shipping().await;
+    cli.run(&[
+        "schedules",
+        "set",
+        "nightly",
+        "--flow",
+        "shipping",
+        "--cron",
+        "0 0 2 * * *",
+        "--timezone",
+        "Europe/Amsterdam",
+        "--input",
+        r#"{"order":"nightly"}"#,
+        "--missed",
+        "run_once",
+    ])
+    .await
+    .ok()
+    .err_has("set schedule nightly");
+    cli.run(&["schedules", "list"])
+        .await
+        .ok()
+        .out_has("nightly")
+        .out_has("Europe/Amsterdam")
+        .out_has("run_once");
+    let v = cli
+        .run(&[
+            "--json",
+            "schedules",
+            "pause",
+            "nightly",
+            "--reason",
+            "maintenance",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(v["paused"], true, "{v}");
+    cli.run(&[
+        "schedules",
+        "set",
+        "bad",
+        "--flow",
+        "shipping",
+        "--cron",
+        "nightly",
+    ])
+    .await
+    .code(2)
+    .err_has("does not parse");
+    cli.run(&["schedules", "resume", "nope", "--reason", "x"])
+        .await
+        .code(3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bulk_dry_run_then_for_real_with_progress() {
     let cli = shipping().await;
     for i in 0..3 {

@@ -110,6 +110,14 @@ impl TestServer {
         conform(&self.doc, "post", path, r.0, &r.1);
         r
     }
+
+    /// PUT JSON to `path`, checked as [`post`](Self::post) is.
+    #[allow(dead_code)]
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = send(self.req(reqwest::Method::PUT, path).json(&body)).await;
+        conform(&self.doc, "put", path, r.0, &r.1);
+        r
+    }
 }
 
 /// Sends and returns the status and JSON body (Null when empty or not JSON);
