@@ -349,6 +349,39 @@ async fn a_waiting_approval_is_given_with_the_send_signal_button() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_is_listed_and_paused_from_the_flows_page() {
+    let server = Server::start(ServerConfig {
+        flows: vec![("approve.yaml", APPROVE.into())],
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = support::send(
+        server
+            .req(reqwest::Method::PUT, "/api/v1/schedules/hourly")
+            .json(
+                &json!({"flow": "approve", "cron": "0 0 * * * *", "timezone": "Europe/Amsterdam"}),
+            ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let b = Browser::open("schedules", &server.url).await;
+    b.goto("/flows").await;
+    b.present(r#"tr[data-schedule="hourly"][data-paused="false"]"#)
+        .await;
+    b.shot("schedules").await;
+    act(
+        &b,
+        r#"button[data-schedule-op="pause"][data-schedule-name="hourly"]"#,
+        "month-end freeze",
+    )
+    .await;
+    b.present(r#"tr[data-schedule="hourly"][data-paused="true"]"#)
+        .await;
+    let list = server.get("/api/v1/schedules").await;
+    assert_eq!(list["items"][0]["paused"], true, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_compensates_what_completed() {
     let svc = Service::start().await;
     let server = Server::start(ServerConfig {

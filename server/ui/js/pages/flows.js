@@ -3,10 +3,11 @@
 // its graph.
 import { html, useEffect, useState } from '../lib.js';
 import { api, seg } from '../api.js';
+import { canOperate, useStore } from '../store.js';
 import { href, navigate } from '../router.js';
 import { FlowGraph } from '../graph.js';
 import {
-  EmptyRow, ErrorBox, Loading, Pager, TableWrap, Time, usePoll,
+  EmptyRow, ErrorBox, Loading, Notice, Pager, ReasonDialog, TableWrap, Time, usePoll,
 } from '../ui.js';
 import { fmtNumber, short, str } from '../format.js';
 
@@ -52,7 +53,76 @@ export function Flows({ route }) {
       <//>
       <${Pager} hasNext=${!!(page && page.next_cursor)} atFirst=${!cursor}
         onFirst=${() => navigate('/flows', {})} onNext=${() => navigate('/flows', { cursor: page.next_cursor })} />`}
+    <${Schedules} />
   </section>`;
+}
+
+/** The cron schedules: last and next tick; pause and resume (operators). */
+function Schedules() {
+  useStore();
+  const operator = canOperate();
+  const [list, setList] = useState(null);
+  const [error, setError] = useState(null);
+  const [dialog, setDialog] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const [notice, setNotice] = useState('');
+  const load = async (isCurrent = () => true) => {
+    try {
+      const l = await api('schedules');
+      if (isCurrent()) { setList(l); setError(null); }
+    } catch (e) {
+      if (isCurrent()) setError(e);
+    }
+  };
+  usePoll(load, 5000, []);
+  const submit = async (reason, actor) => {
+    const d = dialog;
+    setBusy(true);
+    try {
+      await api(`schedules/${seg(d.name)}/${d.op}`, { method: 'POST', body: { actor, reason } });
+      setNotice(d.op === 'pause' ? `Schedule ${d.name} paused.` : `Schedule ${d.name} resumed.`);
+      setDialog(null);
+      load();
+    } catch (e) {
+      setDialog(null);
+      setError(e);
+    } finally {
+      setBusy(false);
+    }
+  };
+  const items = list ? list.items || [] : [];
+  return html`<h2>Schedules</h2>
+    <${ErrorBox} error=${error} onDismiss=${() => setError(null)} />
+    <${Notice} text=${notice} onDismiss=${() => setNotice('')} />
+    ${!list && !error ? html`<${Loading} />` : html`
+      <${TableWrap} label="Schedules">
+        <table id="schedules">
+          <thead><tr>
+            <th scope="col">Schedule</th><th scope="col">Flow</th><th scope="col">Cron</th><th scope="col">Time zone</th>
+            <th scope="col">Missed ticks</th><th scope="col">Last tick</th><th scope="col">Next tick</th><th scope="col">State</th>
+          </tr></thead>
+          <tbody>
+            ${items.length === 0 && html`<${EmptyRow} cols="8" text="No schedule." />`}
+            ${items.map((x) => html`<tr data-schedule=${str(x.name)} data-paused=${x.paused ? 'true' : 'false'} key=${str(x.name)}>
+              <th scope="row">${str(x.name)}</th>
+              <td><a href=${href('/instances', { flow: x.flow })}>${str(x.flow)}</a></td>
+              <td><code>${str(x.cron)}</code></td>
+              <td>${str(x.timezone)}</td>
+              <td>${str(x.missed)}</td>
+              <td>${x.last_tick ? html`<${Time} at=${x.last_tick} />` : html`<span class="muted">—</span>`}</td>
+              <td>${x.next_tick ? html`<${Time} at=${x.next_tick} />` : html`<span class="muted">—</span>`}</td>
+              <td>${x.paused ? 'paused' : 'active'}
+                ${operator && html` <button type="button" data-schedule-op=${x.paused ? 'resume' : 'pause'} data-schedule-name=${str(x.name)}
+                  onClick=${() => setDialog({ op: x.paused ? 'resume' : 'pause', name: str(x.name) })}>${x.paused ? 'Resume…' : 'Pause…'}</button>`}</td>
+            </tr>`)}
+          </tbody>
+        </table>
+      <//>`}
+    ${dialog && html`<${ReasonDialog}
+        title=${dialog.op === 'pause' ? `Pause schedule ${dialog.name}` : `Resume schedule ${dialog.name}`}
+        description=${dialog.op === 'pause' ? 'No tick starts an instance until it is resumed; ticks meanwhile are missed ticks.' : 'Ticks start instances again.'}
+        okLabel=${dialog.op === 'pause' ? 'Pause' : 'Resume'}
+        busy=${busy} onSubmit=${submit} onClose=${() => { if (!busy) setDialog(null); }} />`}`;
 }
 
 export function FlowDetail({ name, route }) {
