@@ -16,6 +16,8 @@ mod relay;
 pub use dead_letter::{DeadLetter, DeadLetters, mark_processed};
 pub use envelope::{Body, ENVELOPE_KEY, Envelope};
 pub use error::{Error, Result};
+#[cfg(feature = "amqp")]
+pub use publisher::AmqpPublisher;
 #[cfg(feature = "nats")]
 pub use publisher::NatsPublisher;
 #[cfg(feature = "http")]

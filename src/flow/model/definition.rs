@@ -397,6 +397,21 @@ pub enum Action {
         #[serde(default)]
         payload: Value,
     },
+    /// A message published to RabbitMQ through the outbox (at least once, with
+    /// publisher confirms, persistent, the idempotency key as `message_id`):
+    /// the message is a `FlowAmqpMessage` event appended with the task's
+    /// completion, relayed by [`Flows::amqp_relay`](crate::flow::Flows::amqp_relay).
+    Amqp {
+        /// The exchange (templated; default `""`, the default exchange, which
+        /// routes to the queue named by the routing key).
+        #[serde(default)]
+        exchange: String,
+        /// The routing key (templated).
+        routing_key: String,
+        /// JSON payload (templated).
+        #[serde(default)]
+        payload: Value,
+    },
     /// A Rust function registered with the engine under this name.
     Rust {
         /// Registered name.

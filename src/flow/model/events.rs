@@ -47,6 +47,8 @@ pub mod types {
     pub const FAILED: &str = "FlowFailed";
     /// A message for the outbox (NATS executor).
     pub const MESSAGE: &str = "FlowMessage";
+    /// A message for the outbox (AMQP executor).
+    pub const AMQP_MESSAGE: &str = "FlowAmqpMessage";
     /// An operator acknowledged a step's open incident (is handling it).
     pub const INCIDENT_ACKNOWLEDGED: &str = "FlowIncidentAcknowledged";
     /// A task's condition was false (or a task it requires was skipped): it is
@@ -418,6 +420,21 @@ pub struct Message {
     pub payload: Value,
 }
 
+/// `FlowAmqpMessage`: a message an AMQP step produced, relayed by the outbox
+/// to RabbitMQ. The event carries an outbox envelope with the message id and
+/// the routing key as its subject, and the payload as the body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AmqpMessage {
+    /// The step's idempotency key: the AMQP `message_id`.
+    pub message_id: String,
+    /// The exchange (`""`: the default exchange).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+    /// The message body.
+    pub payload: Value,
+}
+
 /// An event of an instance, decoded by its type.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -456,6 +473,8 @@ pub enum FlowEvent {
     Failed(InstanceChange),
     /// `FlowMessage`.
     Message(Message),
+    /// `FlowAmqpMessage`.
+    AmqpMessage(AmqpMessage),
     /// `FlowIncidentAcknowledged`.
     IncidentAcknowledged(IncidentAcknowledged),
     /// `FlowTaskSkipped`.
@@ -487,6 +506,7 @@ impl FlowEvent {
             FlowEvent::Completed(_) => types::COMPLETED,
             FlowEvent::Failed(_) => types::FAILED,
             FlowEvent::Message(_) => types::MESSAGE,
+            FlowEvent::AmqpMessage(_) => types::AMQP_MESSAGE,
             FlowEvent::IncidentAcknowledged(_) => types::INCIDENT_ACKNOWLEDGED,
             FlowEvent::TaskSkipped(_) => types::TASK_SKIPPED,
             FlowEvent::StepWaiting(_) => types::STEP_WAITING,
@@ -530,6 +550,7 @@ impl FlowEvent {
             types::STEP_SKIPPED => de(e).map(FlowEvent::StepSkipped),
             types::RETRY_REQUESTED => de(e).map(FlowEvent::RetryRequested),
             types::MESSAGE => de(e).map(FlowEvent::Message),
+            types::AMQP_MESSAGE => de(e).map(FlowEvent::AmqpMessage),
             types::INCIDENT_ACKNOWLEDGED => de(e).map(FlowEvent::IncidentAcknowledged),
             types::TASK_SKIPPED => de(e).map(FlowEvent::TaskSkipped),
             types::STEP_WAITING => de(e).map(FlowEvent::StepWaiting),
@@ -565,6 +586,7 @@ impl FlowEvent {
             | FlowEvent::Completed(d)
             | FlowEvent::Failed(d) => serde_json::to_value(d),
             FlowEvent::Message(d) => serde_json::to_value(d),
+            FlowEvent::AmqpMessage(d) => serde_json::to_value(d),
             FlowEvent::IncidentAcknowledged(d) => serde_json::to_value(d),
             FlowEvent::TaskSkipped(d) => serde_json::to_value(d),
             FlowEvent::StepWaiting(d) => serde_json::to_value(d),
@@ -575,6 +597,11 @@ impl FlowEvent {
         match self {
             // Sending a signal twice appends nothing the second time.
             FlowEvent::SignalReceived(r) => event.with_id(signal_event_id(instance, &r.signal_id)),
+            FlowEvent::AmqpMessage(m) => Envelope::new()
+                .message_id(&m.message_id)
+                .subject(&m.routing_key)
+                .body(Body::Pointer("/payload".into()))
+                .attach(event),
             FlowEvent::Message(m) => Envelope::new()
                 .message_id(&m.message_id)
                 .subject(&m.subject)

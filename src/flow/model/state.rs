@@ -362,7 +362,7 @@ impl InstanceState {
             _ => {}
         }
         match event {
-            FlowEvent::Started(_) | FlowEvent::Message(_) => {}
+            FlowEvent::Started(_) | FlowEvent::Message(_) | FlowEvent::AmqpMessage(_) => {}
             FlowEvent::IncidentAcknowledged(d) => {
                 let step = self.step_mut(&d.step, at);
                 step.acknowledged = Some(Acknowledgement {

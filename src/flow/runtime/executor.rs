@@ -25,6 +25,7 @@ pub(crate) const AVAILABLE: &[&str] = &[
     "http",
     "sql",
     "nats",
+    "amqp",
     "rust",
 ];
 
@@ -103,6 +104,12 @@ pub(crate) enum Effect {
     Message { subject: String, payload: Value },
     /// A child instance started (a `flow` task): wait for its end.
     Child(uuid::Uuid),
+    /// Append this AMQP message for the outbox with the completion.
+    AmqpMessage {
+        exchange: String,
+        routing_key: String,
+        payload: Value,
+    },
 }
 
 fn render_err(e: String) -> TaskError {
@@ -155,6 +162,15 @@ pub(crate) async fn run(
             }
             Ok(Effect::Sql(out))
         }
+        Action::Amqp {
+            exchange,
+            routing_key,
+            payload,
+        } => Ok(Effect::AmqpMessage {
+            exchange: template::render_text(exchange, &t).map_err(render_err)?,
+            routing_key: template::render_text(routing_key, &t).map_err(render_err)?,
+            payload: template::render(payload, &t).map_err(render_err)?,
+        }),
         Action::Nats { subject, payload } => Ok(Effect::Message {
             subject: template::render_text(subject, &t).map_err(render_err)?,
             payload: template::render(payload, &t).map_err(render_err)?,

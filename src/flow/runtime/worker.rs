@@ -25,8 +25,8 @@ use crate::flow::FlowError;
 use crate::flow::model::decide::{Lessee, failure_events, next_due, next_events, preview};
 use crate::flow::model::definition::{FlowDefinition, TaskDefinition};
 use crate::flow::model::events::{
-    AwaitedEvent, FlowEvent, Message, ParentRef, Phase, StepFailed, StepId, StepSucceeded,
-    StepWaiting, instance_tag, types,
+    AmqpMessage, AwaitedEvent, FlowEvent, Message, ParentRef, Phase, StepFailed, StepId,
+    StepSucceeded, StepWaiting, instance_tag, types,
 };
 use crate::flow::model::failure::TaskError;
 use crate::flow::model::plan::plan;
@@ -1005,13 +1005,26 @@ impl Worker {
                 let (output, message) = match effect {
                     Effect::Output(v) => (v, None),
                     Effect::Sql(_) | Effect::Child(_) => (Value::Null, None),
+                    Effect::AmqpMessage {
+                        exchange,
+                        routing_key,
+                        payload,
+                    } => (
+                        Value::Null,
+                        Some(FlowEvent::AmqpMessage(AmqpMessage {
+                            message_id: step.idempotency_key(id),
+                            exchange,
+                            routing_key,
+                            payload,
+                        })),
+                    ),
                     Effect::Message { subject, payload } => (
                         Value::Null,
-                        Some(Message {
+                        Some(FlowEvent::Message(Message {
                             message_id: step.idempotency_key(id),
                             subject,
                             payload,
-                        }),
+                        })),
                     ),
                 };
                 #[cfg(feature = "metrics")]
@@ -1029,7 +1042,7 @@ impl Worker {
                             signal_id: None,
                         })];
                         if let Some(m) = &message {
-                            out.push(FlowEvent::Message(m.clone()));
+                            out.push(m.clone());
                         }
                         Ok(with_plan(state, def, now, out))
                     })

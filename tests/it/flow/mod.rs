@@ -1,6 +1,8 @@
 //! The flow engine against a real PostgreSQL (and a real local HTTP server).
 
 mod admin;
+#[cfg(feature = "amqp")]
+mod amqp;
 mod basic;
 mod control;
 mod nats;

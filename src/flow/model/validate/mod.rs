@@ -54,7 +54,7 @@ pub fn validate(flow: &FlowDefinition, functions: &[&str]) -> Result<(), Definit
 }
 
 /// Every executor kind a definition may name.
-pub const ALL_EXECUTORS: &[&str] = &["http", "sql", "nats", "rust"];
+pub const ALL_EXECUTORS: &[&str] = &["http", "sql", "nats", "amqp", "rust"];
 
 /// Like [`validate`], for an engine that runs only the executors in `executors`
 /// (`http`, `sql`, `nats`, `rust`): an action of another kind is a problem (a
@@ -738,6 +738,7 @@ impl<'a> Checker<'a> {
             Action::Http { .. } => "http",
             Action::Sql { .. } => "sql",
             Action::Nats { .. } => "nats",
+            Action::Amqp { .. } => "amqp",
             Action::Rust { .. } => "rust",
         };
         if !self.executors.contains(&kind) {
@@ -822,6 +823,25 @@ impl<'a> Checker<'a> {
                 self.check_templates(
                     scope,
                     &format!("{label}nats payload"),
+                    payload,
+                    Place::Action,
+                );
+            }
+            Action::Amqp {
+                exchange,
+                routing_key,
+                payload,
+            } => {
+                if routing_key.trim().is_empty() {
+                    self.report(format!("{prefix}amqp routing_key is empty"));
+                }
+                for (what, text) in [("exchange", exchange), ("routing_key", routing_key)] {
+                    let v = Value::String(text.clone());
+                    self.check_templates(scope, &format!("{label}amqp {what}"), &v, Place::Action);
+                }
+                self.check_templates(
+                    scope,
+                    &format!("{label}amqp payload"),
                     payload,
                     Place::Action,
                 );
