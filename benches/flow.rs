@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `flow/dcbflow/{1,4}` | instances of a 4-step serial flow of no-op Rust steps, run to completion by N workers; time per transition (a committed transaction appending the instance's next events) | — |
 //! | `flow/raw_transition/{1,4}` | — | N clients, each transition one transaction: `SELECT` the instance's events, `INSERT` one event, upsert a state row |
+//! | await_event (printed after the table) | 400 instances waiting for a fact each (100 quick), woken by one append of their facts and completed by 4 workers; transitions per second | — |
 //! | order saga (printed after the table) | instances per second of the order saga's shape (reserve, charge beside a fraud check, ship; no-op Rust steps, compensations defined) with 4 workers | raw transitions per second at 4 clients divided by the saga's transitions per instance |
 //!
 //! The raw baseline does no planning, no locking, no leases, no read models beyond
@@ -176,6 +177,99 @@ fn main() {
         "order saga, 4 workers: {saga_per_s:.0} instances/s ({saga_transitions:.1} transitions each); \
          raw transitions at the same count: {}",
         raw_saga_per_s.map_or("-".into(), |r| format!("{r:.0} instances/s"))
+    );
+    // await_event: instances waiting for a fact each, woken by the event
+    // waker when the facts are appended (one append of all of them), and
+    // completed; transitions per second from the first append to the last
+    // completion.
+    let awaiting = FlowDefinition::builder("awaiting")
+        .task(TaskDefinition::await_event(
+            "paid",
+            ["BenchPaid"],
+            ["bench_order:{{business_key}}"],
+        ))
+        .task(TaskDefinition::new("a", Action::rust("a")).after(["paid"]))
+        .build();
+    rt.block_on(flows.register(&awaiting))
+        .expect("register awaiting");
+    let (await_n, await_per_s, await_transitions) = rt.block_on(async {
+        let n: usize = if common::goals::quick() { 100 } else { 400 };
+        let workers = start_workers(&flows, 4);
+        let store = flows.store();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let mut ids = std::collections::HashSet::new();
+        for i in 0..n {
+            let key = format!("{run}-{i}");
+            let id = flows
+                .start("awaiting", Some(&key), json!({}))
+                .await
+                .expect("start")
+                .instance;
+            ids.insert(format!("flow_instance:{id}"));
+        }
+        // Every instance waiting (its query in flow_awaits).
+        let client = store.pool().get().await.expect("connection");
+        let count = format!("SELECT count(*) FROM \"{}\".flow_awaits", store.schema());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while client
+            .query_one(&count, &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+            < n as i64
+        {
+            assert!(Instant::now() < deadline, "instances did not all wait");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(client);
+        let head = store.head().await.expect("head");
+        let completed = Query::items_of(["FlowCompleted"], Vec::<String>::new());
+        let mut sub =
+            dcbflow::Subscription::connect(store, completed, head, SubscriptionOptions::default())
+                .await
+                .expect("subscribe");
+        let before = flows.stats();
+        let start = Instant::now();
+        let facts: Vec<dcbflow::Event> = (0..n)
+            .map(|i| {
+                dcbflow::Event::new(
+                    "BenchPaid",
+                    [format!("bench_order:{run}-{i}")],
+                    json!({"i": i}),
+                )
+            })
+            .collect();
+        store.append(facts, None).await.expect("append the facts");
+        let mut done = 0;
+        while done < n {
+            // 100 instances woken at once can take every in-flight permit of
+            // the store for a moment: the subscription then waits its turn.
+            let batch = match sub.next_batch().await {
+                Ok(batch) => batch,
+                Err(dcbflow::Error::Overloaded { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                Err(e) => panic!("completions: {e}"),
+            };
+            for e in batch {
+                if e.tags().iter().any(|t| ids.contains(t)) {
+                    done += 1;
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        workers.cancel();
+        let transitions = flows.stats().transitions - before.transitions;
+        (
+            n,
+            transitions as f64 / elapsed.as_secs_f64(),
+            transitions as f64 / n as f64,
+        )
+    });
+    println!(
+        "await_event, 4 workers: {await_n} waiting instances woken and completed at {await_per_s:.0} transitions/s \
+         ({await_transitions:.1} transitions each, from one append of their facts to the last completion)"
     );
     use common::goals::{Row, throughput_ratio};
     let mut rows = Vec::new();

@@ -388,6 +388,15 @@ impl Worker {
             };
             for id in claimed {
                 if !busy.insert(id) {
+                    // Already in hand: its row was deleted by one of our
+                    // transitions and made due again (an event waker's match
+                    // or sweep) while we work on it. The claim just taken is
+                    // let go, or it would hold the instance for `claim_ttl`
+                    // after our work on it ends; the row stays due, and is
+                    // claimed again once we are done.
+                    if let Err(e) = self.release(id).await {
+                        tracing::warn!(worker = %self.options.id, instance = %id, error = %e, "releasing a claim failed");
+                    }
                     continue;
                 }
                 let permit = slots.clone().acquire_owned().await.expect("semaphore open");
