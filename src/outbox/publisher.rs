@@ -169,6 +169,9 @@ impl Publisher for NatsPublisher {
         for m in messages {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", m.id.as_str());
+            if let Some(tp) = m.event.data()["traceparent"].as_str() {
+                headers.insert("traceparent", tp);
+            }
             let sent = self
                 .jetstream
                 .publish_with_headers(
@@ -363,10 +366,18 @@ impl Publisher for AmqpPublisher {
         let mut confirms = Vec::with_capacity(messages.len());
         let mut send_error = None;
         for m in messages {
-            let properties = lapin::BasicProperties::default()
+            let mut properties = lapin::BasicProperties::default()
                 .with_message_id(m.id.as_str().into())
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into());
+            if let Some(tp) = m.event.data()["traceparent"].as_str() {
+                let mut headers = lapin::types::FieldTable::default();
+                headers.insert(
+                    "traceparent".into(),
+                    lapin::types::AMQPValue::LongString(tp.into()),
+                );
+                properties = properties.with_headers(headers);
+            }
             let routing_key = m
                 .subject
                 .clone()

@@ -208,6 +208,15 @@ const SQL_IDENTIFIER_SOURCES: &[(&str, &str)] = &[
         "the WHERE clause of filter_sql: column names and $n placeholders only",
     ),
     ("order", "ASC or DESC"),
+    (
+        "wakeups",
+        "the event waker's Store::table(\"flow_wakeups\")",
+    ),
+    ("awaits", "the event waker's Store::table(\"flow_awaits\")"),
+    (
+        "upsert",
+        "the event waker's ON CONFLICT clause, built from `wakeups` only",
+    ),
     ("limit", "\" LIMIT $n\" or nothing"),
     ("after_col", "`position` or `position + 0`"),
     ("up_to_col", "`position` or `position + 0`"),

@@ -197,6 +197,23 @@ impl StepId {
     pub fn idempotency_key(&self, instance: Uuid) -> String {
         format!("{instance}/{}", self.key())
     }
+
+    /// The W3C `traceparent` of attempt `attempt` of this step: version 00,
+    /// the instance as the trace id (one trace per instance, across services),
+    /// a span id derived from the step and the attempt, sampled.
+    pub fn traceparent(&self, instance: Uuid, attempt: u32) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{instance}/{}#{attempt}", self.key()).as_bytes());
+        let mut span: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        if span == "0000000000000000" {
+            span.replace_range(15..16, "1");
+        }
+        let mut trace = instance.simple().to_string();
+        if trace == "00000000000000000000000000000000" {
+            trace.replace_range(31..32, "1");
+        }
+        format!("00-{trace}-{span}-01")
+    }
 }
 
 impl std::fmt::Display for StepId {
@@ -418,6 +435,9 @@ pub struct Message {
     pub subject: String,
     /// The message body.
     pub payload: Value,
+    /// The step's W3C trace context, sent as the `traceparent` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `FlowAmqpMessage`: a message an AMQP step produced, relayed by the outbox
@@ -433,6 +453,9 @@ pub struct AmqpMessage {
     pub routing_key: String,
     /// The message body.
     pub payload: Value,
+    /// The step's W3C trace context, sent as the `traceparent` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// An event of an instance, decoded by its type.

@@ -52,6 +52,10 @@ pub struct TaskContext {
     pub outputs: BTreeMap<String, Value>,
     /// The instance's business key.
     pub business_key: Option<String>,
+    /// The attempt's W3C trace context (`00-<instance>-<span>-01`): HTTP tasks
+    /// send it as the `traceparent` header, NATS and AMQP messages carry it as
+    /// a header; pass it on from a Rust task so that a trace crosses services.
+    pub traceparent: String,
 }
 
 impl TaskContext {
@@ -211,6 +215,11 @@ pub(crate) async fn run(
                 Some(b) => Some(template::render(b, &t).map_err(render_err)?),
                 None => None,
             };
+            if !header_map.contains_key("traceparent")
+                && let Ok(v) = reqwest::header::HeaderValue::from_str(&ctx.traceparent)
+            {
+                header_map.insert("traceparent", v);
+            }
             http.call(method, &url, &ctx.idempotency_key, header_map, body)
                 .await
                 .map(Effect::Output)

@@ -1025,6 +1025,7 @@ impl Worker {
                             exchange,
                             routing_key,
                             payload,
+                            traceparent: Some(step.traceparent(id, attempt)),
                         })),
                     ),
                     Effect::Message { subject, payload } => (
@@ -1033,6 +1034,7 @@ impl Worker {
                             message_id: step.idempotency_key(id),
                             subject,
                             payload,
+                            traceparent: Some(step.traceparent(id, attempt)),
                         })),
                     ),
                 };
@@ -1209,5 +1211,6 @@ fn context(
         flow_input: state.input.clone(),
         outputs: state.outputs.clone().into_iter().collect(),
         business_key: state.business_key.clone(),
+        traceparent: step.traceparent(state.id, attempt),
     })
 }

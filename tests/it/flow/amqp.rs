@@ -73,6 +73,14 @@ async fn an_amqp_step_reaches_rabbitmq_once_with_its_idempotency_key() {
         Some(key.as_str())
     );
     assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+    let trace = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned());
+    assert!(
+        matches!(&trace, Some(lapin::types::AMQPValue::LongString(s)) if s.to_string().starts_with(&format!("00-{}-", id.simple()))),
+        "{trace:?}"
+    );
     let body: Value = serde_json::from_slice(&message.delivery.data).unwrap();
     assert_eq!(body, json!({"order": "o-7", "key": key}));
 

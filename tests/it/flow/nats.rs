@@ -62,6 +62,14 @@ async fn a_nats_step_publishes_through_the_outbox_with_its_idempotency_key() {
         m.headers.get("Nats-Msg-Id").unwrap().as_str(),
         format!("{id}/announce/action")
     );
+    assert!(
+        m.headers
+            .get("traceparent")
+            .unwrap()
+            .as_str()
+            .starts_with(&format!("00-{}-", id.simple())),
+        "the step's trace context"
+    );
     let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(body, json!({"order": "o-7", "total": 12}));
     cancel.cancel();

@@ -71,14 +71,18 @@ async fn retries_with_backoff_then_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_executor_retries_honours_retry_after_and_sends_idempotency_keys() {
     let seen = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
-    let s = seen.clone();
+    let traces = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (s, tr) = (seen.clone(), traces.clone());
     let app = axum::Router::new()
         .route(
             "/charge",
             axum::routing::post(move |headers: HeaderMap, body: axum::Json<Value>| {
-                let s = s.clone();
+                let (s, tr) = (s.clone(), tr.clone());
                 async move {
                     let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                    tr.lock()
+                        .unwrap()
+                        .push(headers["traceparent"].to_str().unwrap().to_owned());
                     let n = {
                         let mut s = s.lock().unwrap();
                         s.push((key.clone(), Instant::now()));
@@ -156,6 +160,16 @@ async fn http_executor_retries_honours_retry_after_and_sends_idempotency_keys() 
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].0, format!("{id}/charge/action"));
     assert_eq!(seen[0].0, seen[1].0, "the same key on every attempt");
+    // One trace per instance; a span per attempt.
+    let traces = traces.lock().unwrap().clone();
+    let prefix = format!("00-{}-", id.simple());
+    assert!(
+        traces
+            .iter()
+            .all(|t| t.starts_with(&prefix) && t.ends_with("-01") && t.len() == 55),
+        "{traces:?}"
+    );
+    assert_ne!(traces[0], traces[1], "{traces:?}");
     assert!(
         seen[1].1 - seen[0].1 >= Duration::from_millis(950),
         "Retry-After honoured"
