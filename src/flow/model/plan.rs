@@ -525,15 +525,7 @@ fn timeout(ms: Option<u64>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 /// A template rendered as text against the instance.
 fn render(text: &str, s: &InstanceState) -> Result<String, String> {
     let instance = s.id.to_string();
-    let ctx = template::Context {
-        flow_input: &s.input,
-        outputs: &s.outputs,
-        input: None,
-        instance: &instance,
-        idempotency_key: &instance,
-        business_key: s.business_key.as_deref(),
-    };
-    template::render_text(text, &ctx)
+    template::render_text(text, &s.template_context(&instance, &instance))
 }
 
 /// The instant a `wait.until` template renders to.

@@ -553,6 +553,24 @@ impl InstanceState {
         }
     }
 
+    /// The context templates of this instance are rendered in: its input,
+    /// outputs and business key, with `instance` and `idempotency_key` as given
+    /// (the caller owns their text).
+    pub(crate) fn template_context<'a>(
+        &'a self,
+        instance: &'a str,
+        idempotency_key: &'a str,
+    ) -> super::template::Context<'a> {
+        super::template::Context {
+            flow_input: &self.input,
+            outputs: &self.outputs,
+            input: None,
+            instance,
+            idempotency_key,
+            business_key: self.business_key.as_deref(),
+        }
+    }
+
     /// The oldest signal named `name` no task has consumed.
     pub fn pending_signal(&self, name: &str) -> Option<&ReceivedSignal> {
         self.signals

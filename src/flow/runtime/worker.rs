@@ -593,9 +593,8 @@ impl Worker {
                 if let Some(w) = &drain.waker {
                     w.ensure();
                 }
-                if let Some((step, event)) = awaits::awaited(&self.flows, &state).await? {
-                    let outcome = self.outcome_of(&state, &step, &event).await?;
-                    (state, appended) = self.deliver(id, &step, outcome).await?;
+                if let Some(next) = self.take_awaited(id, &state).await? {
+                    (state, appended) = next;
                     continue;
                 }
             }
@@ -632,11 +631,8 @@ impl Worker {
                     _ if next_due(&planned, now).is_none() => {
                         if appended.is_empty() {
                             self.forget(id).await?;
-                            if let Some((step, event)) =
-                                awaits::awaited(&self.flows, &state).await?
-                            {
-                                let outcome = self.outcome_of(&state, &step, &event).await?;
-                                (state, appended) = self.deliver(id, &step, outcome).await?;
+                            if let Some(next) = self.take_awaited(id, &state).await? {
+                                (state, appended) = next;
                                 continue;
                             }
                         }
@@ -851,14 +847,7 @@ impl Worker {
         let instance = parent.to_string();
         let key = step.idempotency_key(parent);
         let rendered = task.flow.as_ref().map(|sub| {
-            let ctx = template::Context {
-                flow_input: &state.input,
-                outputs: &state.outputs,
-                input: None,
-                instance: &instance,
-                idempotency_key: &key,
-                business_key: state.business_key.as_deref(),
-            };
+            let ctx = state.template_context(&instance, &key);
             template::render(
                 &Value::Object(sub.input.clone().into_iter().collect()),
                 &ctx,
@@ -917,6 +906,21 @@ impl Worker {
             }
             .instrument(tracing::debug_span!("dcbflow.step.child")),
         );
+    }
+
+    /// If the log holds the event a waiting await_event or `flow` step of
+    /// `state` waits for, records it (with the next planning round): the state
+    /// after, and what was appended.
+    async fn take_awaited(
+        &self,
+        id: Uuid,
+        state: &InstanceState,
+    ) -> Result<Option<(InstanceState, Vec<FlowEvent>)>, FlowError> {
+        let Some((step, event)) = awaits::awaited(&self.flows, state).await? else {
+            return Ok(None);
+        };
+        let outcome = self.outcome_of(state, &step, &event).await?;
+        self.deliver(id, &step, outcome).await.map(Some)
     }
 
     /// What a waiting await_event or `flow` step gets from the event found: the
@@ -1191,14 +1195,7 @@ fn context(
 ) -> Result<TaskContext, TaskError> {
     let instance = state.id.to_string();
     let key = step.idempotency_key(state.id);
-    let t = template::Context {
-        flow_input: &state.input,
-        outputs: &state.outputs,
-        input: None,
-        instance: &instance,
-        idempotency_key: &key,
-        business_key: state.business_key.as_deref(),
-    };
+    let t = state.template_context(&instance, &key);
     let input = template::render(&Value::Object(task.input.clone().into_iter().collect()), &t)
         .map_err(|e| TaskError::fatal(e).code("template"))?;
     Ok(TaskContext {
