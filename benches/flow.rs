@@ -9,6 +9,7 @@
 //! | `flow/dcbflow/{1,4}` | instances of a 4-step serial flow of no-op Rust steps, run to completion by N workers; time per transition (a committed transaction appending the instance's next events) | — |
 //! | `flow/raw_transition/{1,4}` | — | N clients, each transition one transaction: `SELECT` the instance's events, `INSERT` one event, upsert a state row |
 //! | await_event (printed after the table) | 400 instances waiting for a fact each (100 quick), woken by one append of their facts and completed by 4 workers; transitions per second | — |
+//! | for_each (printed after the table) | one instance fanning out over 100, then 1,000 items (16 at once, one worker); transitions per second and time per item, whose ratio (1,000 vs 100) shows the fan-out is linear | — |
 //! | order saga (printed after the table) | instances per second of the order saga's shape (reserve, charge beside a fraud check, ship; no-op Rust steps, compensations defined) with 4 workers | raw transitions per second at 4 clients divided by the saga's transitions per instance |
 //!
 //! The raw baseline does no planning, no locking, no leases, no read models beyond
@@ -271,8 +272,67 @@ fn main() {
         "await_event, 4 workers: {await_n} waiting instances woken and completed at {await_per_s:.0} transitions/s \
          ({await_transitions:.1} transitions each, from one append of their facts to the last completion)"
     );
+    // for_each: one instance fanning out over n items (16 at once), run by
+    // one worker (an instance is claimed by one worker at a time); transitions
+    // per second and time per item at 100 and 1,000 items. A fold or a read
+    // model that grew with the instance would make the larger fan-out slower
+    // per item.
+    let fan = FlowDefinition::builder("fan")
+        .task(TaskDefinition::new("each", Action::rust("a")).for_each("{{flow.input.items}}", 16))
+        .build();
+    rt.block_on(flows.register(&fan)).expect("register fan");
+    let fan_runs: Vec<(u32, f64, f64)> = rt.block_on(async {
+        let workers = start_workers(&flows, 1);
+        let mut runs = Vec::new();
+        for n in [100u32, 1000] {
+            let before = flows.stats();
+            let start = Instant::now();
+            let id = flows
+                .start("fan", None, json!({"items": (0..n).collect::<Vec<u32>>()}))
+                .await
+                .expect("start fan")
+                .instance;
+            // The read model's status (one row), not a fold of the instance,
+            // so that watching costs the same at any size.
+            let client = flows.store().pool().get().await.expect("connection");
+            let status = format!(
+                "SELECT status FROM \"{}\".flow_instances WHERE id = $1",
+                flows.store().schema()
+            );
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let row = client.query_opt(&status, &[&id]).await.expect("status");
+                if row.is_some_and(|r| r.get::<_, String>(0) == "completed") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the fan-out of {n} did not complete"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let transitions = (flows.stats().transitions - before.transitions) as f64;
+            runs.push((n, transitions / elapsed, elapsed * 1e6 / f64::from(n)));
+        }
+        workers.cancel();
+        runs
+    });
+    for (n, per_s, us) in &fan_runs {
+        println!(
+            "for_each over {n} items, 1 worker, 16 at once: {per_s:.0} transitions/s, {us:.0} µs per item"
+        );
+    }
     use common::goals::{Row, throughput_ratio};
     let mut rows = Vec::new();
+    if let [(_, _, small), (_, _, large)] = fan_runs[..] {
+        rows.push(Row::at_most(
+            "for_each time per item, 1,000 items vs 100 (linear: about 1)",
+            large / small,
+            1.5,
+            "x",
+        ));
+    }
     if let Some(raw) = raw_saga_per_s {
         rows.push(Row::ratio(
             "order-saga instances/s, 4 workers, vs raw (reported)",

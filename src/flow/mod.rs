@@ -23,14 +23,15 @@ pub use admin::{
 };
 pub use error::{DefinitionError, FlowError};
 pub use model::definition::{
-    Action, AwaitEvent, FlowBuilder, FlowDefinition, InputField, InputSpec, OnExhausted,
-    SignalWait, SqlStatement, TaskDefinition, TaskRetry, Tcc, TccParticipant, ValueType, Wait,
+    Action, AwaitEvent, FlowBuilder, FlowDefinition, ForEach, InputField, InputSpec,
+    MAX_FOR_EACH_ITEMS, OnExhausted, SignalWait, SqlStatement, SubFlow, TaskDefinition, TaskRetry,
+    Tcc, TccParticipant, ValueType, Wait,
 };
 pub use model::events::{self, FlowEvent, Phase, StepId};
 pub use model::failure::TaskError;
 pub use model::schedule::{MissedTicks, Schedule};
 pub use model::state::{
-    Acknowledgement, InstanceState, InstanceStatus, ReceivedSignal, StepState, StepStatus,
+    Acknowledgement, FanOut, InstanceState, InstanceStatus, ReceivedSignal, StepState, StepStatus,
     StepTimings,
 };
 pub use model::template;

@@ -31,6 +31,11 @@ pub struct ReadOptions {
     pub limit: Option<u64>,
     /// Newest first.
     pub backwards: bool,
+    /// Also the events below `after` that this snapshot did not see (late
+    /// committers): with `after`, "every event a reader holding this cursor
+    /// has not seen". Crate-internal: a caller must refold on one below
+    /// `after`, since they come out of position order.
+    pub(crate) unseen_by: Option<String>,
 }
 
 impl ReadOptions {
@@ -59,6 +64,18 @@ impl ReadOptions {
     #[must_use]
     pub fn backwards(mut self) -> Self {
         self.backwards = true;
+        self
+    }
+
+    /// Every event a reader holding `cursor` has not seen: those after its
+    /// position, and those below it of transactions its snapshot did not see
+    /// (which come first, in position order, and are below `cursor`'s
+    /// position; the caller must then read again from the start). A catch-up
+    /// read for a state folded up to `cursor` (ADR 0013).
+    #[must_use]
+    pub(crate) fn unseen_by(mut self, cursor: &Cursor) -> Self {
+        self.after = cursor.position;
+        self.unseen_by = cursor.snapshot.as_ref().map(ToString::to_string);
         self
     }
 }
@@ -461,9 +478,23 @@ fn filter_sql(query: &Query, options: &ReadOptions) -> (String, Params) {
     } else {
         ("position", "position + 0")
     };
-    if let Some(after) = options.after {
-        params.push(Box::new(after.0));
-        let _ = write!(filter, "{after_col} > $1 AND ");
+    match (options.after, &options.unseen_by) {
+        (Some(after), Some(snapshot)) => {
+            // Transactions not visible in the snapshot all have ids at or
+            // above its xmin: the transaction index finds their events.
+            params.push(Box::new(after.0));
+            params.push(Box::new(snapshot.clone()));
+            let _ = write!(
+                filter,
+                "({after_col} > $1 OR (transaction_id >= pg_snapshot_xmin($2::text::pg_snapshot) \
+                 AND NOT pg_visible_in_snapshot(transaction_id, $2::text::pg_snapshot))) AND "
+            );
+        }
+        (Some(after), None) => {
+            params.push(Box::new(after.0));
+            let _ = write!(filter, "{after_col} > $1 AND ");
+        }
+        _ => {}
     }
     if let Some(up_to) = options.up_to {
         params.push(Box::new(up_to.0));

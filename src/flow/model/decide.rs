@@ -132,11 +132,18 @@ fn round(
         let lease = now
             + chrono::Duration::milliseconds(task.timeout_ms as i64)
             + chrono::Duration::from_std(lessee.lease_grace).unwrap_or_default();
+        let items = step.item.and_then(|_| {
+            p.items
+                .iter()
+                .find(|(t, _)| *t == step.task)
+                .map(|(_, n)| *n)
+        });
         out.push(FlowEvent::StepStarted(StepStarted {
             step: step.clone(),
             attempt: state.step(step).attempts + 1,
             worker: lessee.worker.to_owned(),
             lease_until: lease,
+            items,
         }));
     }
     (out, true)
@@ -747,5 +754,83 @@ mod tests {
             (70, 150, backoff, 0),
             "{t:?}"
         );
+    }
+
+    #[test]
+    fn a_fan_out_keeps_max_parallel_items_running_and_collects_outputs_in_order() {
+        let def = FlowDefinition::builder("fan")
+            .task(
+                TaskDefinition::new("each", Action::rust("each"))
+                    .for_each("{{flow.input.items}}", 2),
+            )
+            .build();
+        let now = Utc::now();
+        let mut state = started(&def, now);
+        state.input = json!({"items": ["a", "b", "c", "d", "e"]});
+        let starts = |events: &[FlowEvent]| -> Vec<(String, Option<u32>)> {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    FlowEvent::StepStarted(s) => Some((s.step.key(), s.items)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = next_events(&def, &state, now, WORKER);
+        assert_eq!(
+            starts(&first),
+            [
+                ("each[0]/action".to_owned(), Some(5)),
+                ("each[1]/action".to_owned(), Some(5))
+            ],
+            "{first:?}"
+        );
+        state = apply(&state, &first, now);
+        let done = |i: u32| {
+            FlowEvent::StepSucceeded(StepSucceeded {
+                step: StepId::item("each", i, Phase::Action),
+                attempt: 1,
+                output: json!(i * 10),
+                signal_id: None,
+            })
+        };
+        // Item 1 finishes before item 0: one slot is free, item 2 starts.
+        state = apply(&state, &[done(1)], now);
+        let next = next_events(&def, &state, now, WORKER);
+        assert_eq!(
+            starts(&next),
+            [("each[2]/action".to_owned(), None)],
+            "{next:?}"
+        );
+        state = apply(&state, &next, now);
+        for i in [0, 2] {
+            state = apply(&state, &[done(i)], now);
+        }
+        let next = next_events(&def, &state, now, WORKER);
+        assert_eq!(
+            starts(&next),
+            [
+                ("each[3]/action".to_owned(), None),
+                ("each[4]/action".to_owned(), None)
+            ]
+        );
+        state = apply(&state, &next, now);
+        for i in [4, 3] {
+            state = apply(&state, &[done(i)], now);
+        }
+        // Every item done: the task's own step succeeds with the outputs in item
+        // order, and the item outputs are not outputs of their own.
+        let last = next_events(&def, &state, now, WORKER);
+        assert!(
+            matches!(&last[0], FlowEvent::StepSucceeded(s)
+                if s.step == StepId::new("each", Phase::Action) && s.output == json!([0, 10, 20, 30, 40])),
+            "{last:?}"
+        );
+        state = apply(&state, &last, now);
+        assert_eq!(state.outputs.len(), 1);
+        assert_eq!(state.outputs["each"], json!([0, 10, 20, 30, 40]));
+        // The same round completes the instance.
+        assert!(matches!(&last[1..], [FlowEvent::Completed(_)]), "{last:?}");
+        assert!(next_events(&def, &state, now, WORKER).is_empty());
     }
 }

@@ -235,6 +235,12 @@ pub struct TaskDefinition {
     /// compensated fails the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow: Option<SubFlow>,
+    /// Runs the task once per item of an array (fan-out): each item is a
+    /// step of its own (`<task>[<i>]`), with its own attempts, idempotency key
+    /// and compensation, and `{{item}}` / `{{item_index}}` in its templates.
+    /// The task's output is the items' outputs, in the items' order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<ForEach>,
     /// How to undo it when the flow is compensated (saga).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Action>,
@@ -315,6 +321,27 @@ pub struct SubFlow {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub input: BTreeMap<String, Value>,
 }
+
+/// A task's fan-out: the items (a template that renders to an array, such as
+/// `"{{tasks.order.output.lines}}"`) and how many of them run at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForEach {
+    /// The array, as one template (`{{flow.input.lines}}`,
+    /// `{{tasks.<task>.output.<field>}}`).
+    pub items: String,
+    /// Items running at once, at most (default 10).
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: u32,
+}
+
+fn default_max_parallel() -> u32 {
+    10
+}
+
+/// The most items a `for_each` task runs (more fail the task, code
+/// `for_each`).
+pub const MAX_FOR_EACH_ITEMS: usize = 10_000;
 
 /// What kind of task a definition is (by which of its fields is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -763,6 +790,7 @@ impl TaskDefinition {
             signal: None,
             await_event: None,
             flow: None,
+            for_each: None,
             action: Some(action),
             compensate: None,
             tcc: None,
@@ -870,6 +898,17 @@ impl TaskDefinition {
         if let Some(a) = &mut self.await_event {
             a.timeout_ms = ms;
         }
+        self
+    }
+
+    /// Runs the task once per item of `items` (a template rendering to an
+    /// array), at most `max_parallel` at once.
+    #[must_use]
+    pub fn for_each(mut self, items: impl Into<String>, max_parallel: u32) -> Self {
+        self.for_each = Some(ForEach {
+            items: items.into(),
+            max_parallel,
+        });
         self
     }
 

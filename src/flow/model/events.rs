@@ -132,6 +132,9 @@ pub struct StepId {
     pub participant: Option<String>,
     /// The phase.
     pub phase: Phase,
+    /// The item of a `for_each` task (from 0), if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
 }
 
 impl StepId {
@@ -141,6 +144,7 @@ impl StepId {
             task: task.to_owned(),
             participant: None,
             phase,
+            item: None,
         }
     }
 
@@ -150,14 +154,27 @@ impl StepId {
             task: task.to_owned(),
             participant: Some(participant.to_owned()),
             phase,
+            item: None,
         }
     }
 
-    /// `<task>[.<participant>]/<phase>`.
+    /// Item `item` of a `for_each` task: its action or its compensation.
+    pub fn item(task: &str, item: u32, phase: Phase) -> Self {
+        StepId {
+            task: task.to_owned(),
+            participant: None,
+            phase,
+            item: Some(item),
+        }
+    }
+
+    /// `<task>[.<participant>]/<phase>`, or `<task>[<item>]/<phase>` for an
+    /// item of a `for_each` task.
     pub fn key(&self) -> String {
-        match &self.participant {
-            Some(p) => format!("{}.{p}/{}", self.task, self.phase.as_str()),
-            None => format!("{}/{}", self.task, self.phase.as_str()),
+        match (&self.participant, self.item) {
+            (Some(p), _) => format!("{}.{p}/{}", self.task, self.phase.as_str()),
+            (None, Some(i)) => format!("{}[{i}]/{}", self.task, self.phase.as_str()),
+            (None, None) => format!("{}/{}", self.task, self.phase.as_str()),
         }
     }
 
@@ -184,7 +201,17 @@ impl StepId {
             return None;
         }
         match phase {
-            Phase::Action | Phase::Compensate => Some(StepId::new(name, phase)),
+            Phase::Action | Phase::Compensate => {
+                // `<task>[<item>]`: an item of a for_each task (task names
+                // have no brackets).
+                if let Some(open) = name.strip_suffix(']').and_then(|n| n.rfind('['))
+                    && let Ok(item) = name[open + 1..name.len() - 1].parse::<u32>()
+                    && open > 0
+                {
+                    return Some(StepId::item(&name[..open], item, phase));
+                }
+                Some(StepId::new(name, phase))
+            }
             Phase::Try | Phase::Confirm | Phase::Cancel => {
                 let (task, participant) = name.split_once('.')?;
                 (!task.is_empty() && !participant.is_empty())
@@ -265,6 +292,10 @@ pub struct StepStarted {
     pub worker: String,
     /// Until when the worker holds it.
     pub lease_until: DateTime<Utc>,
+    /// For the items of a `for_each` task started first: how many items the
+    /// task has (its items template, rendered once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<u32>,
 }
 
 /// `FlowStepSucceeded`.

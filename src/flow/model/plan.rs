@@ -5,7 +5,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Value, json};
 
 use super::condition;
-use super::definition::{FlowDefinition, OnExhausted, TaskDefinition, TaskKind};
+use super::definition::{
+    FlowDefinition, ForEach, MAX_FOR_EACH_ITEMS, OnExhausted, TaskDefinition, TaskKind,
+};
 use super::events::{AwaitedEvent, Phase, StepId, types};
 use super::state::{InstanceState, InstanceStatus, StepState, StepStatus};
 use super::template;
@@ -31,6 +33,9 @@ pub(crate) struct Plan {
     /// Steps that fail without an attempt (a condition that cannot be
     /// evaluated, a signal that did not come in time): (step, error, code).
     pub fail: Vec<(StepId, String, &'static str)>,
+    /// The item counts of the `for_each` tasks whose first items start now
+    /// (their items template rendered), by task.
+    pub items: Vec<(String, u32)>,
 }
 
 impl Plan {
@@ -149,6 +154,25 @@ pub(crate) fn task_outcome(
     if action.status == StepStatus::Skipped {
         return TaskOutcome::Done;
     }
+    if task.for_each.is_some() && action.status != StepStatus::Failed {
+        if action.status == StepStatus::Succeeded {
+            return TaskOutcome::Done;
+        }
+        let Some(f) = s.fan_out.get(&task.name) else {
+            return TaskOutcome::NotStarted;
+        };
+        // A failed item is still active (it never succeeded).
+        for &i in &f.active {
+            let item = s.step(&StepId::item(&task.name, i, Phase::Action));
+            if item.status == StepStatus::Failed {
+                return TaskOutcome::Failed(format!(
+                    "item {i}: {}",
+                    item.error.unwrap_or_default()
+                ));
+            }
+        }
+        return TaskOutcome::InProgress;
+    }
     let Some(v) = tcc_view(task, s, now) else {
         return match action.status {
             StepStatus::Succeeded => TaskOutcome::Done,
@@ -253,7 +277,15 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
             continue;
         }
         let action = s.step(&StepId::new(&task.name, Phase::Action));
-        if unreached(task, &action, outcome, now) && !admitted(def, task, &action, s, plan) {
+        let items_started = s.fan_out.contains_key(&task.name);
+        if !items_started
+            && unreached(task, &action, outcome, now)
+            && !admitted(def, task, &action, s, plan)
+        {
+            continue;
+        }
+        if let Some(each) = &task.for_each {
+            fan_out(task, each, &action, s, now, plan);
             continue;
         }
         match task.kind() {
@@ -313,6 +345,100 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
         plan.instance = Some((types::COMPLETED, String::new()));
         plan.clear_steps();
     }
+}
+
+/// A `for_each` task: its active items (running, or waiting for a retry) as
+/// any step, then new items into the free slots, in order; once every item is
+/// done, the task's own step succeeds with their outputs in order. Only the
+/// active items are looked at.
+fn fan_out(
+    task: &TaskDefinition,
+    each: &ForEach,
+    action: &StepState,
+    s: &InstanceState,
+    now: DateTime<Utc>,
+    plan: &mut Plan,
+) {
+    if action.status == StepStatus::RetryDue && action.due_at.is_some_and(|d| d > now) {
+        plan.due(action.due_at);
+        return;
+    }
+    let progress = s.fan_out.get(&task.name);
+    let count = match progress.and_then(|f| f.items) {
+        Some(n) => n,
+        None => match items_of(each, s) {
+            Ok(n) => {
+                plan.items.push((task.name.clone(), n));
+                n
+            }
+            Err(e) => {
+                plan.fail.push((action.step.clone(), e, "for_each"));
+                return;
+            }
+        },
+    };
+    let (started, active, done) = match progress {
+        Some(f) => (f.started, f.active.len() as u32, f.outputs.len() as u32),
+        None => (0, 0, 0),
+    };
+    if active == 0 && done >= count {
+        let outputs = progress.map_or(Value::Array(Vec::new()), |f| {
+            let mut f = f.clone();
+            f.items = Some(count);
+            f.ordered_outputs()
+        });
+        plan.finish.push((action.step.clone(), outputs, None));
+        return;
+    }
+    if let Some(f) = progress {
+        for &i in &f.active {
+            consider(
+                &s.step(&StepId::item(&task.name, i, Phase::Action)),
+                plan,
+                now,
+            );
+        }
+    }
+    let free = each.max_parallel.max(1).saturating_sub(active);
+    for i in started..count.min(started.saturating_add(free)) {
+        plan.start.push(StepId::item(&task.name, i, Phase::Action));
+    }
+}
+
+/// How many items a `for_each` task's items template renders to (an array,
+/// of at most [`MAX_FOR_EACH_ITEMS`]).
+fn items_of(each: &ForEach, s: &InstanceState) -> Result<u32, String> {
+    let items = items_value(each, s)?;
+    match items {
+        Value::Array(a) if a.len() <= MAX_FOR_EACH_ITEMS => Ok(a.len() as u32),
+        Value::Array(a) => Err(format!(
+            "for_each items {:?} has {} items, more than the {MAX_FOR_EACH_ITEMS} allowed",
+            each.items,
+            a.len()
+        )),
+        other => Err(format!(
+            "for_each items {:?} is not an array (it is {})",
+            each.items,
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Object(_) => "an object",
+                Value::Array(_) => "an array",
+            }
+        )),
+    }
+}
+
+/// A `for_each` task's items, rendered against the instance.
+pub(crate) fn items_value(each: &ForEach, s: &InstanceState) -> Result<Value, String> {
+    let instance = s.id.to_string();
+    template::render(
+        &Value::String(each.items.clone()),
+        &s.template_context(&instance, &instance),
+    )
+    .map_err(|e| format!("for_each items {:?}: {e}", each.items))
 }
 
 /// Whether `task` has not been reached yet: nothing of it ever started, and it
@@ -548,6 +674,9 @@ fn settled(task: &TaskDefinition, s: &InstanceState, now: DateTime<Utc>) -> bool
             .any(|x| matches!(x.status, StepStatus::Running | StepStatus::RetryDue));
         return !running && task_outcome(task, s, now) != TaskOutcome::InProgress;
     }
+    if task.for_each.is_some() {
+        return items_to_compensate(task, s).is_empty();
+    }
     let action = s.step(&StepId::new(&task.name, Phase::Action));
     match action.status {
         StepStatus::Succeeded if task.compensate.is_some() => {
@@ -560,6 +689,24 @@ fn settled(task: &TaskDefinition, s: &InstanceState, now: DateTime<Utc>) -> bool
         StepStatus::Running => false,
         _ => true,
     }
+}
+
+/// The compensation steps of a `for_each` task's succeeded items that are
+/// not done yet (none without a compensate action).
+fn items_to_compensate(task: &TaskDefinition, s: &InstanceState) -> Vec<StepState> {
+    let (Some(_), Some(f)) = (&task.compensate, s.fan_out.get(&task.name)) else {
+        return Vec::new();
+    };
+    f.outputs
+        .keys()
+        .filter(|&&i| {
+            s.steps
+                .get(&StepId::item(&task.name, i, Phase::Action).key())
+                .is_some_and(|a| a.status == StepStatus::Succeeded)
+        })
+        .map(|&i| s.step(&StepId::item(&task.name, i, Phase::Compensate)))
+        .filter(|c| !done(c))
+        .collect()
 }
 
 fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &mut Plan) {
@@ -596,6 +743,50 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
                     return;
                 }
                 consider(c, plan, now);
+            }
+            continue;
+        }
+        if let Some(each) = &task.for_each {
+            let pending = items_to_compensate(task, s);
+            if pending.is_empty() {
+                continue;
+            }
+            let dependents_settled = def
+                .tasks
+                .iter()
+                .filter(|t| t.depends_on.contains(&task.name))
+                .all(|t| settled(t, s, now));
+            if !dependents_settled {
+                continue;
+            }
+            // Each succeeded item's compensation, at most max_parallel at once.
+            let mut free = each.max_parallel.max(1) as usize;
+            free = free.saturating_sub(
+                pending
+                    .iter()
+                    .filter(|c| c.status == StepStatus::Running)
+                    .count(),
+            );
+            for c in &pending {
+                if c.status == StepStatus::Failed {
+                    plan.instance = Some((
+                        types::COMPENSATION_FAILED,
+                        format!(
+                            "compensation of {} failed: {}",
+                            c.step,
+                            c.error.clone().unwrap_or_default()
+                        ),
+                    ));
+                    plan.clear_steps();
+                    return;
+                }
+                if c.status == StepStatus::Running {
+                    consider(c, plan, now);
+                } else if free > 0 {
+                    let before = plan.start.len();
+                    consider(c, plan, now);
+                    free -= plan.start.len() - before;
+                }
             }
             continue;
         }

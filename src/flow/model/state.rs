@@ -233,6 +233,44 @@ impl StepState {
     }
 }
 
+/// A `for_each` task's progress: items start in order, at most
+/// `max_parallel` of them are active at once, and each one's output is kept
+/// until every item is done (then the task's output is all of them, in
+/// order). Planning looks only at the active items, so an instance with many
+/// items costs the same per transition as one with few.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FanOut {
+    /// How many items the task has (known once the first ones started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<u32>,
+    /// Items started so far: `0..started`.
+    pub started: u32,
+    /// Items started and not yet succeeded or skipped.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub active: std::collections::BTreeSet<u32>,
+    /// The outputs of the items done, by item.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<u32, Value>,
+}
+
+impl FanOut {
+    /// Every item done (succeeded or skipped).
+    pub fn is_done(&self) -> bool {
+        self.items
+            .is_some_and(|n| self.active.is_empty() && self.outputs.len() as u64 == u64::from(n))
+    }
+
+    /// The items' outputs in order (`null` for an item without one).
+    pub fn ordered_outputs(&self) -> Value {
+        let n = self.items.unwrap_or(0);
+        Value::Array(
+            (0..n)
+                .map(|i| self.outputs.get(&i).cloned().unwrap_or(Value::Null))
+                .collect(),
+        )
+    }
+}
+
 /// A flow instance, as its events tell it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceState {
@@ -277,6 +315,9 @@ pub struct InstanceState {
     /// Signals received, oldest first, consumed or not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signals: Vec<ReceivedSignal>,
+    /// The progress of the `for_each` tasks that started, by task.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fan_out: BTreeMap<String, FanOut>,
     /// Events folded.
     pub events: u64,
 }
@@ -317,6 +358,7 @@ impl InstanceState {
             outputs: BTreeMap::new(),
             signals: Vec::new(),
             awaiting: BTreeMap::new(),
+            fan_out: BTreeMap::new(),
             events: 1,
         }
     }
@@ -388,6 +430,14 @@ impl InstanceState {
                 step.lease_until = Some(d.lease_until);
                 step.due_at = None;
                 step.first_started.get_or_insert(at);
+                if let (Some(i), Phase::Action) = (d.step.item, d.step.phase) {
+                    let f = self.fan_out.entry(d.step.task.clone()).or_default();
+                    f.active.insert(i);
+                    f.started = f.started.max(i + 1);
+                    if d.items.is_some() {
+                        f.items = d.items;
+                    }
+                }
             }
             FlowEvent::StepSucceeded(d) => {
                 let step = self.step_mut(&d.step, at);
@@ -406,7 +456,16 @@ impl InstanceState {
                     sig.consumed_by = Some(d.step.task.clone());
                 }
                 if d.step.phase == Phase::Action {
-                    self.outputs.insert(d.step.task.clone(), d.output);
+                    match d.step.item {
+                        Some(i) => {
+                            let f = self.fan_out.entry(d.step.task.clone()).or_default();
+                            f.active.remove(&i);
+                            f.outputs.insert(i, d.output);
+                        }
+                        None => {
+                            self.outputs.insert(d.step.task.clone(), d.output);
+                        }
+                    }
                 }
             }
             FlowEvent::TaskSkipped(d) => {
@@ -506,9 +565,17 @@ impl InstanceState {
                 step.worker = None;
                 step.lease_until = None;
                 step.acknowledged = None;
-                if d.step.phase == Phase::Action || d.step.phase == Phase::Try {
-                    self.outputs
-                        .insert(d.step.task.clone(), d.output.unwrap_or(Value::Null));
+                match (d.step.phase, d.step.item) {
+                    (Phase::Action, Some(i)) => {
+                        let f = self.fan_out.entry(d.step.task.clone()).or_default();
+                        f.active.remove(&i);
+                        f.outputs.insert(i, d.output.unwrap_or(Value::Null));
+                    }
+                    (Phase::Action | Phase::Try, _) => {
+                        self.outputs
+                            .insert(d.step.task.clone(), d.output.unwrap_or(Value::Null));
+                    }
+                    _ => {}
                 }
                 match self.status {
                     InstanceStatus::Failed => self.status = InstanceStatus::Running,
@@ -568,6 +635,7 @@ impl InstanceState {
             instance,
             idempotency_key,
             business_key: self.business_key.as_deref(),
+            item: None,
         }
     }
 

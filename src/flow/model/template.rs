@@ -31,6 +31,8 @@ pub struct Context<'a> {
     pub idempotency_key: &'a str,
     /// The instance's business key.
     pub business_key: Option<&'a str>,
+    /// A `for_each` item and its index (`{{item}}`, `{{item_index}}`).
+    pub item: Option<(&'a Value, u32)>,
 }
 
 /// A reference found in a template, for validation.
@@ -44,6 +46,8 @@ pub enum Reference {
     Input(String),
     /// `instance`, `idempotency_key`, `business_key`.
     Builtin,
+    /// `item...` or `item_index`: a `for_each` task's item.
+    Item,
     /// Anything else (an error).
     Unknown(String),
 }
@@ -91,6 +95,7 @@ fn classify(path: &str) -> Reference {
         ["input", key, ..] => Reference::Input((*key).to_owned()),
         ["input"] => Reference::Input(String::new()),
         ["instance"] | ["idempotency_key"] | ["business_key"] => Reference::Builtin,
+        ["item", ..] | ["item_index"] => Reference::Item,
         _ => Reference::Unknown(path.to_owned()),
     }
 }
@@ -104,6 +109,8 @@ fn lookup(path: &str, ctx: &Context<'_>) -> Option<Value> {
         ["instance"] => (Value::String(ctx.instance.to_owned()), &[]),
         ["idempotency_key"] => (Value::String(ctx.idempotency_key.to_owned()), &[]),
         ["business_key"] => (Value::String(ctx.business_key?.to_owned()), &[]),
+        ["item_index"] => (Value::from(ctx.item?.1), &[]),
+        ["item", rest @ ..] => (ctx.item?.0.clone(), rest),
         _ => return None,
     };
     let mut v = root;
@@ -366,6 +373,7 @@ mod tests {
             instance: "i",
             idempotency_key: "k",
             business_key: None,
+            item: None,
         };
         for url in [
             "https://files.example/users/{{flow.input.dots}}\n",
@@ -396,6 +404,7 @@ mod tests {
             instance: "i1",
             idempotency_key: "i1/pay/action",
             business_key: Some("order-7"),
+            item: None,
         };
         let v = json!({
             "amount": "{{flow.input.amount}}",
@@ -430,6 +439,7 @@ mod tests {
             instance: "i1",
             idempotency_key: "i1/call/action",
             business_key: Some("order 7/8"),
+            item: None,
         }
     }
 

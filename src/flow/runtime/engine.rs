@@ -57,6 +57,8 @@ pub(super) struct Inner {
     /// Which targets HTTP tasks may call (shared with `http`).
     http_policy: SharedPolicy,
     pub(super) stats: Counters,
+    /// Instances' states as last read, with the reads' cursors (ADR 0013).
+    pub(super) known: super::transition::KnownStates,
 }
 
 /// Counters behind [`Flows::stats`].
@@ -155,6 +157,7 @@ impl Flows {
                 http: super::executor::HttpTasks::new(http, http_policy.clone()),
                 http_policy,
                 stats: Counters::default(),
+                known: super::transition::KnownStates::default(),
             }),
         }
     }
@@ -546,7 +549,55 @@ pub(super) fn sync_params(
     now: DateTime<Utc>,
 ) -> (Value, Option<DateTime<Utc>>, Value) {
     let due = next_due(&plan(def, state, now), now);
-    let row = serde_json::to_value(state).expect("state serializes");
-    let incidents = serde_json::to_value(incidents(state)).expect("incidents serialize");
+    let incidents = incidents(state);
+    let row = serde_json::to_value(ReadModelRow::of(state, &incidents)).expect("row serializes");
+    let incidents = serde_json::to_value(incidents).expect("incidents serialize");
     (row, due, incidents)
+}
+
+/// What `flow_sync` keeps of an instance in `flow_instances.state`: its
+/// summary, its await_event queries, and the steps of its open incidents.
+/// Not the whole state, which the instance's events give (ADR 0013): an
+/// instance with many steps (a `for_each` of a thousand items) would rewrite
+/// all of them on every transition.
+#[derive(serde::Serialize)]
+struct ReadModelRow<'a> {
+    id: Uuid,
+    flow: &'a str,
+    definition_version: &'a str,
+    business_key: Option<&'a str>,
+    status: crate::flow::model::state::InstanceStatus,
+    started_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_position: crate::store::Position,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<&'a events::ParentRef>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    awaiting: &'a std::collections::BTreeMap<String, events::AwaitedEvent>,
+    /// By step key: `{"step": <StepId>}` (the incident queries read it).
+    steps: std::collections::BTreeMap<&'a str, serde_json::Value>,
+}
+
+impl<'a> ReadModelRow<'a> {
+    fn of(state: &'a InstanceState, incidents: &'a [crate::flow::model::decide::Incident]) -> Self {
+        ReadModelRow {
+            id: state.id,
+            flow: &state.flow,
+            definition_version: &state.definition_version,
+            business_key: state.business_key.as_deref(),
+            status: state.status,
+            started_at: state.started_at,
+            updated_at: state.updated_at,
+            last_position: state.last_position,
+            parent: state.parent.as_ref(),
+            awaiting: &state.awaiting,
+            steps: incidents
+                .iter()
+                .filter_map(|i| {
+                    let step = state.steps.get(&i.step)?;
+                    Some((i.step.as_str(), json!({ "step": step.step })))
+                })
+                .collect(),
+        }
+    }
 }

@@ -56,6 +56,8 @@ pub struct TaskContext {
     /// send it as the `traceparent` header, NATS and AMQP messages carry it as
     /// a header; pass it on from a Rust task so that a trace crosses services.
     pub traceparent: String,
+    /// A `for_each` task's item and its index (from 0).
+    pub item: Option<(Value, u32)>,
 }
 
 impl TaskContext {
@@ -135,6 +137,7 @@ pub(crate) async fn run(
         instance: &instance,
         idempotency_key: &ctx.idempotency_key,
         business_key: ctx.business_key.as_deref(),
+        item: ctx.item.as_ref().map(|(v, i)| (v, *i)),
     };
     match action {
         Action::Rust { function } => match functions {

@@ -19,7 +19,9 @@ use crate::flow::model::definition::FlowDefinition;
 use crate::flow::model::events::{FlowEvent, instance_tag};
 use crate::flow::model::state::InstanceState;
 use crate::projection::Projector;
-use crate::store::{AppendResult, Event, Query, QueryItem};
+use futures::TryStreamExt;
+
+use crate::store::{AppendCondition, AppendResult, Cursor, Event, Query, QueryItem, ReadOptions};
 
 /// SQL statements a transition runs in its transaction before appending, with
 /// text parameters (a SQL step, exactly once with its completion event).
@@ -71,6 +73,63 @@ impl TransitionError {
 impl From<crate::store::Error> for TransitionError {
     fn from(e: crate::store::Error) -> Self {
         TransitionError::Flow(e.into())
+    }
+}
+
+/// How long a state kept in [`KnownStates`] is used: a catch-up read finds
+/// the events of transactions its cursor's snapshot did not see by their ids,
+/// and past a few seconds of a busy store those are more than a full read of
+/// a small instance.
+const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// States kept at most (older ones are dropped first).
+const KNOWN_MOST: usize = 512;
+
+/// An instance's state as a read left it, with the read's cursor.
+#[derive(Debug)]
+struct Known {
+    /// The fold of exactly the events the cursor saw.
+    state: InstanceState,
+    cursor: Cursor,
+    at: std::time::Instant,
+}
+
+/// The states of the instances this engine transitioned last, each with the
+/// cursor of the read it came from, so that the next transition reads only
+/// the events that cursor did not see (its own appends included) instead of
+/// the instance's whole history (ADR 0013). An instance of a thousand steps
+/// then costs each transition a few events, not a thousand. A late committer
+/// below the cursor (a transaction its snapshot did not see) sends the
+/// transition back to a full read.
+#[derive(Debug, Default)]
+pub(crate) struct KnownStates(Mutex<std::collections::HashMap<Uuid, Known>>);
+
+impl KnownStates {
+    fn take(&self, id: Uuid) -> Option<Known> {
+        let mut map = self.0.lock().expect("known states lock");
+        map.remove(&id).filter(|k| k.at.elapsed() < KNOWN_FOR)
+    }
+
+    fn put(&self, id: Uuid, state: InstanceState, cursor: Cursor) {
+        let mut map = self.0.lock().expect("known states lock");
+        if map.len() >= KNOWN_MOST {
+            map.retain(|_, k| k.at.elapsed() < KNOWN_FOR);
+            if map.len() >= KNOWN_MOST {
+                map.clear();
+            }
+        }
+        map.insert(
+            id,
+            Known {
+                state,
+                cursor,
+                at: std::time::Instant::now(),
+            },
+        );
+    }
+
+    fn forget(&self, id: Uuid) {
+        self.0.lock().expect("known states lock").remove(&id);
     }
 }
 
@@ -234,8 +293,10 @@ impl Flows {
         let store = self.store();
         let stats = &self.inner.stats;
         stats.statements(1);
-        let projected = crate::projection::project(store, &instance_model(id)).await?;
-        let state = projected.states.ok_or(FlowError::UnknownInstance(id))?;
+        let (state, cursor) = self.read_state(id).await?;
+        let state = state.ok_or(FlowError::UnknownInstance(id))?;
+        self.inner.known.put(id, state.clone(), cursor.clone());
+        let condition = AppendCondition::new(instance_query(id)).after(cursor);
         let definition = self
             .definition(&state.flow, Some(&state.definition_version))
             .await?;
@@ -250,7 +311,7 @@ impl Flows {
         let events = to_events(id, &decided);
         let (row, due, incidents) = sync_params(&definition, &next, now);
         let count = events.len() as u64;
-        let prepared = store.prepare_append(events, Some(projected.condition))?;
+        let prepared = store.prepare_append(events, Some(condition))?;
         let then = format!(
             "{}(jsonb_set($17, '{{last_position}}', to_jsonb(a.positions[cardinality(a.positions)])), $18, $19)",
             store.table("flow_sync")
@@ -266,9 +327,57 @@ impl Flows {
                 stats.events.fetch_add(count, Ordering::Relaxed);
                 Ok(Some((next, decided)))
             }
-            Err(crate::store::Error::Conflict { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(crate::store::Error::Conflict { .. }) => {
+                self.inner.known.forget(id);
+                Ok(None)
+            }
+            Err(e) => {
+                self.inner.known.forget(id);
+                Err(e.into())
+            }
         }
+    }
+
+    /// The instance's state and the cursor of the read it comes from: from the
+    /// state kept of the last read plus the events its cursor did not see,
+    /// or, without one (or with a late committer below its cursor), from all
+    /// of the instance's events.
+    async fn read_state(
+        &self,
+        id: Uuid,
+    ) -> Result<(Option<InstanceState>, Cursor), TransitionError> {
+        let store = self.store();
+        let query = instance_query(id);
+        if let Some(known) = self.inner.known.take(id) {
+            let below = known.cursor.position;
+            let mut stream = store
+                .read(&query, ReadOptions::default().unseen_by(&known.cursor))
+                .await?;
+            let mut state = known.state;
+            let mut late = false;
+            while let Some(e) = stream.try_next().await? {
+                if below.is_some_and(|p| e.position <= p) {
+                    late = true;
+                    break;
+                }
+                state.apply(&e);
+            }
+            if !late {
+                let cursor = stream.drain_cursor().await?;
+                return Ok((Some(state), cursor));
+            }
+            self.inner.stats.statements(1);
+        }
+        let mut stream = store.read(&query, ReadOptions::default()).await?;
+        let mut state: Option<InstanceState> = None;
+        while let Some(e) = stream.try_next().await? {
+            match &mut state {
+                None => state = InstanceState::fold([&e]),
+                Some(s) => s.apply(&e),
+            }
+        }
+        let cursor = stream.drain_cursor().await?;
+        Ok((state, cursor))
     }
 
     /// Runs one transition of instance `id`: under the instance's lock, fold its
@@ -291,6 +400,7 @@ impl Flows {
         {
             return Ok(done);
         }
+        self.inner.known.forget(id);
         let executor = CommandExecutor::new(self.store().clone())
             .concurrency(Concurrency::Pessimistic)
             .retry(CommandRetry::attempts(5));

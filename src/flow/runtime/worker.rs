@@ -1195,7 +1195,27 @@ fn context(
 ) -> Result<TaskContext, TaskError> {
     let instance = state.id.to_string();
     let key = step.idempotency_key(state.id);
-    let t = state.template_context(&instance, &key);
+    let mut t = state.template_context(&instance, &key);
+    // A for_each item: `{{item}}` and `{{item_index}}`.
+    let item = match (step.item, &task.for_each) {
+        (Some(i), Some(each)) => {
+            let items = crate::flow::model::plan::items_value(each, state)
+                .map_err(|e| TaskError::fatal(e).code("for_each"))?;
+            let value = match items {
+                Value::Array(mut a) if (i as usize) < a.len() => a.swap_remove(i as usize),
+                _ => {
+                    return Err(TaskError::fatal(format!(
+                        "for_each item {i} of {:?} is gone",
+                        each.items
+                    ))
+                    .code("for_each"));
+                }
+            };
+            Some((value, i))
+        }
+        _ => None,
+    };
+    t.item = item.as_ref().map(|(v, i)| (v, *i));
     let input = template::render(&Value::Object(task.input.clone().into_iter().collect()), &t)
         .map_err(|e| TaskError::fatal(e).code("template"))?;
     Ok(TaskContext {
@@ -1209,5 +1229,6 @@ fn context(
         outputs: state.outputs.clone().into_iter().collect(),
         business_key: state.business_key.clone(),
         traceparent: step.traceparent(state.id, attempt),
+        item,
     })
 }

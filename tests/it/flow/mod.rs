@@ -5,6 +5,7 @@ mod admin;
 mod amqp;
 mod basic;
 mod control;
+mod fan_out;
 mod nats;
 mod ops;
 mod saga;

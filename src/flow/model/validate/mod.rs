@@ -673,6 +673,26 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
+        if let Some(each) = &task.for_each {
+            if task.action.is_none() {
+                self.report(format!(
+                    "task {name:?}: for_each runs an action per item (a tcc, wait, signal, await_event or flow task cannot have one)"
+                ));
+            }
+            if whole_template(each.items.trim()).is_none() {
+                self.report(format!(
+                    "task {name:?}: for_each items {:?} must be one template that renders to an array, such as \"{{{{tasks.order.output.lines}}}}\"",
+                    each.items
+                ));
+            }
+            let items = Value::String(each.items.clone());
+            self.check_templates(scope, "for_each items", &items, Place::TaskInput);
+            if each.max_parallel == 0 {
+                self.report(format!(
+                    "task {name:?}: for_each max_parallel must be at least 1"
+                ));
+            }
+        }
         if let Some(signal) = &task.signal {
             if !valid_name(&signal.name) {
                 self.report(format!(
@@ -890,8 +910,17 @@ impl<'a> Checker<'a> {
         for reference in template::references(value) {
             match reference {
                 Reference::Builtin => {}
+                Reference::Item => {
+                    if task.for_each.is_none() {
+                        self.report(format!(
+                            "{prefix} refers to {{{{item}}}}, but the task has no for_each"
+                        ));
+                    } else if what == "for_each items" {
+                        self.report(format!("{prefix} cannot refer to the item itself"));
+                    }
+                }
                 Reference::Unknown(path) => self.report(format!(
-                    "{prefix} has an unknown template {{{{{path}}}}} (expected flow.input.*, tasks.<task>.output*, input.*, instance, idempotency_key or business_key)"
+                    "{prefix} has an unknown template {{{{{path}}}}} (expected flow.input.*, tasks.<task>.output*, input.*, item*, item_index, instance, idempotency_key or business_key)"
                 )),
                 Reference::FlowInput(field) => {
                     if !flow.input.is_empty()

@@ -704,3 +704,35 @@ tasks:
         json!("integer")
     );
 }
+
+#[test]
+fn for_each_problems() {
+    let flow = FlowDefinition::builder("fan")
+        .task(
+            TaskDefinition::new("ok", Action::rust("reserve"))
+                .for_each("{{flow.input.lines}}", 4)
+                .input("sku", json!("{{item.sku}}"))
+                .input("n", json!("{{item_index}}")),
+        )
+        .task(
+            TaskDefinition::new("stray", Action::rust("audit")).input("sku", json!("{{item.sku}}")),
+        )
+        .task(
+            TaskDefinition::new("zero", Action::rust("audit")).for_each("{{flow.input.lines}}", 0),
+        )
+        .task(
+            TaskDefinition::new("mixed", Action::rust("audit"))
+                .for_each("lines: {{flow.input.lines}}", 2),
+        )
+        .task(TaskDefinition::new("itself", Action::rust("audit")).for_each("{{item}}", 2))
+        .task(TaskDefinition::signal("waiting", "go").for_each("{{flow.input.lines}}", 2))
+        .build();
+    let problems = problems(&flow);
+    assert_lacks(&problems, "task \"ok\"");
+    assert_has(&problems, "task \"stray\"");
+    assert_has(&problems, "task \"zero\"");
+    assert_has(&problems, "task \"mixed\"");
+    assert_has(&problems, "task \"itself\"");
+    assert_has(&problems, "task \"waiting\"");
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+}
