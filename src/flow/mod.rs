@@ -36,6 +36,8 @@ pub use model::state::{
 };
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
+#[cfg(feature = "grpc")]
+pub use runtime::DescriptorSetError;
 pub use runtime::{
     Drained, FlowStats, Flows, HttpPolicy, HttpRuleError, ScheduleState, StartedInstance,
     TaskContext, TaskExecutor, Worker, WorkerOptions,

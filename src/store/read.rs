@@ -73,6 +73,7 @@ impl ReadOptions {
     /// position; the caller must then read again from the start). A catch-up
     /// read for a state folded up to `cursor` (ADR 0013).
     #[must_use]
+    #[cfg_attr(not(feature = "flow"), allow(dead_code))]
     pub(crate) fn unseen_by(mut self, cursor: &Cursor) -> Self {
         self.after = cursor.position;
         self.unseen_by = cursor.snapshot.as_ref().map(ToString::to_string);

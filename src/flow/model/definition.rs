@@ -439,6 +439,28 @@ pub enum Action {
         #[serde(default)]
         payload: Value,
     },
+    /// A unary gRPC call (feature `grpc`): the request is built from the
+    /// templated JSON `message` with the method's input type from a descriptor
+    /// set registered with
+    /// [`Flows::grpc_descriptor_set`](crate::flow::Flows::grpc_descriptor_set);
+    /// the reply, as JSON (proto field names, defaults included), is the
+    /// output. UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED and ABORTED
+    /// are retryable, other statuses fatal.
+    Grpc {
+        /// The server, `http://host:port` or `https://host:port` (templated).
+        endpoint: String,
+        /// The method, `package.Service/Method`.
+        method: String,
+        /// The name of the registered descriptor set that describes it.
+        descriptor_set: String,
+        /// The request as JSON (templated), in protobuf's JSON mapping.
+        #[serde(default)]
+        message: Value,
+        /// Extra metadata (templated values; `idempotency-key` and
+        /// `traceparent` are always sent).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        metadata: BTreeMap<String, String>,
+    },
     /// A Rust function registered with the engine under this name.
     Rust {
         /// Registered name.
@@ -1039,6 +1061,39 @@ impl Action {
                 })
                 .collect(),
         }
+    }
+
+    /// A unary gRPC call of `method` (`package.Service/Method`, described by
+    /// the registered descriptor set `descriptor_set`) on `endpoint`.
+    pub fn grpc(
+        endpoint: impl Into<String>,
+        method: impl Into<String>,
+        descriptor_set: impl Into<String>,
+        message: Value,
+    ) -> Self {
+        Action::Grpc {
+            endpoint: endpoint.into(),
+            method: method.into(),
+            descriptor_set: descriptor_set.into(),
+            message,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a metadata entry (a header) to a gRPC or HTTP action; other actions
+    /// are returned unchanged.
+    #[must_use]
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        match &mut self {
+            Action::Grpc { metadata, .. } => {
+                metadata.insert(name.into(), value.into());
+            }
+            Action::Http { headers, .. } => {
+                headers.insert(name.into(), value.into());
+            }
+            _ => {}
+        }
+        self
     }
 
     /// A NATS message through the outbox.

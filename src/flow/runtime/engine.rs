@@ -54,8 +54,11 @@ pub(super) struct Inner {
     definitions: RwLock<HashMap<(String, String), Arc<FlowDefinition>>>,
     #[cfg(feature = "http")]
     pub(super) http: super::executor::HttpTasks,
-    /// Which targets HTTP tasks may call (shared with `http`).
-    http_policy: SharedPolicy,
+    /// Which targets HTTP (and gRPC) tasks may call (shared with `http`).
+    pub(super) http_policy: SharedPolicy,
+    /// Descriptor sets and channels of gRPC tasks.
+    #[cfg(feature = "grpc")]
+    pub(super) grpc: super::grpc::GrpcTasks,
     pub(super) stats: Counters,
     /// Instances' states as last read, with the reads' cursors (ADR 0013).
     pub(super) known: super::transition::KnownStates,
@@ -156,6 +159,8 @@ impl Flows {
                 #[cfg(feature = "http")]
                 http: super::executor::HttpTasks::new(http, http_policy.clone()),
                 http_policy,
+                #[cfg(feature = "grpc")]
+                grpc: super::grpc::GrpcTasks::default(),
                 stats: Counters::default(),
                 known: super::transition::KnownStates::default(),
             }),
@@ -201,6 +206,26 @@ impl Flows {
             events: c.events.load(Ordering::Relaxed),
             statements: c.statements.load(Ordering::Relaxed),
         }
+    }
+
+    /// Registers the protobuf descriptor set `bytes` (an encoded
+    /// `FileDescriptorSet`, as `protoc --include_imports
+    /// --descriptor_set_out=FILE` writes it) under `name`, for `executor: grpc`
+    /// actions whose `descriptor_set` is `name` (feature `grpc`). Register it
+    /// before the definitions that use it, in every worker process: `register`
+    /// checks their methods and message fields against it.
+    ///
+    /// # Errors
+    /// [`DescriptorSetError`](crate::flow::DescriptorSetError) if the bytes are
+    /// not a descriptor set whose files resolve; nothing is registered then.
+    #[cfg(feature = "grpc")]
+    pub fn grpc_descriptor_set(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<&Self, crate::flow::DescriptorSetError> {
+        self.inner.grpc.register(name, bytes)?;
+        Ok(self)
     }
 
     /// Registers a Rust function for `executor: rust` actions named `name`. Register
@@ -273,6 +298,16 @@ impl Flows {
         let names = self.function_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         validate_for(definition, &names, super::executor::AVAILABLE)?;
+        #[cfg(feature = "grpc")]
+        {
+            let problems = self.inner.grpc.problems(definition);
+            if !problems.is_empty() {
+                return Err(FlowError::Definition(crate::flow::DefinitionError {
+                    flow: definition.name.clone(),
+                    problems,
+                }));
+            }
+        }
         let version = definition.version();
         // A stable event id per (name, version): registering again is a replay.
         let digest = <sha2::Sha256 as sha2::Digest>::digest(

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-#[cfg(feature = "http")]
+#[cfg(any(feature = "http", feature = "grpc"))]
 use std::time::Duration;
 
 use serde_json::Value;
@@ -26,6 +26,8 @@ pub(crate) const AVAILABLE: &[&str] = &[
     "sql",
     "nats",
     "amqp",
+    #[cfg(feature = "grpc")]
+    "grpc",
     "rust",
 ];
 
@@ -127,6 +129,7 @@ pub(crate) async fn run(
     action: &Action,
     ctx: TaskContext,
     #[cfg(feature = "http")] http: &HttpTasks,
+    #[cfg(feature = "grpc")] grpc: (&super::grpc::GrpcTasks, &SharedPolicy, Duration),
     functions: Option<Arc<dyn Erased>>,
 ) -> Result<Effect, TaskError> {
     let instance = ctx.instance.to_string();
@@ -182,6 +185,41 @@ pub(crate) async fn run(
             subject: template::render_text(subject, &t).map_err(render_err)?,
             payload: template::render(payload, &t).map_err(render_err)?,
         }),
+        #[cfg(not(feature = "grpc"))]
+        Action::Grpc { .. } => Err(TaskError::fatal(
+            "this build of dcbflow has no gRPC executor (feature `grpc`)",
+        )
+        .code("unavailable")),
+        #[cfg(feature = "grpc")]
+        Action::Grpc {
+            endpoint,
+            method,
+            descriptor_set,
+            message,
+            metadata,
+        } => {
+            let endpoint = template::render_text(endpoint, &t).map_err(render_err)?;
+            let metadata = super::grpc::metadata(metadata, |v| template::render_text(v, &t))
+                .map_err(render_err)?;
+            let message = template::render(message, &t).map_err(render_err)?;
+            let (tasks, policy, timeout) = grpc;
+            tasks
+                .call(
+                    policy,
+                    super::grpc::Call {
+                        endpoint: &endpoint,
+                        method,
+                        descriptor_set,
+                        message,
+                        metadata,
+                        idempotency_key: &ctx.idempotency_key,
+                        traceparent: &ctx.traceparent,
+                        timeout,
+                    },
+                )
+                .await
+                .map(Effect::Output)
+        }
         #[cfg(not(feature = "http"))]
         Action::Http { .. } => Err(TaskError::fatal(
             "this build of dcbflow has no HTTP executor (feature `http`)",
@@ -673,6 +711,12 @@ impl HttpPolicy {
         }
     }
 
+    /// The most bytes a task may read of a response.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn response_limit(&self) -> usize {
+        self.max_response_bytes
+    }
+
     /// Whether any address at all could pass (so a name is worth resolving).
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     fn allows_any_address(&self) -> bool {
@@ -746,7 +790,7 @@ mod http_tasks {
         }
 
         /// Every check: the URL, then every address its host resolves to.
-        async fn check(&self, url: &reqwest::Url) -> Result<(), TaskError> {
+        pub(crate) async fn check(&self, url: &reqwest::Url) -> Result<(), TaskError> {
             let (host, port) = match self.check_url(url).map_err(forbidden)? {
                 Verdict::Allowed => return Ok(()),
                 Verdict::Resolve(host, port) => (host, port),

@@ -4,6 +4,8 @@
 mod awaits;
 mod engine;
 mod executor;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod messages;
 mod scheduler;
 mod transition;
@@ -11,6 +13,8 @@ mod worker;
 
 pub use engine::{FlowStats, Flows, StartedInstance};
 pub use executor::{HttpPolicy, HttpRuleError, TaskContext, TaskExecutor};
+#[cfg(feature = "grpc")]
+pub use grpc::DescriptorSetError;
 pub use scheduler::ScheduleState;
 pub(crate) use scheduler::Scheduler;
 pub(crate) use transition::instance_query;

@@ -777,6 +777,11 @@ impl Worker {
         let action = task.action_for(&step).cloned();
         #[cfg(feature = "http")]
         let http = self.flows.inner.http.clone();
+        #[cfg(feature = "grpc")]
+        let (grpc, policy) = (
+            self.flows.inner.grpc.clone(),
+            self.flows.inner.http_policy.clone(),
+        );
         let function = match &action {
             Some(crate::flow::model::definition::Action::Rust { function }) => {
                 self.flows.registered_function(function)
@@ -800,6 +805,8 @@ impl Worker {
                             ctx,
                             #[cfg(feature = "http")]
                             &http,
+                            #[cfg(feature = "grpc")]
+                            (&grpc, &policy, timeout),
                             function,
                         );
                         match tokio::time::timeout(timeout, run).await {

@@ -69,7 +69,7 @@ async fn a_thousand_items_complete_with_outputs_in_order() {
         assert_eq!(o["index"], json!(i), "output {i}");
     }
     assert_eq!(state.outputs["total"], json!({"items": 1000}));
-    let keys = keys.lock().unwrap();
+    let keys = keys.lock().unwrap().clone();
     assert_eq!(keys.len(), 1000, "each item ran exactly once");
     let indices: BTreeSet<u32> = keys.iter().map(|(i, _)| *i).collect();
     assert_eq!(indices, (0..1000).collect());

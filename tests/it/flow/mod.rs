@@ -6,6 +6,8 @@ mod amqp;
 mod basic;
 mod control;
 mod fan_out;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod nats;
 mod ops;
 mod saga;

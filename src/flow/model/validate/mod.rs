@@ -54,7 +54,7 @@ pub fn validate(flow: &FlowDefinition, functions: &[&str]) -> Result<(), Definit
 }
 
 /// Every executor kind a definition may name.
-pub const ALL_EXECUTORS: &[&str] = &["http", "sql", "nats", "amqp", "rust"];
+pub const ALL_EXECUTORS: &[&str] = &["http", "sql", "nats", "amqp", "grpc", "rust"];
 
 /// Like [`validate`], for an engine that runs only the executors in `executors`
 /// (`http`, `sql`, `nats`, `rust`): an action of another kind is a problem (a
@@ -138,6 +138,35 @@ fn valid_header(name: &str) -> bool {
 
 /// Whether `url` is acceptable: `http://` or `https://` followed by something,
 /// or starting with a template (which then supplies the scheme).
+/// Whether `method` reads as `package.Service/Method`.
+fn valid_grpc_method(method: &str) -> bool {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+    };
+    match method.split_once('/') {
+        Some((service, name)) => ident(name) && service.split('.').all(ident),
+        None => false,
+    }
+}
+
+/// Whether `key` may be an ASCII metadata key that a task sets (the reserved
+/// `grpc-` keys and binary `-bin` keys are not).
+fn valid_grpc_metadata(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        && !key.starts_with("grpc-")
+        && !key.ends_with("-bin")
+}
+
+/// Whether `v` is a string that is one whole template.
+fn is_template(v: &Value) -> bool {
+    matches!(v, Value::String(s) if whole_template(s.trim()).is_some())
+}
+
 fn valid_url(url: &str) -> bool {
     let url = url.trim();
     if url.starts_with("{{") {
@@ -759,6 +788,7 @@ impl<'a> Checker<'a> {
             Action::Sql { .. } => "sql",
             Action::Nats { .. } => "nats",
             Action::Amqp { .. } => "amqp",
+            Action::Grpc { .. } => "grpc",
             Action::Rust { .. } => "rust",
         };
         if !self.executors.contains(&kind) {
@@ -865,6 +895,56 @@ impl<'a> Checker<'a> {
                     payload,
                     Place::Action,
                 );
+            }
+            Action::Grpc {
+                endpoint,
+                method,
+                descriptor_set,
+                message,
+                metadata,
+            } => {
+                if endpoint.trim().is_empty() {
+                    self.report(format!("{prefix}grpc endpoint is empty"));
+                } else if !valid_url(endpoint) {
+                    self.report(format!(
+                        "{prefix}grpc endpoint {endpoint:?} must start with http:// or https://"
+                    ));
+                }
+                let v = Value::String(endpoint.clone());
+                self.check_templates(scope, &format!("{label}grpc endpoint"), &v, Place::Action);
+                if !valid_grpc_method(method) {
+                    self.report(format!(
+                        "{prefix}grpc method {method:?} must be package.Service/Method (for example \"inventory.v1.Inventory/Reserve\")"
+                    ));
+                }
+                if descriptor_set.trim().is_empty() {
+                    self.report(format!("{prefix}grpc descriptor_set is empty"));
+                }
+                if !matches!(message, Value::Object(_) | Value::Null) && !is_template(message) {
+                    self.report(format!(
+                        "{prefix}grpc message must be a JSON object (the request's fields)"
+                    ));
+                }
+                self.check_templates(
+                    scope,
+                    &format!("{label}grpc message"),
+                    message,
+                    Place::Action,
+                );
+                for (key, value) in metadata {
+                    if !valid_grpc_metadata(key) {
+                        self.report(format!(
+                            "{prefix}grpc metadata key {key:?} must be lower-case letters, digits, '-', '_' or '.', not start with \"grpc-\" nor end with \"-bin\""
+                        ));
+                    }
+                    let v = Value::String(value.clone());
+                    self.check_templates(
+                        scope,
+                        &format!("{label}grpc metadata {key:?}"),
+                        &v,
+                        Place::Action,
+                    );
+                }
             }
             Action::Rust { function } => {
                 if function.trim().is_empty() {
