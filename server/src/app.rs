@@ -66,6 +66,15 @@ impl App {
                 .map_err(|e| ApiError::bad_field("flows.http_allow", e.to_string()))?;
         }
         let flows = Flows::new(store.clone()).http_policy(policy);
+        for (name, path) in &config.flows.grpc_descriptor_sets {
+            let key = format!("flows.grpc_descriptor_sets.{name}");
+            let bytes = std::fs::read(path).map_err(|e| {
+                ApiError::bad_field(&key, format!("{} cannot be read: {e}", path.display()))
+            })?;
+            flows
+                .grpc_descriptor_set(name, &bytes)
+                .map_err(|e| ApiError::bad_field(&key, e.reason))?;
+        }
         if db.migrate {
             // Every layer now, so that the readiness probe knows them all and
             // the operator queries find their tables.

@@ -15,7 +15,8 @@
 //!
 //! [flows]
 //! paths = ["flows/"]        # files or folders of .yaml/.yml/.json/.toml definitions
-//! http_allow = ["loopback"] # HttpPolicy entries for HTTP tasks (default: public addresses)
+//! http_allow = ["loopback"] # HttpPolicy entries for HTTP and gRPC tasks (default: public addresses)
+//! grpc_descriptor_sets = { inventory = "protos/inventory.pb" } # for `executor: grpc`
 //!
 //! [workers]
 //! count = 1
@@ -119,6 +120,10 @@ pub struct FlowsConfig {
     /// `private`, `public`, a host, `host:port` or a CIDR network). Empty: public
     /// addresses only.
     pub http_allow: Vec<String>,
+    /// Protobuf descriptor sets for `executor: grpc` actions, by the name
+    /// their `descriptor_set` gives: files written by `protoc --include_imports
+    /// --descriptor_set_out=FILE`.
+    pub grpc_descriptor_sets: BTreeMap<String, PathBuf>,
 }
 
 /// `[workers]`.
@@ -395,6 +400,23 @@ impl Config {
                     "flows.paths[{i}]: {} does not exist",
                     path.display()
                 ));
+            }
+        }
+        for (name, path) in &self.flows.grpc_descriptor_sets {
+            match std::fs::read(path) {
+                Err(e) => p.push(format!(
+                    "flows.grpc_descriptor_sets.{name}: {} cannot be read: {e}",
+                    path.display()
+                )),
+                Ok(bytes) => {
+                    if let Err(e) = dcbflow::flow::check_descriptor_set(name, &bytes) {
+                        p.push(format!(
+                            "flows.grpc_descriptor_sets.{name}: {}: {}",
+                            path.display(),
+                            e.reason
+                        ));
+                    }
+                }
             }
         }
         for (i, entry) in self.flows.http_allow.iter().enumerate() {
@@ -693,6 +715,32 @@ operator_token = "short"
             assert!(joined.contains(expected), "{expected:?} not in:\n{joined}");
         }
         assert!(e.to_string().contains("bad.toml"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn grpc_descriptor_sets_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("dcbflow-grpc-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pb");
+        std::fs::write(&garbage, b"\xff\xff not a descriptor set").unwrap();
+        let text = format!(
+            "[flows]\ngrpc_descriptor_sets = {{ gone = \"{}\", garbage = \"{}\" }}\n",
+            dir.join("gone.pb").display(),
+            garbage.display()
+        );
+        let c = Config::parse(&text, None).unwrap();
+        assert_eq!(c.flows.grpc_descriptor_sets.len(), 2);
+        let problems = c.check();
+        for expected in [
+            "flows.grpc_descriptor_sets.gone: ",
+            "flows.grpc_descriptor_sets.garbage: ",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected:?} not in {problems:?}"
+            );
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 

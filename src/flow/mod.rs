@@ -37,7 +37,7 @@ pub use model::state::{
 pub use model::template;
 pub use model::validate::{ALL_EXECUTORS, validate, validate_for};
 #[cfg(feature = "grpc")]
-pub use runtime::DescriptorSetError;
+pub use runtime::{DescriptorSetError, check_descriptor_set};
 pub use runtime::{
     Drained, FlowStats, Flows, HttpPolicy, HttpRuleError, ScheduleState, StartedInstance,
     TaskContext, TaskExecutor, Worker, WorkerOptions,

@@ -59,6 +59,21 @@ pub(crate) struct Call<'a> {
     pub timeout: Duration,
 }
 
+/// Checks that `bytes` is a descriptor set whose files resolve (what
+/// [`Flows::grpc_descriptor_set`](crate::flow::Flows::grpc_descriptor_set)
+/// accepts), without registering it: for configuration checks.
+///
+/// # Errors
+/// [`DescriptorSetError`] saying why not.
+pub fn check_descriptor_set(name: &str, bytes: &[u8]) -> Result<(), DescriptorSetError> {
+    DescriptorPool::decode(bytes)
+        .map(|_| ())
+        .map_err(|e| DescriptorSetError {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
 impl GrpcTasks {
     /// Registers (or replaces) descriptor set `name`.
     pub(crate) fn register(&self, name: &str, bytes: &[u8]) -> Result<(), DescriptorSetError> {

@@ -14,7 +14,7 @@ mod worker;
 pub use engine::{FlowStats, Flows, StartedInstance};
 pub use executor::{HttpPolicy, HttpRuleError, TaskContext, TaskExecutor};
 #[cfg(feature = "grpc")]
-pub use grpc::DescriptorSetError;
+pub use grpc::{DescriptorSetError, check_descriptor_set};
 pub use scheduler::ScheduleState;
 pub(crate) use scheduler::Scheduler;
 pub(crate) use transition::instance_query;

@@ -736,3 +736,49 @@ fn for_each_problems() {
     assert_has(&problems, "task \"waiting\"");
     assert_eq!(problems.len(), 5, "{problems:#?}");
 }
+
+#[cfg(feature = "yaml")]
+#[test]
+fn a_grpc_action_reads_from_yaml_and_its_syntax_is_checked() {
+    let flow = FlowDefinition::from_yaml(
+        r#"
+name: grpc
+input: { sku: string }
+tasks:
+  - name: reserve
+    action:
+      executor: grpc
+      endpoint: "https://inventory.internal:443"
+      method: inventory.v1.Inventory/Reserve
+      descriptor_set: inventory
+      message: { sku: "{{flow.input.sku}}", quantity: 1 }
+      metadata: { x-tenant: acme }
+    timeout_ms: 3000
+  - name: bad
+    action:
+      executor: grpc
+      endpoint: "inventory:443"
+      method: Reserve
+      descriptor_set: ""
+      message: [1]
+      metadata: { X-Tenant: "{{flow.input.nope}}" }
+"#,
+    )
+    .expect("parses");
+    let Some(Action::Grpc { metadata, .. }) = &flow.task("reserve").unwrap().action else {
+        panic!("a grpc action")
+    };
+    assert_eq!(metadata["x-tenant"], "acme");
+    let problems = problems(&flow);
+    assert_lacks(&problems, "task \"reserve\"");
+    for expected in [
+        "grpc endpoint \"inventory:443\" must start with http:// or https://",
+        "grpc method \"Reserve\" must be package.Service/Method",
+        "grpc descriptor_set is empty",
+        "grpc message must be a JSON object",
+        "grpc metadata key \"X-Tenant\"",
+        "undeclared flow input \"nope\"",
+    ] {
+        assert_has(&problems, expected);
+    }
+}
