@@ -82,7 +82,7 @@ fn lines(i: usize) -> Vec<Value> {
                 format!("sku-{}", (i * 7 + k) % 11)
             };
             // Orders divisible by 5 ship from the north only.
-            let warehouse = if i % 5 == 0 || k % 2 == 0 {
+            let warehouse = if i.is_multiple_of(5) || k.is_multiple_of(2) {
                 "north"
             } else {
                 "south"
