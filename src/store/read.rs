@@ -327,6 +327,20 @@ impl Store {
         let started = self
             .bounded(deadline, async {
                 let stmt = client.prepare_cached(&sql).await?;
+                if options.unseen_by.is_some() {
+                    // A catch-up read (ADR 0013) runs as an unnamed statement,
+                    // planned for its own bounds: a cached generic plan does not
+                    // know that the position bound leaves a few rows, so it
+                    // reads every event of the tag (2,000 for a 1,000-item
+                    // fan-out) and filters them; the custom plan intersects the
+                    // tag index with the position and transaction ranges. Same
+                    // round trips: the types come from the cached statement.
+                    let typed = params
+                        .iter()
+                        .zip(stmt.params())
+                        .map(|(p, t)| (&**p as &(dyn ToSql + Sync), t.clone()));
+                    return Ok(client.query_typed_raw(&sql, typed).await?);
+                }
                 Ok(client
                     .query_raw(&stmt, params.iter().map(|p| &**p as &(dyn ToSql + Sync)))
                     .await?)
