@@ -36,6 +36,9 @@ pub struct ReadOptions {
     /// has not seen". Crate-internal: a caller must refold on one below
     /// `after`, since they come out of position order.
     pub(crate) unseen_by: Option<String>,
+    /// Plan the statement for its own parameters (an unnamed statement)
+    /// instead of using the connection's cached plan.
+    pub(crate) plan_each: bool,
 }
 
 impl ReadOptions {
@@ -77,6 +80,16 @@ impl ReadOptions {
     pub(crate) fn unseen_by(mut self, cursor: &Cursor) -> Self {
         self.after = cursor.position;
         self.unseen_by = cursor.snapshot.as_ref().map(ToString::to_string);
+        self
+    }
+
+    /// Plans this read for its own parameters (one round trip still, but a
+    /// planning per call): for a catch-up read of a tag with many events,
+    /// where the cached generic plan would read all of them (ADR 0013).
+    #[must_use]
+    #[cfg_attr(not(feature = "flow"), allow(dead_code))]
+    pub(crate) fn plan_each(mut self) -> Self {
+        self.plan_each = true;
         self
     }
 }
@@ -327,14 +340,15 @@ impl Store {
         let started = self
             .bounded(deadline, async {
                 let stmt = client.prepare_cached(&sql).await?;
-                if options.unseen_by.is_some() {
-                    // A catch-up read (ADR 0013) runs as an unnamed statement,
-                    // planned for its own bounds: a cached generic plan does not
-                    // know that the position bound leaves a few rows, so it
-                    // reads every event of the tag (2,000 for a 1,000-item
-                    // fan-out) and filters them; the custom plan intersects the
-                    // tag index with the position and transaction ranges. Same
-                    // round trips: the types come from the cached statement.
+                if options.plan_each {
+                    // An unnamed statement, planned for its own bounds: for a
+                    // catch-up read of a large instance (ADR 0013), a cached
+                    // generic plan does not know that the position bound leaves
+                    // a few rows, so it reads every event of the tag (2,000 for
+                    // a 1,000-item fan-out) and filters them; the custom plan
+                    // intersects the tag index with the position and
+                    // transaction ranges. Same round trips: the types come from
+                    // the cached statement.
                     let typed = params
                         .iter()
                         .zip(stmt.params())

@@ -79,6 +79,10 @@ pub struct Node {
     /// Try/confirm/cancel participants, if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<String>,
+    /// A `for_each` task's items template and how many run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub for_each: Option<serde_json::Value>,
 }
 
 /// An edge of a flow's graph: `to` depends on `from`.
@@ -392,6 +396,10 @@ pub fn graph(def: &FlowDefinition) -> Graph {
                     })
                 })
                 .unwrap_or_default(),
+            for_each: t
+                .for_each
+                .as_ref()
+                .and_then(|f| serde_json::to_value(f).ok()),
         })
         .collect();
     let edges = def

@@ -147,10 +147,14 @@ pub fn parse_status(s: &str) -> ApiResult<InstanceStatus> {
 /// One step of an instance, as shown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StepView {
-    /// `<task>[.<participant>]/<phase>`.
+    /// `<task>[.<participant>]/<phase>`, or `<task>[<item>]/<phase>` for an
+    /// item of a `for_each` task.
     pub key: String,
     /// Task name.
     pub task: String,
+    /// The item's index, for a step of one item of a `for_each` task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
     /// `action`, `compensate`, `try`, `confirm`, `cancel`.
     pub phase: String,
     /// Status.
@@ -281,6 +285,7 @@ impl From<&InstanceState> for InstanceView {
                 StepView {
                     key: st.step.key(),
                     task: st.step.task.clone(),
+                    item: st.step.item,
                     phase: st.step.phase.as_str().to_owned(),
                     status: enum_name(&st.status),
                     attempts: st.attempts,

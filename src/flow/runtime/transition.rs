@@ -82,6 +82,11 @@ impl From<crate::store::Error> for TransitionError {
 /// a small instance.
 const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Steps above which an instance's catch-up read is planned per call: below,
+/// the cached generic plan reads the instance's few events faster than a
+/// planning would; above, it reads them all (ADR 0013).
+const PLAN_EACH_ABOVE: usize = 64;
+
 /// States kept at most (older ones are dropped first).
 const KNOWN_MOST: usize = 512;
 
@@ -350,9 +355,11 @@ impl Flows {
         let query = instance_query(id);
         if let Some(known) = self.inner.known.take(id) {
             let below = known.cursor.position;
-            let mut stream = store
-                .read(&query, ReadOptions::default().unseen_by(&known.cursor))
-                .await?;
+            let mut options = ReadOptions::default().unseen_by(&known.cursor);
+            if known.state.steps.len() > PLAN_EACH_ABOVE {
+                options = options.plan_each();
+            }
+            let mut stream = store.read(&query, options).await?;
             let mut state = known.state;
             let mut late = false;
             while let Some(e) = stream.try_next().await? {
