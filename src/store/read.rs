@@ -33,8 +33,7 @@ pub struct ReadOptions {
     pub backwards: bool,
     /// Also the events below `after` that this snapshot did not see (late
     /// committers): with `after`, "every event a reader holding this cursor
-    /// has not seen". Crate-internal: a caller must refold on one below
-    /// `after`, since they come out of position order.
+    /// has not seen". Set it with [`unseen_by`](Self::unseen_by).
     pub(crate) unseen_by: Option<String>,
     /// Plan the statement for its own parameters (an unnamed statement)
     /// instead of using the connection's cached plan.
@@ -72,12 +71,31 @@ impl ReadOptions {
 
     /// Every event a reader holding `cursor` has not seen: those after its
     /// position, and those below it of transactions its snapshot did not see
-    /// (which come first, in position order, and are below `cursor`'s
-    /// position; the caller must then read again from the start). A catch-up
-    /// read for a state folded up to `cursor` (ADR 0013).
+    /// (late committers). A catch-up read for a state folded up to `cursor`
+    /// (ADR 0013): fold what it returns onto that state, and its cursor covers
+    /// both. Late committers come first, below `cursor`'s position, so out of
+    /// position order: a fold whose result depends on order should read again
+    /// from the start when it meets an event at or below `cursor.position`.
+    /// A cursor without a snapshot ([`Cursor::at`]) gives the events after its
+    /// position only.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: dcbflow::Store, query: dcbflow::Query) -> dcbflow::Result<()> {
+    /// use dcbflow::ReadOptions;
+    ///
+    /// let first = store.read_all(&query, ReadOptions::default()).await?;
+    /// // Later: only what that read did not see, late committers included.
+    /// let rest = store
+    ///     .read_all(&query, ReadOptions::default().unseen_by(&first.cursor))
+    ///     .await?;
+    /// let late = rest
+    ///     .events
+    ///     .iter()
+    ///     .any(|e| first.cursor.position.is_some_and(|p| e.position <= p));
+    /// # let _ = late; Ok(()) }
+    /// ```
     #[must_use]
-    #[cfg_attr(not(feature = "flow"), allow(dead_code))]
-    pub(crate) fn unseen_by(mut self, cursor: &Cursor) -> Self {
+    pub fn unseen_by(mut self, cursor: &Cursor) -> Self {
         self.after = cursor.position;
         self.unseen_by = cursor.snapshot.as_ref().map(ToString::to_string);
         self
@@ -410,6 +428,11 @@ impl Store {
             && up_to < after
         {
             return Err(InvalidInput::Option("a read's up_to must not be below its after").into());
+        }
+        if options.backwards && options.unseen_by.is_some() {
+            return Err(
+                InvalidInput::Option("an unseen_by read reads forwards, not backwards").into(),
+            );
         }
         Ok(())
     }

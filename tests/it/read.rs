@@ -224,3 +224,79 @@ async fn streaming_read_keeps_memory_flat() {
         "resident memory grew by {growth_mib} MiB while streaming"
     );
 }
+
+/// `unseen_by`: every event a cursor's reader did not see (those after its
+/// position, and below it the events of a transaction its snapshot did not
+/// see, a late committer, first), and none that it saw. The catch-up fold of
+/// the flow engine (ADR 0013) relies on it.
+#[tokio::test]
+async fn unseen_by_returns_what_a_cursor_did_not_see_late_committers_included() {
+    let t = TestStore::new().await;
+    let q = Query::items_of(["Step"], ["instance:1"]);
+    let seen = t
+        .store
+        .append(vec![ev("Step", &["instance:1"])], None)
+        .await
+        .unwrap()
+        .positions[0];
+    // A writer takes a position inside a transaction it keeps open.
+    let mut late = t.store.pool().get().await.unwrap();
+    let late_tx = late.transaction().await.unwrap();
+    let p_late = t
+        .store
+        .append_in_tx(&late_tx, vec![ev("Step", &["instance:1", "late"])], None)
+        .await
+        .unwrap()
+        .positions[0];
+    let p_after = t
+        .store
+        .append(vec![ev("Step", &["instance:1"])], None)
+        .await
+        .unwrap()
+        .positions[0];
+    let read = t.store.read_all(&q, ReadOptions::default()).await.unwrap();
+    assert_eq!(
+        read.events.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [seen, p_after]
+    );
+    assert!(read.cursor.position == Some(p_after) && p_late < p_after);
+    late_tx.commit().await.unwrap();
+    let p_new = t
+        .store
+        .append(
+            vec![ev("Step", &["instance:1"]), ev("Step", &["instance:2"])],
+            None,
+        )
+        .await
+        .unwrap()
+        .positions[0];
+    let unseen = t
+        .store
+        .read_all(&q, ReadOptions::default().unseen_by(&read.cursor))
+        .await
+        .unwrap();
+    assert_eq!(
+        unseen.events.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [p_late, p_new],
+        "the late committer below the cursor and the event after it, nothing seen"
+    );
+    // From that read's cursor, nothing is unseen.
+    let again = t
+        .store
+        .read_all(&q, ReadOptions::default().unseen_by(&unseen.cursor))
+        .await
+        .unwrap();
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    // It reads forwards only.
+    let backwards = t
+        .store
+        .read_all(
+            &q,
+            ReadOptions::default().unseen_by(&unseen.cursor).backwards(),
+        )
+        .await;
+    assert!(
+        matches!(backwards, Err(dcbflow::Error::InvalidInput(_))),
+        "{backwards:?}"
+    );
+}
