@@ -87,6 +87,9 @@ const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 /// planning would; above, it reads them all (ADR 0013).
 const PLAN_EACH_ABOVE: usize = 64;
 
+/// Tries of a transition after a transient store error.
+const TRANSIENT_TRIES: u32 = 8;
+
 /// States kept at most (older ones are dropped first).
 const KNOWN_MOST: usize = 512;
 
@@ -391,6 +394,14 @@ impl Flows {
     /// events, let `decide` choose the events, run `work`, append them with a
     /// condition on the instance, update the read models, commit. Returns the
     /// state after it and what was appended (nothing: the state as read).
+    ///
+    /// A transient store error (the store overloaded, no connection in time, a
+    /// transient database error) is tried again, after 20 ms doubling up to
+    /// 1 s, up to 8 times: a transition is decided again from what its read
+    /// finds, so a second try cannot apply anything twice. A worker recording a
+    /// step's outcome would otherwise lose it to a passing overload, and the
+    /// step would wait out its lease. An unknown commit is not tried again (its
+    /// SQL work may have committed).
     pub(crate) async fn transition<D>(
         &self,
         id: Uuid,
@@ -402,8 +413,39 @@ impl Flows {
             + Send
             + Sync,
     {
+        let mut pause = std::time::Duration::from_millis(20);
+        let mut tries = 0;
+        loop {
+            match self.transition_once(id, work, &decide).await {
+                Err(TransitionError::Flow(FlowError::Store(e)))
+                    if tries < TRANSIENT_TRIES
+                        && e.is_retryable()
+                        && !e.is_conflict()
+                        && !matches!(e, crate::store::Error::CommitUnknown(_)) =>
+                {
+                    tries += 1;
+                    tracing::debug!(instance = %id, error = %e, tries, "transient store error in a transition: trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn transition_once<D>(
+        &self,
+        id: Uuid,
+        work: Option<&SqlWork>,
+        decide: &D,
+    ) -> Result<(InstanceState, Vec<FlowEvent>), TransitionError>
+    where
+        D: Fn(&InstanceState, &FlowDefinition, DateTime<Utc>) -> Result<Vec<FlowEvent>, FlowError>
+            + Send
+            + Sync,
+    {
         if work.is_none()
-            && let Some(done) = self.transition_in_one(id, &decide).await?
+            && let Some(done) = self.transition_in_one(id, decide).await?
         {
             return Ok(done);
         }
@@ -418,7 +460,7 @@ impl Flows {
                 flows: self,
                 id,
                 work,
-                decide: &decide,
+                decide,
                 decided: Mutex::new(None),
                 next: Mutex::new(None),
             };

@@ -266,6 +266,11 @@ enum Claim {
     Gone,
 }
 
+/// How often an instance with steps running is worked on again after a
+/// transient store error, and the first pause (doubling up to 1 s).
+const RETRIES_WHILE_RUNNING: u32 = 20;
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
 /// The shortest time between two looks of a worker's wake-up subscription.
 const WAKE_GAP: Duration = Duration::from_millis(5);
 
@@ -530,7 +535,29 @@ impl Worker {
             return Ok(Claim::Held);
         }
         let mut running: JoinSet<Finished> = JoinSet::new();
-        let result = self.reconcile_with(id, drain, &mut running).await;
+        let mut result = self.reconcile_with(id, drain, &mut running).await;
+        // A transient store error (overload, no connection in time, a lost
+        // connection) while steps run would abandon them: their attempts would
+        // sit, recorded as running, until their leases expire (a step's
+        // timeout, 30 s by default). Keep the claim and go on after a pause
+        // instead, so that their outcomes are recorded.
+        let mut pause = RETRY_PAUSE;
+        for _ in 0..RETRIES_WHILE_RUNNING {
+            match &result {
+                Err(FlowError::Store(e))
+                    if e.is_retryable() && !running.is_empty() && !drain.abandon.is_cancelled() =>
+                {
+                    tracing::debug!(worker = %self.options.id, instance = %id, error = %e, "transient error with steps running: going on");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = drain.abandon.cancelled() => break,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    result = self.reconcile_with(id, drain, &mut running).await;
+                }
+                _ => break,
+            }
+        }
         if !running.is_empty() {
             if drain.stop.is_cancelled() {
                 drain

@@ -256,3 +256,78 @@ async fn a_sql_step_commits_exactly_once_when_its_worker_dies_mid_transaction() 
     assert_eq!(succeeded.len(), 1);
     assert_eq!(succeeded[0].data()["attempt"], json!(2));
 }
+
+/// A store overloaded for moments (more operations at once than its in-flight
+/// limit) while steps run loses no step outcome: recording one is tried again
+/// after the overload passes. Before, the failed recording left the step
+/// "running" until its lease expired (its 30 s timeout), and the instance
+/// waited that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_passing_overload_while_steps_run_loses_no_outcome() {
+    let t = TestStore::with_limits(dcbflow::Limits::default(), Some(6)).await;
+    let flows = Flows::new(t.store.clone());
+    flows.function("a", |_ctx: TaskContext| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, TaskError>(Value::Null)
+    });
+    let def = FlowDefinition::builder("overloaded")
+        .task(TaskDefinition::new("a", Action::rust("a")))
+        .task(TaskDefinition::new("b", Action::rust("a")).after(["a"]))
+        .build();
+    flows.register(&def).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let id = loop {
+            match flows
+                .start("overloaded", Some(&format!("o-{i}")), json!({}))
+                .await
+            {
+                Ok(s) => break s.instance,
+                Err(e) if matches!(&e, dcbflow::flow::FlowError::Store(s) if s.is_retryable()) => {
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        ids.push(id);
+    }
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let mut o = fast(&format!("w{i}"));
+        o.concurrency = 8;
+        let (w, c) = (flows.worker(o), cancel.clone());
+        tasks.push(tokio::spawn(async move { w.run(c).await.expect("worker") }));
+    }
+    // Well under the steps' 30 s timeout: an outcome lost to an overload
+    // would hold its instance until then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for id in &ids {
+        loop {
+            let state = loop {
+                match flows.instance(*id).await {
+                    Ok(s) => break s.expect("instance"),
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            };
+            if state.status == InstanceStatus::Completed {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance {id} is {:?} with steps {:?} after 20 s",
+                state.status,
+                state
+                    .steps
+                    .values()
+                    .map(|s| (s.step.key(), s.status))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    cancel.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
