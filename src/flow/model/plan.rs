@@ -56,6 +56,13 @@ impl Plan {
             && self.fail.is_empty()
     }
 
+    /// A compensation (or cancel) failed for good: the instance needs an
+    /// operator, and no step moves.
+    fn compensation_failed(&mut self, reason: String) {
+        self.instance = Some((types::COMPENSATION_FAILED, reason));
+        self.clear_steps();
+    }
+
     /// Drops the step-level decisions (an instance-level change comes first).
     fn clear_steps(&mut self) {
         self.start.clear();
@@ -301,15 +308,11 @@ fn forward(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan: &m
                 for (t, c) in v.tries.iter().zip(&v.cancels) {
                     if t.attempts > 0 {
                         if c.status == StepStatus::Failed {
-                            plan.instance = Some((
-                                types::COMPENSATION_FAILED,
-                                format!(
-                                    "cancel {} failed: {}",
-                                    c.step,
-                                    c.error.clone().unwrap_or_default()
-                                ),
+                            plan.compensation_failed(format!(
+                                "cancel {} failed: {}",
+                                c.step,
+                                c.error.clone().unwrap_or_default()
                             ));
-                            plan.clear_steps();
                             return;
                         }
                         consider(c, plan, now);
@@ -735,11 +738,11 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
             };
             for c in targets {
                 if c.status == StepStatus::Failed {
-                    plan.instance = Some((
-                        types::COMPENSATION_FAILED,
-                        format!("{} failed: {}", c.step, c.error.clone().unwrap_or_default()),
+                    plan.compensation_failed(format!(
+                        "{} failed: {}",
+                        c.step,
+                        c.error.clone().unwrap_or_default()
                     ));
-                    plan.clear_steps();
                     return;
                 }
                 consider(c, plan, now);
@@ -769,15 +772,11 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
             );
             for c in &pending {
                 if c.status == StepStatus::Failed {
-                    plan.instance = Some((
-                        types::COMPENSATION_FAILED,
-                        format!(
-                            "compensation of {} failed: {}",
-                            c.step,
-                            c.error.clone().unwrap_or_default()
-                        ),
+                    plan.compensation_failed(format!(
+                        "compensation of {} failed: {}",
+                        c.step,
+                        c.error.clone().unwrap_or_default()
                     ));
-                    plan.clear_steps();
                     return;
                 }
                 if c.status == StepStatus::Running {
@@ -795,15 +794,11 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
             // Abort the running child: its compensate step.
             let abort = s.step(&StepId::new(&task.name, Phase::Compensate));
             if abort.status == StepStatus::Failed {
-                plan.instance = Some((
-                    types::COMPENSATION_FAILED,
-                    format!(
-                        "aborting the child of {:?} failed: {}",
-                        task.name,
-                        abort.error.clone().unwrap_or_default()
-                    ),
+                plan.compensation_failed(format!(
+                    "aborting the child of {:?} failed: {}",
+                    task.name,
+                    abort.error.clone().unwrap_or_default()
                 ));
-                plan.clear_steps();
                 return;
             }
             if !done(&abort) {
@@ -828,15 +823,11 @@ fn compensate(def: &FlowDefinition, s: &InstanceState, now: DateTime<Utc>, plan:
             continue;
         }
         if comp.status == StepStatus::Failed {
-            plan.instance = Some((
-                types::COMPENSATION_FAILED,
-                format!(
-                    "compensation of {:?} failed: {}",
-                    task.name,
-                    comp.error.clone().unwrap_or_default()
-                ),
+            plan.compensation_failed(format!(
+                "compensation of {:?} failed: {}",
+                task.name,
+                comp.error.clone().unwrap_or_default()
             ));
-            plan.clear_steps();
             return;
         }
         consider(&comp, plan, now);

@@ -199,7 +199,10 @@ pub(crate) async fn run(
             metadata,
         } => {
             let endpoint = template::render_text(endpoint, &t).map_err(render_err)?;
-            let metadata = super::grpc::metadata(metadata, |v| template::render_text(v, &t))
+            let metadata = metadata
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), template::render_text(v, &t)?)))
+                .collect::<Result<Vec<_>, String>>()
                 .map_err(render_err)?;
             let message = template::render(message, &t).map_err(render_err)?;
             let (tasks, policy, timeout) = grpc;

@@ -11,7 +11,7 @@
 //! - The endpoint is checked against the engine's [`HttpPolicy`] before every
 //!   call, as an HTTP task's URL is.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -367,15 +367,4 @@ impl Decoder for DynamicDecoder {
             .map(Some)
             .map_err(|e| Status::internal(format!("decoding the reply: {e}")))
     }
-}
-
-/// Renders a gRPC action's metadata values.
-pub(crate) fn metadata(
-    entries: &BTreeMap<String, String>,
-    render: impl Fn(&str) -> Result<String, String>,
-) -> Result<Vec<(String, String)>, String> {
-    entries
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), render(v)?)))
-        .collect()
 }
