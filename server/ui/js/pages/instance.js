@@ -146,7 +146,12 @@ export function InstanceDetail({ id }) {
       if (isCurrent()) setLoadError(e);
     }
   };
-  const final = !!inst && FINAL_STATUSES.includes(inst.status);
+  // The instance and its timeline are two requests: stop polling only once the
+  // timeline has caught up with the final instance (its last event at the
+  // instance's last position), or a timeline read just before the end stays.
+  const caughtUp = !!events
+    && (events.length === 0 || Number(events[events.length - 1].position) >= Number(inst && inst.seen));
+  const final = !!inst && FINAL_STATUSES.includes(inst.status) && caughtUp;
   usePoll(load, 2000, [id], !final);
 
   const flowKey = inst ? `${inst.flow}\u0000${inst.definition_version}` : '';
