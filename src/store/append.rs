@@ -31,6 +31,11 @@ impl AppendResult {
     }
 }
 
+/// The most shared scope locks of a one-event unconditional append sent as
+/// direct calls (one prepared statement per count); above, or with more
+/// events, the locks go as arrays (`append_plain`).
+pub(crate) const ONE_EVENT_MAX_LOCKS: usize = 8;
+
 impl Store {
     /// Appends `events` atomically, if `condition` (when given) does not match any
     /// event its cursor did not see.
@@ -291,8 +296,35 @@ impl Store {
         client: &C,
         prepared: &PreparedAppend,
     ) -> Result<AppendResult> {
-        let stmt = client.prepare_cached(&self.inner.sql.append_plain).await?;
         let c = &prepared.cols;
+        let locks = prepared.lock_keys.len();
+        if c.types.len() == 1
+            && (1..=ONE_EVENT_MAX_LOCKS).contains(&locks)
+            && prepared.lock_modes.iter().all(|exclusive| !exclusive)
+        {
+            let stmt = client
+                .prepare_cached(&self.inner.sql.append_one[locks - 1])
+                .await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(4 + locks);
+            params.extend([
+                &c.types[0] as &(dyn ToSql + Sync),
+                &c.tags,
+                &c.data[0],
+                &c.metadata[0],
+            ]);
+            params.extend(prepared.lock_keys.iter().map(|k| k as &(dyn ToSql + Sync)));
+            let row = client.query_opt(&stmt, &params).await?;
+            // No row: the filter on the isolation level held the event back.
+            let Some(row) = row else {
+                return Err(super::InvalidInput::IsolationLevel.into());
+            };
+            return Ok(AppendResult {
+                transaction_id: row.get(1),
+                positions: vec![Position(row.get(0))],
+                replayed: false,
+            });
+        }
+        let stmt = client.prepare_cached(&self.inner.sql.append_plain).await?;
         let rows = client
             .query(
                 &stmt,

@@ -416,7 +416,8 @@ async fn listen(
     shared: Arc<Shared>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let channel = store.channel().to_owned();
-    let first = connect_listener(&config, &channel).await?;
+    let key = store.listen_lock_key();
+    let first = connect_listener(&config, &channel, key).await?;
     let span = tracing::debug_span!("dcbflow.listen", db.system.name = "postgresql", messaging.destination.name = %channel);
     let store = store.clone();
     Ok(tokio::spawn(tracing::Instrument::instrument(
@@ -435,7 +436,7 @@ async fn listen(
                 }
                 failures += 1;
                 tokio::time::sleep(backoff.delay(failures)).await;
-                match connect_listener(&config, &channel).await {
+                match connect_listener(&config, &channel, key).await {
                     Ok(c) => {
                         store.note_listen_reconnect();
                         tracing::info!(attempt = failures, "LISTEN connection reopened");
@@ -456,15 +457,18 @@ async fn listen(
 type ListenConnection =
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
 
-/// Connects and `LISTEN`s on `channel`.
+/// Connects, `LISTEN`s on `channel` and holds the listen key `key` shared for
+/// the session, so that writers send their wake-ups (see `wake`).
 async fn connect_listener(
     config: &tokio_postgres::Config,
     channel: &str,
+    key: i64,
 ) -> Result<(tokio_postgres::Client, ListenConnection)> {
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
     {
-        // The connection must be driven for LISTEN to complete.
-        let sql = format!("LISTEN \"{channel}\"");
+        // The connection must be driven for LISTEN to complete. The lock only
+        // waits for a writer's try-lock, which is released as it is granted.
+        let sql = format!("LISTEN \"{channel}\"; SELECT pg_advisory_lock_shared({key})");
         let mut listen = std::pin::pin!(client.batch_execute(&sql));
         let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
         loop {

@@ -22,6 +22,9 @@ pub(crate) enum Kind {
     Tag,
     Migrate,
     Lease,
+    /// Held shared, for its session, by every connection that `LISTEN`s on
+    /// the store's channel (see `wake`).
+    Listen,
 }
 
 /// A 64-bit advisory lock key, derived from the schema so stores sharing a database
@@ -33,6 +36,7 @@ pub(crate) fn key(schema: &str, kind: Kind, value: &str) -> i64 {
         Kind::Tag => "t",
         Kind::Migrate => "m",
         Kind::Lease => "l",
+        Kind::Listen => "w",
     };
     let mut buf = Vec::with_capacity(schema.len() + value.len() + 4);
     buf.extend_from_slice(b"dcbflow\x1f");

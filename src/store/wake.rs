@@ -16,9 +16,20 @@
 //! notification is delivered when the commit is visible, which does not wait
 //! for the flush, and what a crash could lose (the wake-up) is what the
 //! subscribers' polling already covers.
+//!
+//! A wake-up nobody listens to is not sent. Every connection that `LISTEN`s on
+//! the channel holds a shared session advisory lock on the store's listen key
+//! ([`Store::listen_lock_key`](super::Store::listen_lock_key)); before a
+//! wake-up, the task asks whether anyone holds it (`pg_try_advisory_xact_lock`
+//! in exclusive mode fails while a listener is there; it assigns no
+//! transaction id and writes nothing) and keeps the answer for
+//! [`PRESENCE_TTL`]. A store whose subscribers all run elsewhere pays one such
+//! look per TTL instead of a transaction per wake-up; a listener that starts
+//! within a TTL of a look that found none misses wake-ups for at most that long
+//! (its subscriptions poll meanwhile).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -30,6 +41,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 /// (each costs the server a transaction), and a subscriber learns of an append
 /// at most this much later.
 const MIN_GAP: Duration = Duration::from_millis(1);
+
+/// How long the answer to "does anyone listen?" is kept.
+const PRESENCE_TTL: Duration = Duration::from_millis(250);
 
 /// Requests wake-ups. The sending task ends, after sending any wake-up still
 /// owed, when the last handle is dropped.
@@ -43,16 +57,33 @@ struct State {
     /// A wake-up is owed.
     owed: AtomicBool,
     poke: Notify,
+    /// Wake-ups sent, and skipped because no one listened.
+    sent: AtomicU64,
+    skipped: AtomicU64,
+    /// Until when (nanoseconds after `born`) no one is taken to listen: a
+    /// wake-up asked for before then is skipped without waking the task.
+    quiet_until: AtomicU64,
+    born: std::time::Instant,
+}
+
+impl State {
+    fn now(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 impl Waker {
     /// Starts the sending task for the store whose channel is `channel`, on the
-    /// current runtime.
-    pub(crate) fn start(pool: Pool, channel: String) -> Waker {
+    /// current runtime; `listen_key` is the store's listen key.
+    pub(crate) fn start(pool: Pool, channel: String, listen_key: i64) -> Waker {
         let stop = CancellationToken::new();
         let state = Arc::new(State {
             owed: AtomicBool::new(false),
             poke: Notify::new(),
+            sent: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            quiet_until: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         });
         let task_state = state.clone();
         let task_stop = stop.clone();
@@ -60,13 +91,34 @@ impl Waker {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let state = task_state;
+                // Until when a listener is taken to be there.
+                let mut listened_until: Option<tokio::time::Instant> = None;
                 loop {
                     let stopping = tokio::select! {
                         () = state.poke.notified() => false,
                         () = task_stop.cancelled() => true,
                     };
                     if state.owed.swap(false, Ordering::AcqRel) {
+                        let now = tokio::time::Instant::now();
+                        if listened_until.is_none_or(|until| now >= until) {
+                            if anyone_listens(&pool, listen_key).await {
+                                listened_until = Some(now + PRESENCE_TTL);
+                            } else {
+                                listened_until = None;
+                                let ttl =
+                                    u64::try_from(PRESENCE_TTL.as_nanos()).unwrap_or(u64::MAX);
+                                state
+                                    .quiet_until
+                                    .store(state.now().saturating_add(ttl), Ordering::Release);
+                                state.skipped.fetch_add(1, Ordering::Relaxed);
+                                if stopping {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
                         send(&pool, &channel).await;
+                        state.sent.fetch_add(1, Ordering::Relaxed);
                         if !stopping {
                             // Wake-ups asked for meanwhile ride on the next one.
                             tokio::select! {
@@ -88,11 +140,45 @@ impl Waker {
         }
     }
 
+    /// Wake-ups sent and skipped (no listener) so far.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.state.sent.load(Ordering::Relaxed),
+            self.state.skipped.load(Ordering::Relaxed),
+        )
+    }
+
     /// Asks for a wake-up, after a commit that wrote events.
     pub(crate) fn wake(&self) {
+        if self.state.now() < self.state.quiet_until.load(Ordering::Acquire) {
+            self.state.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.state.owed.store(true, Ordering::Release);
         self.state.poke.notify_one();
     }
+}
+
+/// Whether some connection holds the listen key (a `LISTEN`er of the
+/// channel). An exclusive try-lock in its own implicit transaction: granted
+/// (and released at once) only while no listener holds the key shared. When
+/// the question cannot be asked, the answer is yes.
+async fn anyone_listens(pool: &Pool, listen_key: i64) -> bool {
+    let free = async {
+        let client = pool.get().await.ok()?;
+        let stmt = client
+            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+            .await
+            .ok()?;
+        client
+            .query_one(&stmt, &[&listen_key])
+            .await
+            .ok()?
+            .try_get::<_, bool>(0)
+            .ok()
+    }
+    .await;
+    free != Some(true)
 }
 
 /// One notification on the store's channel; a failure only delays subscribers.

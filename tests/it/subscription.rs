@@ -443,6 +443,65 @@ async fn every_append_path_wakes_a_sleeping_subscriber() {
     }
 }
 
+/// Wake-ups go out only while someone listens on the store's channel: a writer
+/// with no listener anywhere sends none; once a subscription of another handle
+/// listens, the writer's wake-ups reach it (within 30 s, where its poll interval
+/// is a minute: only a wake-up delivers in time).
+#[tokio::test]
+async fn wakeups_are_sent_only_while_someone_listens() {
+    let t = TestStore::new().await;
+    let writer = Store::builder_for_url(&t.url, Some(4))
+        .unwrap()
+        .schema(&t.schema)
+        .migrate(false)
+        .group_commit(0)
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        writer.append(vec![ev("E", &["w:1"])], None).await.unwrap();
+    }
+    eventually("a wake-up skipped", DEADLINE, || async {
+        (writer.stats().wakeups_skipped > 0).then_some(())
+    })
+    .await;
+    assert_eq!(writer.stats().wakeups_sent, 0, "no one listens");
+
+    let mut options = SubscriptionOptions::default();
+    options.poll_interval = Duration::from_secs(60);
+    let head = t.store.head().await.unwrap();
+    let mut sub = dcbflow::Subscription::connect(&t.store, Query::all(), head, options)
+        .await
+        .unwrap();
+    assert!(sub.poll_batch().await.unwrap().is_empty());
+    // The writer may still hold its last "no one listens" for a moment: it
+    // appends until the subscriber is woken.
+    let stop = CancellationToken::new();
+    let appender = tokio::spawn({
+        let (writer, stop) = (writer.clone(), stop.clone());
+        async move {
+            while !stop.is_cancelled() {
+                writer.append(vec![ev("E", &["w:2"])], None).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let woken = async {
+        loop {
+            sub.wait().await;
+            if !sub.poll_batch().await.unwrap().is_empty() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), woken)
+        .await
+        .expect("a listener appeared, but the writer's wake-ups did not reach it");
+    stop.cancel();
+    appender.await.unwrap();
+    assert!(writer.stats().wakeups_sent > 0);
+}
+
 /// A live subscription hands out each of 1,000 appends, one after the other, with
 /// the next append only once the previous event arrived: none is lost or left to
 /// wait (30 s is sixty poll intervals, room for a loaded machine; the diagnostics
