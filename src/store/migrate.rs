@@ -73,6 +73,11 @@ pub(crate) const STORE: Layer = Layer {
             name: "0006_index_plans.sql",
             sql: include_str!("../../sql/store/0006_index_plans.sql"),
         },
+        Migration {
+            version: 7,
+            name: "0007_lean_checks.sql",
+            sql: include_str!("../../sql/store/0007_lean_checks.sql"),
+        },
     ],
 };
 

@@ -530,6 +530,49 @@ async fn an_unconditional_append_into_a_locked_scope_waits_for_the_decision() {
     );
 }
 
+/// A conditional append with a bare cursor at the head waits for the scope's
+/// lock, held by a transaction that has drawn no position yet; that transaction
+/// then appends a matching event and commits. The event lies beyond the head
+/// the waiting append saw when it started, and the append must still fail: the
+/// window after the cursor is read up to the head as it stands once the locks
+/// are held, not as it stood before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_matching_event_committed_while_the_append_waited_for_its_lock_fails_it() {
+    let t = TestStore::new().await;
+    let q = Query::items_of(["SeatBooked"], ["seat:1"]);
+    t.store
+        .append(vec![ev("Other", &["seat:0"])], None)
+        .await
+        .unwrap();
+    let head = t.store.head().await.unwrap().expect("one event");
+    let mut client = t.store.pool().get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    t.store.lock_scope_in_tx(&tx, &q).await.unwrap();
+    let store = t.store.clone();
+    let condition = AppendCondition::new(q.clone()).after(Cursor::at(head));
+    let waiting = tokio::spawn(async move {
+        store
+            .append(vec![ev("SeatBooked", &["seat:1"])], Some(condition))
+            .await
+    });
+    eventually(
+        "the conditional append waits for the scope",
+        DEADLINE,
+        || async { (t.lock_waits().await == 1).then_some(()) },
+    )
+    .await;
+    t.store
+        .append_in_tx(&tx, vec![ev("SeatBooked", &["seat:1"])], None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    match waiting.await.unwrap() {
+        Err(Error::Conflict { .. }) => {}
+        other => panic!("the waiting append must see the committed booking: {other:?}"),
+    }
+    assert_eq!(t.events(&q).await.len(), 1, "one booking");
+}
+
 /// The condition's checks read through the indexes however small the table was
 /// when the connection first planned them. PL/pgSQL caches each statement's plan
 /// per connection; planned on a near-empty table (every new store, until the
