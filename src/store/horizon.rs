@@ -428,7 +428,11 @@ async fn listen(
             loop {
                 if let Some((client, connection)) = next.take() {
                     failures = 0;
+                    // Counted as this handle's own while it lives: the writer's
+                    // wake-ups need not reach it (see `wake`).
+                    let own = store.own_listener();
                     drive(connection, &shared).await;
+                    drop(own);
                     drop(client);
                     // Lost: polling goes on; look once so nobody waits a full interval.
                     shared.note();

@@ -243,11 +243,18 @@ impl Store {
     /// The advisory lock key that every connection listening on
     /// [`channel`](Self::channel) holds shared for its session:
     /// `SELECT pg_advisory_lock_shared(key)` after `LISTEN`. Wake-ups are only
-    /// sent while some connection holds it (a store whose subscribers all run
-    /// elsewhere, or nowhere, spends no transaction on them); a listener that
-    /// does not hold it may miss wake-ups, never events.
+    /// sent while some connection other than this handle's own listener holds
+    /// it (a store whose subscribers all run in this handle, or nowhere, spends
+    /// no transaction on them: its own subscriptions are woken in memory); a
+    /// listener that does not hold it may miss wake-ups, never events.
     pub fn listen_lock_key(&self) -> i64 {
         locks::key(&self.inner.schema, locks::Kind::Listen, "")
+    }
+
+    /// Counts one of this handle's own `LISTEN` connections while the guard
+    /// lives (see `wake`).
+    pub(crate) fn own_listener(&self) -> wake::OwnListener {
+        self.inner.waker.own_listener()
     }
 
     /// Counters of this store handle and its clones.

@@ -17,14 +17,17 @@
 //! for the flush, and what a crash could lose (the wake-up) is what the
 //! subscribers' polling already covers.
 //!
-//! A wake-up nobody listens to is not sent. Every connection that `LISTEN`s on
-//! the channel holds a shared session advisory lock on the store's listen key
-//! ([`Store::listen_lock_key`](super::Store::listen_lock_key)); before a
-//! wake-up, the task asks whether anyone holds it (`pg_try_advisory_xact_lock`
-//! in exclusive mode fails while a listener is there; it assigns no
-//! transaction id and writes nothing) and keeps the answer for
-//! [`PRESENCE_TTL`]. A store whose subscribers all run elsewhere pays one such
-//! look per TTL instead of a transaction per wake-up; a listener that starts
+//! A wake-up nobody else listens to is not sent. Every connection that
+//! `LISTEN`s on the channel holds a shared session advisory lock on the store's
+//! listen key ([`Store::listen_lock_key`](super::Store::listen_lock_key));
+//! before a wake-up, the task asks whether a listener other than this handle's
+//! own holds it, and keeps the answer for [`PRESENCE_TTL`]. This handle's own
+//! subscriptions need no notification: the append wakes them in memory. With
+//! no listener of its own, the question is an exclusive try-lock, which fails
+//! while any listener holds the key (it assigns no transaction id and writes
+//! nothing); with one, it is a count of the key's holders in `pg_locks`, at
+//! most once per TTL. A store whose subscribers all run in the writing handle,
+//! or nowhere, thus spends no transaction on wake-ups; a listener that starts
 //! within a TTL of a look that found none misses wake-ups for at most that long
 //! (its subscriptions poll meanwhile).
 
@@ -64,6 +67,8 @@ struct State {
     /// wake-up asked for before then is skipped without waking the task.
     quiet_until: AtomicU64,
     born: std::time::Instant,
+    /// This handle's own open `LISTEN` connections.
+    own_listeners: AtomicU64,
 }
 
 impl State {
@@ -84,6 +89,7 @@ impl Waker {
             skipped: AtomicU64::new(0),
             quiet_until: AtomicU64::new(0),
             born: std::time::Instant::now(),
+            own_listeners: AtomicU64::new(0),
         });
         let task_state = state.clone();
         let task_stop = stop.clone();
@@ -101,7 +107,8 @@ impl Waker {
                     if state.owed.swap(false, Ordering::AcqRel) {
                         let now = tokio::time::Instant::now();
                         if listened_until.is_none_or(|until| now >= until) {
-                            if anyone_listens(&pool, listen_key).await {
+                            let own = state.own_listeners.load(Ordering::Acquire);
+                            if others_listen(&pool, listen_key, own).await {
                                 listened_until = Some(now + PRESENCE_TTL);
                             } else {
                                 listened_until = None;
@@ -140,6 +147,13 @@ impl Waker {
         }
     }
 
+    /// Counts one of this handle's own `LISTEN` connections (holding the
+    /// listen key) while the returned guard lives.
+    pub(crate) fn own_listener(&self) -> OwnListener {
+        self.state.own_listeners.fetch_add(1, Ordering::AcqRel);
+        OwnListener(self.state.clone())
+    }
+
     /// Wake-ups sent and skipped (no listener) so far.
     pub(crate) fn counts(&self) -> (u64, u64) {
         (
@@ -159,26 +173,47 @@ impl Waker {
     }
 }
 
-/// Whether some connection holds the listen key (a `LISTEN`er of the
-/// channel). An exclusive try-lock in its own implicit transaction: granted
-/// (and released at once) only while no listener holds the key shared. When
-/// the question cannot be asked, the answer is yes.
-async fn anyone_listens(pool: &Pool, listen_key: i64) -> bool {
-    let free = async {
+/// One of this handle's own `LISTEN` connections, counted while it lives.
+pub(crate) struct OwnListener(Arc<State>);
+
+impl Drop for OwnListener {
+    fn drop(&mut self) {
+        self.0.own_listeners.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a connection other than this handle's `own` listeners holds the
+/// listen key. With none of its own: an exclusive try-lock in its own implicit
+/// transaction, granted (and released at once) only while no listener holds
+/// the key. With some: the key's granted holders in `pg_locks` (an advisory
+/// key of 64 bits is `classid` = high half, `objid` = low half, `objsubid` =
+/// 1). When the question cannot be asked, the answer is yes.
+async fn others_listen(pool: &Pool, listen_key: i64, own: u64) -> bool {
+    let answer = async {
         let client = pool.get().await.ok()?;
+        if own == 0 {
+            let stmt = client
+                .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+                .await
+                .ok()?;
+            let free: bool = client.query_one(&stmt, &[&listen_key]).await.ok()?.try_get(0).ok()?;
+            return Some(!free);
+        }
         let stmt = client
-            .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+            .prepare_cached(
+                "SELECT count(*) FROM pg_locks \
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                    AND classid::bigint = ($1::bigint >> 32) & 4294967295 \
+                    AND objid::bigint = $1::bigint & 4294967295",
+            )
             .await
             .ok()?;
-        client
-            .query_one(&stmt, &[&listen_key])
-            .await
-            .ok()?
-            .try_get::<_, bool>(0)
-            .ok()
+        let holders: i64 = client.query_one(&stmt, &[&listen_key]).await.ok()?.try_get(0).ok()?;
+        Some(u64::try_from(holders).unwrap_or(0) > own)
     }
     .await;
-    free != Some(true)
+    answer != Some(false)
 }
 
 /// One notification on the store's channel; a failure only delays subscribers.

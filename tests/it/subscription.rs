@@ -443,10 +443,11 @@ async fn every_append_path_wakes_a_sleeping_subscriber() {
     }
 }
 
-/// Wake-ups go out only while someone listens on the store's channel: a writer
-/// with no listener anywhere sends none; once a subscription of another handle
-/// listens, the writer's wake-ups reach it (within 30 s, where its poll interval
-/// is a minute: only a wake-up delivers in time).
+/// Wake-ups go out only while someone else listens on the store's channel: a
+/// writer with no listener anywhere sends none, nor does one whose only listener
+/// is its own (its subscription is woken in memory, within 30 s where its poll
+/// interval is a minute); once a subscription of another handle listens, the
+/// writer's wake-ups reach it (as fast: only a wake-up delivers in time).
 #[tokio::test]
 async fn wakeups_are_sent_only_while_someone_listens() {
     let t = TestStore::new().await;
@@ -469,6 +470,42 @@ async fn wakeups_are_sent_only_while_someone_listens() {
 
     let mut options = SubscriptionOptions::default();
     options.poll_interval = Duration::from_secs(60);
+    let head = t.store.head().await.unwrap();
+    let mut own = dcbflow::Subscription::connect(&writer, Query::all(), head, options.clone())
+        .await
+        .unwrap();
+    assert!(own.poll_batch().await.unwrap().is_empty());
+    let skipped = writer.stats().wakeups_skipped;
+    let appended = tokio::spawn({
+        let writer = writer.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.append(vec![ev("E", &["w:1"])], None).await.unwrap();
+        }
+    });
+    let woken = async {
+        loop {
+            own.wait().await;
+            if !own.poll_batch().await.unwrap().is_empty() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), woken)
+        .await
+        .expect("the writer's own subscription is woken in memory");
+    appended.await.unwrap();
+    eventually("the wake-up skipped", DEADLINE, || async {
+        (writer.stats().wakeups_skipped > skipped).then_some(())
+    })
+    .await;
+    assert_eq!(
+        writer.stats().wakeups_sent,
+        0,
+        "only the writer's own listener"
+    );
+    drop(own);
+
     let head = t.store.head().await.unwrap();
     let mut sub = dcbflow::Subscription::connect(&t.store, Query::all(), head, options)
         .await
