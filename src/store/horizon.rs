@@ -472,8 +472,14 @@ async fn connect_listener(
     {
         // The connection must be driven for LISTEN to complete. The lock only
         // waits for a writer's try-lock, which is released as it is granted.
-        let sql = format!("LISTEN \"{channel}\"; SELECT pg_advisory_lock_shared({key})");
-        let mut listen = std::pin::pin!(client.batch_execute(&sql));
+        let sql = format!("LISTEN \"{channel}\"");
+        let mut listen = std::pin::pin!(async {
+            client.batch_execute(&sql).await?;
+            client
+                .execute("SELECT pg_advisory_lock_shared($1)", &[&key])
+                .await
+                .map(drop)
+        });
         let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
         loop {
             tokio::select! {

@@ -686,14 +686,14 @@ impl StoreBuilder {
             // before the row, and its position, is formed.
             append_one: (1..=append::ONE_EVENT_MAX_LOCKS)
                 .map(|n| {
-                    let calls = (0..n)
+                    let lock_calls = (0..n)
                         .map(|i| format!("pg_advisory_xact_lock_shared(${}::bigint)", i + 5))
                         .collect::<Vec<_>>()
                         .join(", ");
                     format!(
                         "INSERT INTO \"{s}\".events (transaction_id, type, tags, data, metadata) \
                          SELECT pg_current_xact_id(), $1::text, $2::text[], $3::jsonb, $4::jsonb \
-                           FROM (SELECT {calls} OFFSET 0) locks \
+                           FROM (SELECT {lock_calls} OFFSET 0) locks \
                           WHERE current_setting('transaction_isolation') = 'read committed' \
                          RETURNING position, transaction_id"
                     )

@@ -191,6 +191,10 @@ const SQL_IDENTIFIER_SOURCES: &[(&str, &str)] = &[
     ),
     ("events", "the schema-qualified events table"),
     (
+        "lock_calls",
+        "the one-event append's lock calls, pg_advisory_xact_lock_shared($n::bigint) per lock: literals and parameter numbers only",
+    ),
+    (
         "self.inner.sql.events",
         "the schema-qualified events table, built at build time",
     ),
