@@ -63,6 +63,10 @@ impl Flows {
                 Ok(vec![decide(state, def)?])
             })
             .await;
+        if result.is_ok() {
+            // What the action made due is claimed now by this engine's workers.
+            self.wake_workers();
+        }
         result.map(|(state, _)| state).map_err(|e| e.into_flow())
     }
 
@@ -376,6 +380,10 @@ impl Flows {
                 })])
             })
             .await;
+        if result.is_ok() {
+            // What the action made due is claimed now by this engine's workers.
+            self.wake_workers();
+        }
         result.map(|(state, _)| state).map_err(|e| e.into_flow())
     }
 }

@@ -62,6 +62,8 @@ pub(super) struct Inner {
     pub(super) stats: Counters,
     /// Instances' states as last read, with the reads' cursors (ADR 0013).
     pub(super) known: super::transition::KnownStates,
+    /// The wake-up subscription shared by this engine's workers.
+    pub(super) wakeups: Arc<super::wakeups::WakeHub>,
 }
 
 /// Counters behind [`Flows::stats`].
@@ -163,6 +165,7 @@ impl Flows {
                 grpc: super::grpc::GrpcTasks::default(),
                 stats: Counters::default(),
                 known: super::transition::KnownStates::default(),
+                wakeups: Arc::default(),
             }),
         }
     }
@@ -375,6 +378,12 @@ impl Flows {
         Ok(def)
     }
 
+    /// Wakes one of this engine's workers in this process (the one with the
+    /// most free slots) to claim what a transition made due now.
+    pub(crate) fn wake_workers(&self) {
+        self.inner.wakeups.wake_one();
+    }
+
     /// Starts an instance of the latest version of `flow`. With a business key, a
     /// second start with the same key returns the existing instance
     /// (`created: false`) instead of starting another.
@@ -462,6 +471,9 @@ impl Flows {
                     let state = InstanceState::fold(&appended).expect("a start folds");
                     sync(&tx, store, &def, &state, now).await?;
                     tx.commit().await?;
+                    // This engine's workers claim it now (the shared wake-up
+                    // subscription is for other processes' starts).
+                    self.wake_workers();
                     let stats = &self.inner.stats;
                     stats.statements(4 + u64::from(key_query.is_some()));
                     stats.transitions.fetch_add(1, Ordering::Relaxed);

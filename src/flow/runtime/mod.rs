@@ -9,6 +9,7 @@ mod grpc;
 mod messages;
 mod scheduler;
 mod transition;
+mod wakeups;
 mod worker;
 
 pub use engine::{FlowStats, Flows, StartedInstance};

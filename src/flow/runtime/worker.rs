@@ -32,8 +32,7 @@ use crate::flow::model::failure::TaskError;
 use crate::flow::model::plan::plan;
 use crate::flow::model::state::{InstanceState, InstanceStatus, StepStatus};
 use crate::flow::model::template;
-use crate::projection::{Subscription, SubscriptionOptions};
-use crate::store::{Query, SequencedEvent, sqlstate};
+use crate::store::{SequencedEvent, sqlstate};
 
 /// Worker settings.
 ///
@@ -271,9 +270,6 @@ enum Claim {
 const RETRIES_WHILE_RUNNING: u32 = 20;
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
-/// The shortest time between two looks of a worker's wake-up subscription.
-const WAKE_GAP: Duration = Duration::from_millis(5);
-
 impl Worker {
     /// The concurrency this worker runs with (after [`Flows::worker`] fitted it
     /// to the pool).
@@ -317,42 +313,17 @@ impl Worker {
         self.flows.ready().await?;
         let store = self.flows.store().clone();
         let wake = Arc::new(Notify::new());
-        let listener = {
-            let (wake, cancel) = (wake.clone(), stop.clone());
-            let q = Query::items_of(
-                [
-                    types::STARTED,
-                    types::RETRY_REQUESTED,
-                    types::RESUMED,
-                    types::ABORTED,
-                    types::STEP_SKIPPED,
-                    types::SIGNAL_RECEIVED,
-                ],
-                Vec::<String>::new(),
-            );
-            let after = store.head().await?;
-            let mut options = SubscriptionOptions::default();
-            options.poll_interval = self.options.poll_interval;
-            // Only a hint: the work itself is claimed from `flow_wakeups`, which
-            // the poll below finds even if a late-committing start is skipped here.
-            let mut sub = Subscription::connect(&store, q, after, options)
-                .await?
-                .wake_signal();
-            tokio::spawn(
-                async move {
-                    while let Ok(Some(batch)) = sub.next_batch_or_cancel(&cancel).await {
-                        if !batch.is_empty() {
-                            wake.notify_one();
-                        }
-                        // Every commit in the store notifies; a busy store would have
-                        // each worker re-read the log after each one. Looking at most
-                        // every WAKE_GAP lets a burst of commits count as one.
-                        tokio::time::sleep(WAKE_GAP).await;
-                    }
-                }
-                .instrument(tracing::debug_span!("dcbflow.worker.wakeups")),
+        let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        // One subscription per engine wakes its workers here, one at a time.
+        let hub = self.flows.inner.wakeups.clone();
+        let membership = hub
+            .join(
+                &store,
+                self.options.poll_interval,
+                wake.clone(),
+                slots.clone(),
             )
-        };
+            .await?;
         let waker = EventWaker::new(self.flows.clone(), wake.clone(), stop.clone());
         if EventWaker::any_waiting(&self.flows).await? {
             waker.ensure();
@@ -362,7 +333,6 @@ impl Worker {
             waker: Some(waker),
             ..Drain::default()
         };
-        let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut busy: HashSet<Uuid> = HashSet::new();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
@@ -383,14 +353,23 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
             // The claim also says when the next unclaimed wake-up is due: one
             // statement per round (none claimed when every slot is busy).
+            // With every slot busy there is nothing to claim: a slot freed
+            // (`done_rx`) brings the next round.
             let free = slots.available_permits();
-            let (claimed, next_due) = match self.claim(free).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(worker = %self.options.id, error = %e, "claiming flow work failed");
-                    (Vec::new(), None)
+            let (claimed, next_due) = if free == 0 {
+                (Vec::new(), None)
+            } else {
+                match self.claim(free).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(worker = %self.options.id, error = %e, "claiming flow work failed");
+                        (Vec::new(), None)
+                    }
                 }
             };
+            // A claim that filled every free slot may have left due work behind:
+            // the wake-up goes on to the worker with the most free slots now.
+            let more = free > 0 && claimed.len() == free;
             for id in claimed {
                 if !busy.insert(id) {
                     // Already in hand: its row was deleted by one of our
@@ -427,6 +406,9 @@ impl Worker {
                     .instrument(tracing::debug_span!("dcbflow.worker.instance", instance = %id)),
                 );
             }
+            if more {
+                hub.wake_one();
+            }
             let sleep = next_due
                 .unwrap_or(self.options.poll_interval)
                 .min(next_tick.unwrap_or(Duration::MAX));
@@ -437,7 +419,8 @@ impl Worker {
                 () = tokio::time::sleep(sleep.min(self.options.poll_interval)) => {}
             }
         }
-        listener.abort();
+        // A draining worker claims nothing: the wake-ups go to the others.
+        drop(membership);
         // Drain: the instances' tasks record what finishes, then release.
         let all_ended = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all_ended).await.is_err() {

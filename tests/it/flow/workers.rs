@@ -331,3 +331,78 @@ async fn a_passing_overload_while_steps_run_loses_no_outcome() {
         let _ = t.await;
     }
 }
+
+/// The workers of one engine share its wake-up subscription, which wakes one of
+/// them per look; a worker whose claim fills all its free slots hands the
+/// wake-up on. Three workers of two slots each, polling only once a minute: six
+/// instances started by another process must all be running at once (each step
+/// waits for the other five), which takes every worker's claim, within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_engines_workers_share_their_wake_ups_and_pass_them_on() {
+    const INSTANCES: usize = 6;
+    let t = TestStore::new().await;
+    let flows = process(&t).await;
+    let running = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    {
+        let running = running.clone();
+        flows.function("hold", move |_ctx: TaskContext| {
+            let running = running.clone();
+            async move {
+                running.send_modify(|n| *n += 1);
+                let mut seen = running.subscribe();
+                let all = seen.wait_for(|n| *n >= INSTANCES);
+                match tokio::time::timeout(Duration::from_secs(30), all).await {
+                    Ok(_) => Ok(Value::Null),
+                    Err(_) => Err(TaskError::fatal("not every instance ran at once")),
+                }
+            }
+        });
+    }
+    let def = FlowDefinition::builder("held")
+        .task(TaskDefinition::new("hold", Action::rust("hold")))
+        .build();
+    flows.register(&def).await.unwrap();
+    let before = flows.stats().statements;
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let mut o = super::fast(&format!("w{i}"));
+        o.concurrency = 2;
+        o.poll_interval = Duration::from_secs(60);
+        let (worker, cancel) = (flows.worker(o), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            worker.run(cancel).await.expect("worker")
+        }));
+    }
+    // Each worker's first claim (finding nothing) is under way before the starts.
+    eventually("every worker's first claim", DEADLINE, || async {
+        (flows.stats().statements >= before + 3).then_some(())
+    })
+    .await;
+    // Started by another process, one after the other: only the subscription
+    // tells this engine's workers (a start wakes its own engine's workers
+    // directly), and a look sees several starts at once.
+    let other = process(&t).await;
+    let mut ids = Vec::new();
+    for _ in 0..INSTANCES {
+        ids.push(other.start("held", None, json!({})).await.unwrap().instance);
+    }
+    let mut seen = running.subscribe();
+    let all = seen.wait_for(|n| *n >= INSTANCES);
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "only {} of {INSTANCES} instances were claimed without a poll",
+                *running.borrow()
+            )
+        })
+        .unwrap();
+    for id in ids {
+        wait_for(&flows, id, InstanceStatus::Completed, 30).await;
+    }
+    cancel.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
