@@ -352,9 +352,9 @@ impl Worker {
             };
             while tasks.try_join_next().is_some() {}
             // The claim also says when the next unclaimed wake-up is due: one
-            // statement per round (none claimed when every slot is busy).
-            // With every slot busy there is nothing to claim: a slot freed
-            // (`done_rx`) brings the next round.
+            // statement per round. With every slot busy there is nothing to
+            // claim and no statement: a slot freed (`done_rx`) brings the next
+            // round.
             let free = slots.available_permits();
             let (claimed, next_due) = if free == 0 {
                 (Vec::new(), None)
