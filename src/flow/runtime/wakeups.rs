@@ -99,32 +99,39 @@ impl WakeHub {
         } else {
             Some(self.subscribe(store, poll_interval).await?)
         };
-        let mut state = self.state.lock().expect("wake hub lock");
         if let Some(task) = task
-            && let Some((_, old)) = state.task.replace(task)
+            && let Some((_, old)) = self.state.lock().expect("wake hub lock").task.replace(task)
         {
             old.cancel();
         }
+        Ok(self.add(wake, slots))
+    }
+
+    /// Adds a worker to those [`wake_one`](Self::wake_one) chooses from.
+    fn add(self: &Arc<Self>, wake: Arc<Notify>, slots: Arc<Semaphore>) -> Membership {
+        let mut state = self.state.lock().expect("wake hub lock");
         state.next_id += 1;
         let id = state.next_id;
         state.members.push(Member { id, wake, slots });
-        Ok(Membership {
+        Membership {
             hub: self.clone(),
             id,
-        })
+        }
     }
 
-    /// Wakes the worker with the most free slots (none if every worker is
-    /// full: each claims again when one of its instances is done).
+    /// Wakes the worker with the most free slots, the first in turn among
+    /// equals (none if every worker is full: each claims again when one of its
+    /// instances is done).
     pub(crate) fn wake_one(&self) {
         let mut state = self.state.lock().expect("wake hub lock");
         let n = state.members.len();
-        let start = state.turn;
-        let best = (0..n)
-            .map(|i| (start + i) % n)
-            .map(|i| (i, state.members[i].slots.available_permits()))
-            .filter(|(_, free)| *free > 0)
-            .max_by_key(|(i, free)| (*free, std::cmp::Reverse((*i + n - start) % n)));
+        let mut best: Option<(usize, usize)> = None;
+        for i in (0..n).map(|k| (state.turn + k) % n) {
+            let free = state.members[i].slots.available_permits();
+            if free > best.map_or(0, |(_, most)| most) {
+                best = Some((i, free));
+            }
+        }
         if let Some((i, _)) = best {
             state.members[i].wake.notify_one();
             state.turn = (i + 1) % n;
@@ -193,19 +200,7 @@ mod tests {
 
     fn member(hub: &Arc<WakeHub>, free: usize) -> (Arc<Notify>, Arc<Semaphore>, Membership) {
         let (wake, slots) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(free)));
-        let mut state = hub.state.lock().unwrap();
-        state.next_id += 1;
-        let id = state.next_id;
-        state.members.push(Member {
-            id,
-            wake: wake.clone(),
-            slots: slots.clone(),
-        });
-        drop(state);
-        let membership = Membership {
-            hub: hub.clone(),
-            id,
-        };
+        let membership = hub.add(wake.clone(), slots.clone());
         (wake, slots, membership)
     }
 
