@@ -220,6 +220,16 @@ impl Writer {
         batch: &[Request],
     ) -> std::result::Result<Vec<Result<AppendResult>>, Failed> {
         // One round trip: begin, and take the batch's scope locks.
+        //
+        // The batch's own statements are client-side prepared and cached per
+        // connection, so PostgreSQL plans them generically after a few calls
+        // and keeps that plan until the table's statistics change. Planned
+        // while the store is small (a new store, autovacuum off or not yet
+        // run), the window after the cursor became a sequential scan and a
+        // sort, kept as the table grew: every conditional batch then read the
+        // whole log. With sequential scans off for the transaction, as for
+        // the append functions (migration 6), each statement takes its index
+        // at any size; where no index applies the planner still scans.
         let (keys, modes) = union_of_locks(batch, self.store_key);
         let lock = tx
             .prepare_cached(
@@ -230,8 +240,10 @@ impl Writer {
             .await
             .map_err(Failed::retry)?;
         let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&keys, &modes];
-        let (begun, locked) =
-            futures::join!(tx.batch_execute("BEGIN"), tx.execute(&lock, &lock_params));
+        let (begun, locked) = futures::join!(
+            tx.batch_execute("BEGIN; SET LOCAL enable_seqscan = off"),
+            tx.execute(&lock, &lock_params)
+        );
         begun.map_err(Failed::retry)?;
         locked.map_err(Failed::retry)?;
         let events = format!("\"{}\".events", self.schema);
